@@ -1,0 +1,1 @@
+"""Device-access mechanisms: cgroup v1 device allowlists and device-file ownership."""

@@ -1,0 +1,1 @@
+"""PAM integration (pam_python module). Arrives with the PAM issue."""

@@ -1,0 +1,1 @@
+"""Slurm node Prolog/Epilog thin clients of ztgpu-noded (standard library only)."""

@@ -1,0 +1,1 @@
+"""Controller-side Slurm integration (PrologSlurmctld job gate). Arrives with the MFA issue."""

@@ -1,0 +1,281 @@
+"""Configuration: one YAML file, validated by a schema that rejects unknown keys.
+
+The file is ``/etc/ztgpu/ztgpu.yaml`` unless ``ZTGPU_CONFIG`` names another.
+:func:`load_config` is the only way in; it returns a frozen, typed object and
+raises :class:`~ztgpu.errors.ConfigError` naming the file, the key and what
+was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ztgpu.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/ztgpu/ztgpu.yaml")
+CONFIG_ENV = "ZTGPU_CONFIG"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
+_UUID_RE = re.compile(r"^(GPU|MIG)-[0-9A-Fa-f-]{8,64}$")
+_PCI_RE = re.compile(r"^[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7]$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _absolute(value: Path) -> Path:
+    if not value.is_absolute():
+        raise ValueError("must be an absolute path")
+    return value
+
+
+class NodeConfig(_Strict):
+    #: Node name used in audit events; defaults to the short host name, which
+    #: is what Slurm uses unless NodeName differs.
+    name: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME_RE.match(value):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return value
+
+
+class PathsConfig(_Strict):
+    socket: Path = Path("/run/ztgpu/noded.sock")
+    state_dir: Path = Path("/var/lib/ztgpu")
+    spool_dir: Path = Path("/var/spool/ztgpu")
+    device_dir: Path = Path("/dev")
+    hooks_dir: Path = Path("/usr/libexec/ztgpu")
+    log_file: Path | None = None
+
+    @field_validator("socket", "state_dir", "spool_dir", "device_dir", "hooks_dir", "log_file",
+                     mode="before")
+    @classmethod
+    def _to_path(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = Path(value)
+        if isinstance(value, Path):
+            return _absolute(value)
+        return value
+
+
+class SimulatedGpu(_Strict):
+    index: int = Field(ge=0, le=63)
+    minor: int = Field(ge=0, le=254)
+    uuid: str
+    pci_bus_id: str
+    name: str = "Simulated GPU"
+    memory_mib: int = Field(default=81559, ge=1)
+
+    @field_validator("uuid")
+    @classmethod
+    def _check_uuid(cls, value: str) -> str:
+        if not _UUID_RE.match(value):
+            raise ValueError("must look like GPU-xxxxxxxx-xxxx-... (as nvidia-smi -L prints)")
+        return value
+
+    @field_validator("pci_bus_id")
+    @classmethod
+    def _check_pci(cls, value: str) -> str:
+        if not _PCI_RE.match(value):
+            raise ValueError("must look like 00000000:3B:00.0")
+        return value
+
+
+class GpuConfig(_Strict):
+    #: ``auto``: NVML when the NVIDIA driver is loaded, else the simulated
+    #: inventory if one is declared; ``nvml`` or ``simulated`` force one.
+    backend: Literal["auto", "nvml", "simulated"] = "auto"
+    nvml_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    simulated: list[SimulatedGpu] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_unique(self) -> GpuConfig:
+        for attr in ("index", "minor", "uuid", "pci_bus_id"):
+            values = [getattr(g, attr) for g in self.simulated]
+            if len(values) != len(set(values)):
+                raise ValueError(f"simulated GPUs must have distinct '{attr}' values")
+        if self.backend == "simulated" and not self.simulated:
+            raise ValueError("backend 'simulated' needs at least one entry under 'simulated'")
+        return self
+
+
+class DevicesConfig(_Strict):
+    #: Mode, owner and group of GPU device files while no job holds them.
+    #: Sites with root-run monitoring (e.g. DCGM in a group) may relax these.
+    rest_mode: str = "0600"
+    rest_owner: str = "root"
+    rest_group: str = "root"
+
+    @field_validator("rest_mode")
+    @classmethod
+    def _check_mode(cls, value: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", value):
+            raise ValueError("must be an octal mode string such as '0600'")
+        if int(value, 8) & 0o007:
+            raise ValueError("must grant nothing to 'other' (last digit 0): "
+                             "otherwise any user could open an idle GPU")
+        return value
+
+    @field_validator("rest_owner", "rest_group")
+    @classmethod
+    def _check_account(cls, value: str) -> str:
+        if not _USER_RE.match(value):
+            raise ValueError("must be a user or group name")
+        return value
+
+    @property
+    def rest_mode_bits(self) -> int:
+        return int(self.rest_mode, 8)
+
+
+class CgroupsConfig(_Strict):
+    #: Where the cgroup v1 controllers are mounted.
+    root: Path = Path("/sys/fs/cgroup")
+    #: Name of the agent's own directory in the devices hierarchy, used for
+    #: jobs that Slurm does not confine itself (ConstrainDevices=no).
+    name: str = "ztgpu"
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _to_path(cls, value: Any) -> Any:
+        return _absolute(Path(value)) if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("must be a plain directory name")
+        return value
+
+
+class IsolationConfig(_Strict):
+    #: What to do when a probe finds a job can open more (or less) than Slurm
+    #: allocated: end the job (default), or only record it.
+    on_violation: Literal["cancel_job", "record_only"] = "cancel_job"
+    #: How often running jobs are re-probed, in seconds.
+    verify_interval_s: float = Field(default=60.0, ge=1, le=86400)
+    #: How often the agent looks for new job processes to confine.
+    sweep_interval_s: float = Field(default=0.25, ge=0.01, le=60)
+    #: How often device files are checked for changes made by others.
+    drift_interval_s: float = Field(default=5.0, ge=0.1, le=3600)
+    probe_timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+
+class SlurmConfig(_Strict):
+    #: Besides root, the one account allowed on the agent's socket
+    #: (SlurmdUser, if it is not root).
+    user: str = "slurm"
+    #: slurm.conf the agent's own Slurm commands (scancel) use; None means
+    #: Slurm's default lookup.
+    conf: Path | None = None
+    bin_dir: Path = Path("/usr/bin")
+    command_timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+    @field_validator("conf", "bin_dir", mode="before")
+    @classmethod
+    def _to_path(cls, value: Any) -> Any:
+        return _absolute(Path(value)) if isinstance(value, str) else value
+
+
+class NodedConfig(_Strict):
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    request_max_bytes: int = Field(default=65536, ge=1024, le=4 * 1024 * 1024)
+    request_timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+
+class Config(_Strict):
+    node: NodeConfig = NodeConfig()
+    paths: PathsConfig = PathsConfig()
+    gpu: GpuConfig = GpuConfig()
+    devices: DevicesConfig = DevicesConfig()
+    cgroups: CgroupsConfig = CgroupsConfig()
+    isolation: IsolationConfig = IsolationConfig()
+    slurm: SlurmConfig = SlurmConfig()
+    noded: NodedConfig = NodedConfig()
+
+    @property
+    def node_name(self) -> str:
+        return self.node.name or socket.gethostname().split(".")[0]
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The config file to use: *explicit*, else ``$ZTGPU_CONFIG``, else the default."""
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def _describe(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _expected(error: Any) -> str:
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key; remove it or check its spelling"
+    msg = str(error.get("msg", "invalid value"))
+    return msg.removeprefix("Value error, ")
+
+
+def parse_config(data: Any, source: str) -> Config:
+    """Validate already-parsed YAML *data*; errors name *source* and the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: (top level): expected a mapping of sections, "
+                          f"got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: {_describe(err['loc'])}: {_expected(err)}"
+                 for err in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate the configuration.
+
+    A missing default file yields the built-in defaults; a missing file that
+    was named explicitly (argument or ``ZTGPU_CONFIG``) is an error.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, unknown key or bad value.
+    """
+    explicit = path is not None or bool(os.environ.get(CONFIG_ENV))
+    file = config_path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{file}: no such file") from None
+        return Config()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(parse)"
+        raise ConfigError(f"{file}: {where}: not valid YAML: "
+                          f"{getattr(exc, 'problem', None) or exc}") from None
+    return parse_config(data, str(file))
+
+
+def dump_effective(config: Config) -> str:
+    """The effective configuration as YAML (defaults filled in)."""
+    data = config.model_dump(mode="json")
+    data["node"]["name"] = config.node_name
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,1 @@
+"""The node agent ztgpu-noded: enforcement point for per-job GPU access."""

@@ -1,0 +1,1 @@
+"""Test doubles and the real-Slurm test cluster harness."""
