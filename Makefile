@@ -1,0 +1,60 @@
+# ztgpu — the two commands a newcomer needs are `make demo` and `make test`.
+# Both install what they need (Debian packages, a venv) and are safe to rerun.
+
+SHELL := /bin/bash
+PY_SYSTEM := /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Debian packages: real Slurm + munge for the test cluster, the system Python
+# with venv (pam_python embeds this interpreter later).
+DEB_PACKAGES := slurm-wlm munge libslurm-dev python3 python3-venv python3-dev passwd util-linux
+STAMP_DEB := $(VENV)/.deb-installed
+STAMP_PIP := $(VENV)/.pip-installed
+TYPECHECK_TREE := build/typecheck
+
+.PHONY: setup install demo test lint typecheck unit bench clean
+
+setup: $(STAMP_PIP)
+
+$(STAMP_DEB):
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@test -x $(PY) || $(PY_SYSTEM) -m venv $(VENV)
+	@touch $@
+
+$(STAMP_PIP): $(STAMP_DEB) pyproject.toml
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q pydantic PyYAML nvidia-ml-py pytest hypothesis mypy ruff types-PyYAML
+	@touch $@
+
+# A regular (not editable) install: the package-dir mapping puts cgroups/,
+# pam/, ... under ztgpu.*, and the Prolog/Epilog run with `python -I -S`.
+install: setup
+	$(PIP) install -q --no-deps --no-build-isolation --force-reinstall .
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# mypy sees the installed layout: a tree of links mapping the top-level
+# integration folders to their ztgpu.* names.
+typecheck: setup
+	@rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)/ztgpu
+	@for f in ztgpu/*; do ln -s ../../../$$f $(TYPECHECK_TREE)/ztgpu/; done
+	@for d in cgroups pam prolog_epilog slurm_plugins; do ln -s ../../../$$d $(TYPECHECK_TREE)/ztgpu/$$d; done
+	cd $(TYPECHECK_TREE) && ../../$(VENV)/bin/mypy --strict --config-file ../../pyproject.toml -p ztgpu
+
+test: install lint typecheck
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+demo: install
+	$(VENV)/bin/ztgpu demo
+
+bench: install
+	$(PY) bench/job_turnaround.py
+
+clean:
+	rm -rf build dist *.egg-info $(TYPECHECK_TREE)

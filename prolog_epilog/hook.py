@@ -1,0 +1,68 @@
+"""Slurm node Prolog and Epilog: thin clients of ztgpu-noded.
+
+Slurm drains a node when its Prolog or Epilog exits non-zero, so these exit
+non-zero only when the *node* is unsafe: the agent cannot be reached, or it
+could not apply (or undo) enforcement. A job whose Slurm environment is
+malformed is refused without draining: it is granted nothing, the agent
+records the refusal and ends the job.
+
+Standard library plus :mod:`ztgpu.node_client` and :mod:`ztgpu.slurm_env`
+only: this runs on every job start and end.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from ztgpu.errors import AgentUnreachable, Denied, Fault, InputRejected
+from ztgpu.node_client import call
+from ztgpu.slurm_env import parse_job_env, printable
+
+EXIT_OK = 0
+EXIT_NODE_UNSAFE = 1
+
+
+def _say(hook: str, message: str) -> None:
+    print(f"ztgpu {hook}: {message}", file=sys.stderr, flush=True)
+
+
+def run_hook(hook: str, socket_path: str, env: Mapping[str, str],
+             timeout: float = 10.0) -> int:
+    """Carry out *hook* (``prolog`` or ``epilog``) and return its exit code."""
+    if hook not in ("prolog", "epilog"):
+        _say(hook, "internal error: unknown hook name")
+        return EXIT_NODE_UNSAFE
+    try:
+        job = parse_job_env(env)
+    except InputRejected as exc:
+        _say(hook, f"job refused, no GPU granted: {exc}")
+        try:
+            call(socket_path, "refused", timeout=timeout, hook=hook, reason=str(exc),
+                 job_id=printable(env.get("SLURM_JOB_ID")))
+        except AgentUnreachable as down:
+            _say(hook, f"node unsafe: {down}; start it with 'systemctl start ztgpu-noded'")
+            return EXIT_NODE_UNSAFE
+        except (Denied, Fault) as other:
+            _say(hook, f"the agent did not record the refusal: {other}")
+        return EXIT_OK
+    try:
+        call(socket_path, hook, timeout=timeout, job={
+            "job_id": job.job_id, "uid": job.uid, "user": job.user, "gpus": list(job.gpus)})
+    except AgentUnreachable as exc:
+        _say(hook, f"node unsafe: {exc}; start it with 'systemctl start ztgpu-noded'")
+        return EXIT_NODE_UNSAFE
+    except Denied as exc:
+        # Includes InputRejected: a decision about this job, not a node fault.
+        _say(hook, f"job {job.job_id} refused, no GPU granted: {exc}")
+        return EXIT_OK
+    except Fault as exc:
+        _say(hook, f"node unsafe: enforcement for job {job.job_id} failed: {exc}")
+        return EXIT_NODE_UNSAFE
+    return EXIT_OK
+
+
+def main(hook: str, socket_path: str, timeout: float = 10.0) -> int:
+    """Entry point used by the installed Prolog/Epilog wrappers."""
+    return run_hook(hook, socket_path, os.environ, timeout)

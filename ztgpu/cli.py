@@ -1,0 +1,206 @@
+"""``ztgpu``: the suite's command line for admins, researchers and auditors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ztgpu.errors import UsageError, ZtgpuError
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from ztgpu.config import config_path, dump_effective, load_config
+
+    config = load_config(args.file)
+    print(f"# {config_path(args.file)}: OK", file=sys.stderr)
+    print(dump_effective(config), end="")
+    return 0
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    from ztgpu.config import load_config
+    from ztgpu.hooks_install import hook_path, write_hooks
+    from ztgpu.slurm_conf import install, suite_changes
+
+    config = load_config(args.config)
+    for path, changed in write_hooks(config, dry_run=args.dry_run):
+        verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
+        print(f"{verb}: {path}")
+    result = install(Path(args.slurm_conf),
+                     suite_changes(hook_path("prolog", config), hook_path("epilog", config)),
+                     dry_run=args.dry_run)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not result.changed:
+        print(f"unchanged: {args.slurm_conf}")
+        return 0
+    print(result.diff, end="" if result.diff.endswith("\n") else "\n")
+    if args.dry_run:
+        print(f"dry run: {args.slurm_conf} not changed")
+    else:
+        print(f"updated: {args.slurm_conf} (backup: {result.backup})")
+        print("restart slurmd (and slurmctld) for Prolog/Epilog changes to take effect")
+    return 0
+
+
+def _open_local_spool(args: argparse.Namespace) -> Any:
+    from ztgpu.config import load_config
+    from ztgpu.spool import Spool
+
+    config = load_config(args.config)
+    path = config.paths.spool_dir / "events.db"
+    if not path.exists():
+        raise UsageError(f"no local audit spool at {path} (is ztgpu-noded running here?)")
+    return Spool.open(path, config.node_name)
+
+
+def _cmd_audit_tail(args: argparse.Namespace) -> int:
+    from ztgpu.audit_view import format_event, format_json
+
+    if not args.local:
+        raise UsageError("only --local is available on this node: the central collector "
+                         "is not configured")
+    fmt = format_json if args.json else format_event
+    with _open_local_spool(args) as spool:
+        events = spool.last(args.lines)
+        if args.job:
+            events = [e for e in spool.read(job_id=args.job, limit=100000)][-args.lines:]
+        for event in events:
+            print(fmt(event))
+        last = events[-1]["seq"] if events else spool.head()[0]
+        while args.follow:
+            time.sleep(0.5)
+            for event in spool.read(after_seq=last):
+                if not args.job or event.get("job_id") == args.job:
+                    print(fmt(event), flush=True)
+                last = event["seq"]
+    return 0
+
+
+def _cmd_audit_verify_local(args: argparse.Namespace) -> int:
+    with _open_local_spool(args) as spool:
+        result = spool.verify()
+    if result.ok:
+        print(f"OK: {result.checked} events, chain intact")
+        return 0
+    print(f"BROKEN at seq {result.first_bad_seq}: {result.problem}")
+    return 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ztgpu.config import load_config
+    from ztgpu.node_client import call
+
+    config = load_config(args.config)
+    status = call(str(config.paths.socket), "status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    kind = "SIMULATED" if status["simulated"] else status["backend"]
+    print(f"node {status['node']}: {len(status['gpus'])} GPUs ({kind})")
+    for gpu in status["gpus"]:
+        print(f"  gpu {gpu['index']}  /dev/nvidia{gpu['minor']}  {gpu['uuid']}")
+    if not status["jobs"]:
+        print("no jobs hold GPUs")
+    for job in status["jobs"]:
+        state = "VIOLATED" if job["violated"] else (
+            "verified" if job["verified_cgroups"] else "pending")
+        print(f"  job {job['job_id']}  user {job['user']}  gpus {job['gpus']}  "
+              f"isolation {state}")
+    return 0
+
+
+def _cmd_node_verify(args: argparse.Namespace) -> int:
+    from ztgpu.config import load_config
+    from ztgpu.node_client import call
+
+    config = load_config(args.config)
+    results = call(str(config.paths.socket), "verify", job_id=args.job, timeout=60)
+    bad = [r for r in results if not r["ok"]]
+    for r in results:
+        print(f"job {r['job_id']} {r['cgroup']}: {'OK' if r['ok'] else 'VIOLATED'}")
+        for layer in ("user", "cgroup_only"):
+            print(f"    {layer:<11} " + " ".join(f"{k}={v}" for k, v in
+                                                sorted(r.get(layer, {}).items())))
+        for problem in r.get("problems", []):
+            print(f"    {problem}")
+    if not results:
+        print("no running job processes to probe")
+    return 1 if bad else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ztgpu.demo import run_demo
+
+    code: int = run_demo(keep=args.keep)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ztgpu", description=__doc__)
+    parser.add_argument("--config", help="config file (default: $ZTGPU_CONFIG or "
+                        "/etc/ztgpu/ztgpu.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True)
+    check = config.add_parser("check", help="validate and print the effective config")
+    check.add_argument("file", nargs="?", help="file to check (default: the active config)")
+    check.set_defaults(func=_cmd_config_check)
+
+    inst = sub.add_parser("install", help="install the node hooks into slurm.conf")
+    inst.add_argument("--slurm-conf", required=True, help="path of slurm.conf to update")
+    inst.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
+    inst.set_defaults(func=_cmd_install)
+
+    audit = sub.add_parser("audit", help="audit events").add_subparsers(
+        dest="audit_command", required=True)
+    tail = audit.add_parser("tail", help="print recent audit events")
+    tail.add_argument("--local", action="store_true", help="read this node's spool")
+    tail.add_argument("-n", "--lines", type=int, default=50)
+    tail.add_argument("--job", help="only events of this job id")
+    tail.add_argument("-f", "--follow", action="store_true")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.set_defaults(func=_cmd_audit_tail)
+    verify = audit.add_parser("verify", help="recompute the hash chain")
+    verify.add_argument("--local", action="store_true", required=True,
+                        help="verify this node's spool")
+    verify.set_defaults(func=_cmd_audit_verify_local)
+
+    status = sub.add_parser("status", help="what the node agent enforces now")
+    status.add_argument("--node", action="store_true", required=True,
+                        help="ask this node's agent")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_cmd_status)
+
+    node = sub.add_parser("node", help="node agent operations").add_subparsers(
+        dest="node_command", required=True)
+    nverify = node.add_parser("verify", help="probe running jobs' GPU isolation now")
+    nverify.add_argument("--job", help="only this job id")
+    nverify.set_defaults(func=_cmd_node_verify)
+
+    demo = sub.add_parser("demo", help="run the local demonstration cluster")
+    demo.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except ZtgpuError as exc:
+        print(f"ztgpu: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The one registry of audit event types, and the hash-chain definition.
+
+Every audit event is a flat JSON object. Node events carry an *envelope*
+(``v``, ``code``, ``severity``, ``node``, ``seq``, ``ts``, ``prev``, ``hash``)
+written by the spool, plus the fields the caller supplies. The caller's
+fields are checked here, in one place, just before an event is spooled.
+
+Chain definition (a collector recomputes exactly this, so it is part of the
+wire format and must not change without bumping ``SCHEMA_VERSION``):
+
+* ``canonical_bytes(event)`` is the UTF-8 JSON encoding of the event without
+  its ``hash`` key, with sorted keys, separators ``(",", ":")`` and
+  ``ensure_ascii=False``;
+* ``hash`` is the lower-case hex SHA-256 of those bytes;
+* ``prev`` is the ``hash`` of the event with ``seq - 1`` on the same node, or
+  ``GENESIS_PREV`` (64 zeros) for ``seq == 1``.
+
+Standard library only: the thin clients may import this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+from ztgpu.errors import Fault
+
+SCHEMA_VERSION = 1
+GENESIS_PREV = "0" * 64
+
+#: Keys the spool writes; a caller may not supply them.
+ENVELOPE_FIELDS = frozenset({"v", "code", "severity", "node", "seq", "ts", "prev", "hash"})
+
+_FIELD_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_JOB_ID = re.compile(r"[0-9]+")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_GPU_KEYS = frozenset({"index", "uuid", "minor"})
+
+
+class EventError(Fault):
+    """An event could not be built or read: unknown code, missing or bad field."""
+
+
+class Severity(StrEnum):
+    """How urgently a human should look at an event."""
+
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True)
+class EventType:
+    """One registered event type: its code and the fields it must carry."""
+
+    code: str
+    severity: Severity
+    category: str
+    required: frozenset[str]
+    description: str
+
+
+def _t(code: str, severity: Severity, required: str, description: str) -> EventType:
+    return EventType(
+        code=code,
+        severity=severity,
+        category=code.split(".", 1)[0],
+        required=frozenset(required.split()),
+        description=description,
+    )
+
+
+_INFO, _WARN, _CRIT = Severity.INFO, Severity.WARNING, Severity.CRITICAL
+_ACCESS = "job_id uid user gpus"
+
+#: Every event type, in one literal table. Codes are dotted and lower case.
+EVENT_TYPES: tuple[EventType, ...] = (
+    _t("agent.start", _INFO, "version gpu_backend gpus", "The node agent started."),
+    _t("agent.stop", _INFO, "reason", "The node agent stopped."),
+    _t("agent.recovered", _INFO, "jobs", "The agent reloaded its job state after a restart."),
+    _t("job.grant", _INFO, f"{_ACCESS} outcome", "A job was given access to its GPUs."),
+    _t("job.release", _INFO, f"{_ACCESS} outcome", "A job's GPU access was taken back."),
+    _t(
+        "job.refused",
+        _WARN,
+        "outcome reason",
+        "Hook input was rejected (bad job id, uid/user mismatch, GPU out of range).",
+    ),
+    _t("job.action", _WARN, "job_id action outcome reason", "The agent acted on a job."),
+    _t(
+        "isolation.verified",
+        _INFO,
+        f"{_ACCESS} probe",
+        "A probe confirmed the job sees only its GPUs.",
+    ),
+    _t(
+        "isolation.violated",
+        _CRIT,
+        f"{_ACCESS} probe action reason",
+        "A probe found the job could reach a GPU it was not given.",
+    ),
+    _t("enforcement.failed", _CRIT, "job_id reason", "Access control could not be applied."),
+    _t(
+        "device.drift",
+        _WARN,
+        "path expected found action",
+        "A GPU device file's owner or mode differed from the allowlist.",
+    ),
+    _t("hook.error", _WARN, "hook reason", "A Slurm hook or PAM client failed."),
+    _t(
+        "request.rejected",
+        _WARN,
+        "peer_uid reason",
+        "A socket request was garbage, oversized or unauthorised.",
+    ),
+)
+
+REGISTRY: Mapping[str, EventType] = MappingProxyType({t.code: t for t in EVENT_TYPES})
+
+
+def validate_fields(code: str, fields: Mapping[str, Any]) -> EventType:
+    """Check caller-supplied fields for an event of type ``code``.
+
+    Guarantees on return: ``code`` is registered; every required field is
+    present; no envelope key is supplied; field names are lower-case
+    identifiers; every value is JSON data (str, finite int/float, bool, None,
+    list/tuple, dict with str keys); the common fields have their documented
+    types (``job_id`` a string of digits, ``uid`` an int >= 0, ``user`` a
+    non-empty str, ``gpus`` a list of ``{"index", "uuid", "minor"}``,
+    ``outcome``/``reason`` str).
+
+    Raises EventError naming the code and the offending field.
+    """
+    etype = REGISTRY.get(code)
+    if etype is None:
+        raise EventError(f"unknown event code {code!r}")
+    envelope = ENVELOPE_FIELDS.intersection(fields)
+    if envelope:
+        raise EventError(f"{code}: envelope fields are set by the spool: {sorted(envelope)}")
+    missing = etype.required.difference(fields)
+    if missing:
+        raise EventError(f"{code}: missing required fields {sorted(missing)}")
+    for name, value in fields.items():
+        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+            raise EventError(f"{code}: bad field name {name!r}")
+        _check_json(code, name, value)
+        problem = _check_common(name, value)
+        if problem:
+            raise EventError(f"{code}: field {name!r} {problem}")
+    return etype
+
+
+def _check_json(code: str, path: str, value: Any) -> None:
+    if value is None or isinstance(value, str | bool | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise EventError(f"{code}: field {path!r} is not a finite number")
+        return
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_json(code, f"{path}[{i}]", item)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise EventError(f"{code}: field {path!r} has a non-string key {key!r}")
+            _check_json(code, f"{path}.{key}", item)
+        return
+    raise EventError(f"{code}: field {path!r} is not JSON data ({type(value).__name__})")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_common(name: str, value: Any) -> str | None:
+    """Return what is wrong with a common field's value, or None."""
+    if name == "job_id":
+        ok = isinstance(value, str) and _JOB_ID.fullmatch(value) is not None
+        return None if ok else "must be a string of digits"
+    if name == "uid":
+        return None if _is_count(value) else "must be an int >= 0"
+    if name == "user":
+        return None if isinstance(value, str) and value else "must be a non-empty str"
+    if name in ("outcome", "reason"):
+        return None if isinstance(value, str) else "must be a str"
+    if name == "gpus":
+        if not isinstance(value, list | tuple):
+            return "must be a list of GPUs"
+        for gpu in value:
+            if not (
+                isinstance(gpu, dict)
+                and gpu.keys() == _GPU_KEYS
+                and _is_count(gpu["index"])
+                and _is_count(gpu["minor"])
+                and isinstance(gpu["uuid"], str)
+                and gpu["uuid"]
+            ):
+                return 'entries must be {"index": int, "uuid": str, "minor": int}'
+    return None
+
+
+def format_timestamp(moment: datetime) -> str:
+    """Render an aware datetime as RFC 3339 UTC with microseconds.
+
+    Example: ``2026-11-26T12:00:00.123456Z``. Raises EventError for a naive
+    datetime (its zone would be a guess).
+    """
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise EventError("event timestamps need a timezone-aware datetime")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_bytes(event: Mapping[str, Any]) -> bytes:
+    """The bytes the chain hash covers: the event without ``hash``, canonical JSON.
+
+    Raises EventError if the event is not JSON data.
+    """
+    body = {key: value for key, value in event.items() if key != "hash"}
+    try:
+        text = json.dumps(
+            body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise EventError(f"event is not JSON data: {exc}") from exc
+    return text.encode("utf-8")
+
+
+def event_hash(event: Mapping[str, Any]) -> str:
+    """Lower-case hex SHA-256 of ``canonical_bytes(event)``."""
+    return hashlib.sha256(canonical_bytes(event)).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """Outcome of a chain check.
+
+    ``checked`` counts the events that passed before the first problem (all of
+    them when ``ok``). ``first_bad_seq`` is the ``seq`` of the event where the
+    chain first breaks (None when ok, or when that event has no usable seq).
+    """
+
+    ok: bool
+    checked: int
+    first_bad_seq: int | None = None
+    problem: str | None = None
+
+
+def _link_problem(event: Mapping[str, Any], before: Mapping[str, Any] | None) -> str | None:
+    """What breaks the link from ``before`` (None at the start) to ``event``."""
+    seq, prev, digest = event.get("seq"), event.get("prev"), event.get("hash")
+    if not isinstance(prev, str) or not isinstance(digest, str):
+        return "missing prev or hash"
+    if event.get("v") != SCHEMA_VERSION:
+        return f"unsupported schema version {event.get('v')!r}"
+    if before is None:
+        if seq == 1 and prev != GENESIS_PREV:
+            return "first event's prev is not the genesis value"
+    else:
+        expected = before["seq"] + 1
+        if seq != expected:
+            if isinstance(seq, int) and seq > expected:
+                return f"gap: expected seq {expected}, found {seq}"
+            return f"out of order: expected seq {expected}, found {seq}"
+        if event.get("node") != before.get("node"):
+            return f"node changed from {before.get('node')!r} to {event.get('node')!r}"
+        if prev != before["hash"]:
+            return f"prev does not match the hash of seq {before['seq']}"
+    try:
+        recomputed = event_hash(event)
+    except EventError as exc:
+        return str(exc)
+    if not _HEX64.fullmatch(digest) or recomputed != digest:
+        return "hash mismatch: the event was altered"
+    return None
+
+
+def verify_chain(events: Iterable[Mapping[str, Any]]) -> ChainResult:
+    """Check a node's events, in stored order, as one unbroken hash chain.
+
+    Checks that ``seq`` is gapless from the first event seen, that each
+    ``prev`` is the previous event's ``hash`` (or the genesis value at
+    seq 1), that the node never changes, and that every ``hash`` recomputes.
+    Stops at the first broken link and names it; never raises for bad data.
+    """
+    before: Mapping[str, Any] | None = None
+    checked = 0
+    for event in events:
+        seq = event.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            return ChainResult(False, checked, None, f"event after {checked} good ones has no seq")
+        problem = _link_problem(event, before)
+        if problem:
+            return ChainResult(False, checked, seq, problem)
+        before = event
+        checked += 1
+    return ChainResult(True, checked)

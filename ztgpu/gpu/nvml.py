@@ -1,0 +1,166 @@
+"""The real GPU inventory, read through NVML (package ``nvidia-ml-py``).
+
+Every NVML call runs on one dedicated worker thread and is waited for at most
+``timeout_s`` seconds: a wedged driver makes :meth:`NvmlBackend.inventory`
+raise :class:`~ztgpu.errors.GpuError` instead of hanging the agent. A call
+that overran keeps the worker busy; until it returns, further calls fail at
+once rather than queueing behind it.
+
+``pynvml`` is imported only when a method needs it, so importing this module
+costs nothing on nodes (or in hooks) that never use NVML.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import ModuleType
+from typing import Any
+
+from ztgpu.errors import GpuError
+from ztgpu.gpu.backend import GpuInfo, slurm_order
+
+_MIB = 1024 * 1024
+# nvidiactl owns minor 255 under the NVIDIA major, so a GPU's minor is below it.
+_MAX_GPU_MINOR = 254
+
+
+def _text(value: object, call: str) -> str:
+    """NVML strings arrive as ``bytes`` or ``str`` depending on the binding version."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise GpuError(f"NVML {call} returned undecodable text {value!r}") from exc
+    if isinstance(value, str):
+        return value
+    raise GpuError(f"NVML {call} returned {type(value).__name__}, expected text")
+
+
+def _number(value: object, call: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GpuError(f"NVML {call} returned {value!r}, expected an integer")
+    return value
+
+
+class NvmlBackend:
+    """:class:`~ztgpu.gpu.backend.GpuBackend` over NVML.
+
+    NVML is initialised once, on the first :meth:`inventory`, and stays
+    initialised until :meth:`close`. Safe to share between threads.
+    """
+
+    name = "nvml"
+    simulated = False
+
+    def __init__(self, timeout_s: float) -> None:
+        """Prepare the backend; touches neither pynvml nor the driver.
+
+        Raises:
+            ValueError: *timeout_s* is not positive (a programming error; the
+                config schema already guarantees it).
+        """
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        self._timeout_s = timeout_s
+        # Note: ThreadPoolExecutor joins its worker at interpreter exit, so a
+        # call that never returns also delays process exit; the service
+        # manager's stop timeout bounds that.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ztgpu-nvml")
+        self._lock = threading.Lock()
+        self._initialised = False
+        self._closed = False
+        self._overdue: tuple[str, Future[Any]] | None = None
+
+    # -- internals --------------------------------------------------------
+
+    @staticmethod
+    def _pynvml() -> ModuleType:
+        try:
+            return importlib.import_module("pynvml")
+        except ImportError as exc:
+            raise GpuError("NVML bindings are not installed (Python package nvidia-ml-py, "
+                           "module pynvml)") from exc
+
+    def _call(self, nvml: ModuleType, call: str, *args: object) -> Any:
+        """Run ``nvml.<call>(*args)`` on the worker with the deadline; caller holds the lock."""
+        if self._overdue is not None:
+            stuck, running = self._overdue
+            if not running.done():
+                raise GpuError(f"NVML is unresponsive: {stuck} has not returned after "
+                               f"overrunning its {self._timeout_s:g} s deadline")
+            self._overdue = None
+        function = getattr(nvml, call, None)
+        if function is None:
+            raise GpuError(f"the installed nvidia-ml-py has no {call}; upgrade it")
+        error_type: type[BaseException] = getattr(nvml, "NVMLError", OSError)
+        future: Future[Any] = self._executor.submit(function, *args)
+        try:
+            return future.result(timeout=self._timeout_s)
+        except TimeoutError as exc:
+            self._overdue = (call, future)
+            raise GpuError(f"NVML {call} did not return within {self._timeout_s:g} s "
+                           f"(driver wedged or GPU lost?)") from exc
+        except (error_type, OSError) as exc:
+            raise GpuError(f"NVML {call} failed: {exc}") from exc
+
+    def _read_gpu(self, nvml: ModuleType, index: int) -> GpuInfo:
+        handle = self._call(nvml, "nvmlDeviceGetHandleByIndex", index)
+        minor = _number(self._call(nvml, "nvmlDeviceGetMinorNumber", handle),
+                        "nvmlDeviceGetMinorNumber")
+        if not 0 <= minor <= _MAX_GPU_MINOR:
+            raise GpuError(f"NVML reports device minor {minor} for GPU index {index}; "
+                           f"expected 0..{_MAX_GPU_MINOR}")
+        uuid = _text(self._call(nvml, "nvmlDeviceGetUUID", handle), "nvmlDeviceGetUUID")
+        pci = self._call(nvml, "nvmlDeviceGetPciInfo", handle)
+        bus_id = _text(getattr(pci, "busId", None), "nvmlDeviceGetPciInfo")
+        name = _text(self._call(nvml, "nvmlDeviceGetName", handle), "nvmlDeviceGetName")
+        memory = self._call(nvml, "nvmlDeviceGetMemoryInfo", handle)
+        total = _number(getattr(memory, "total", None), "nvmlDeviceGetMemoryInfo")
+        return GpuInfo(index=index, minor=minor, uuid=uuid, pci_bus_id=bus_id,
+                       name=name, memory_mib=total // _MIB)
+
+    # -- GpuBackend --------------------------------------------------------
+
+    def inventory(self) -> tuple[GpuInfo, ...]:
+        """Every GPU NVML enumerates, sorted by minor number.
+
+        Initialises NVML on first use. ``index`` is NVML's enumeration index.
+        MIG instances are not listed; a MIG-enabled GPU appears as its parent.
+
+        Raises:
+            GpuError: pynvml or libnvidia-ml is missing, an NVML call failed
+                or overran ``timeout_s``, NVML returned an implausible value
+                (minor outside 0..254, two GPUs with one minor), or the
+                backend is closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise GpuError("the NVML backend is closed")
+            nvml = self._pynvml()
+            if not self._initialised:
+                self._call(nvml, "nvmlInit")
+                self._initialised = True
+            count = _number(self._call(nvml, "nvmlDeviceGetCount"), "nvmlDeviceGetCount")
+            return slurm_order(self._read_gpu(nvml, index) for index in range(count))
+
+    def close(self) -> None:
+        """Shut NVML down (time-boxed) and stop the worker; idempotent.
+
+        Raises:
+            GpuError: nvmlShutdown failed, overran the deadline, or was skipped
+                because an earlier call never returned. The backend is closed
+                either way.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if self._initialised:
+                    self._initialised = False
+                    self._call(self._pynvml(), "nvmlShutdown")
+            finally:
+                # Never wait here: a wedged call would make close() hang too.
+                self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,47 @@
+"""A declared GPU inventory for nodes without NVIDIA hardware (demos, CI).
+
+Nothing here touches a device: the inventory is exactly what the configuration
+declares under ``gpu.simulated``. No real GPU is protected by it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ztgpu.config import SimulatedGpu
+from ztgpu.errors import GpuError
+from ztgpu.gpu.backend import GpuInfo, slurm_order
+
+
+class SimulatedBackend:
+    """:class:`~ztgpu.gpu.backend.GpuBackend` over a declared list of GPUs."""
+
+    name = "simulated"
+    simulated = True
+
+    def __init__(self, gpus: Sequence[SimulatedGpu]) -> None:
+        """Take the declared GPUs as they are (the config schema has validated them).
+
+        Raises:
+            GpuError: two GPUs share a minor number.
+        """
+        self._gpus = slurm_order(
+            GpuInfo(index=gpu.index, minor=gpu.minor, uuid=gpu.uuid,
+                    pci_bus_id=gpu.pci_bus_id, name=gpu.name, memory_mib=gpu.memory_mib)
+            for gpu in gpus
+        )
+        self._closed = False
+
+    def inventory(self) -> tuple[GpuInfo, ...]:
+        """The declared GPUs, sorted by minor number.
+
+        Raises:
+            GpuError: the backend was closed.
+        """
+        if self._closed:
+            raise GpuError("the simulated GPU backend is closed")
+        return self._gpus
+
+    def close(self) -> None:
+        """Mark the backend closed; never raises."""
+        self._closed = True

@@ -1,0 +1,138 @@
+"""``ztgpu-noded``: the node agent daemon (runs as root, in the foreground)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import pwd
+import signal
+import sys
+import threading
+from typing import Any
+
+from ztgpu.config import Config, load_config
+from ztgpu.errors import InputRejected, ZtgpuError
+
+
+def _allowed_uids(config: Config) -> set[int]:
+    uids = {0}
+    try:
+        uids.add(pwd.getpwnam(config.slurm.user).pw_uid)
+    except KeyError:
+        logging.getLogger("ztgpu.noded").info(
+            "slurm.user %r does not exist; only root may use the socket", config.slurm.user)
+    return uids
+
+
+def serve(config: Config, ready: threading.Event | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT. Returns the exit code."""
+    # Heavy imports stay here, out of the thin clients' way.
+    from ztgpu.gpu.devices import nvidia_major
+    from ztgpu.gpu.select import open_backend
+    from ztgpu.noded.agent import Agent
+    from ztgpu.noded.server import AgentSocketServer
+    from ztgpu.noded.state import StateStore
+    from ztgpu.slurm_client import CliSlurmClient
+    from ztgpu.spool import Spool
+
+    log = logging.getLogger("ztgpu.noded")
+    backend = open_backend(config.gpu)
+    major = nvidia_major()
+    if not major.from_proc:
+        log.info("no NVIDIA driver in /proc/devices; using major %d", major.major)
+    if backend.simulated:
+        log.warning("GPU backend is SIMULATED (%d GPUs declared in config): no real GPU is "
+                    "protected on this node", len(config.gpu.simulated))
+    spool = Spool.open(config.paths.spool_dir / "events.db", config.node_name)
+    state = StateStore(config.paths.state_dir / "state.db")
+    slurm = CliSlurmClient(config.slurm.bin_dir, config.slurm.conf,
+                           config.slurm.command_timeout_s)
+    agent = Agent(config, backend, spool, state, slurm, major=major.major)
+    agent.start()
+
+    def on_reject(uid: int, reason: str) -> None:
+        spool.append("request.rejected", peer_uid=uid, reason=reason[:300],
+                     outcome="rejected")
+
+    def handle(op: str, req: dict[str, Any]) -> Any:
+        if op == "ping":
+            return {"pong": True}
+        if op == "prolog":
+            return agent.prolog(req.get("job"))
+        if op == "epilog":
+            return agent.epilog(req.get("job"))
+        if op == "refused":
+            return agent.refused(req.get("hook"), req.get("reason"), req.get("job_id"))
+        if op == "status":
+            return agent.status()
+        if op == "verify":
+            job_id = req.get("job_id")
+            if job_id is not None and not isinstance(job_id, str):
+                raise InputRejected("'job_id' must be a string")
+            agent.sweep()
+            return agent.verify(job_id)
+        if op == "drift":
+            return agent.check_drift()
+        on_reject(-1, f"unknown op {op[:40]!r}")
+        raise InputRejected(f"unknown op {op[:40]!r}")
+
+    server = AgentSocketServer(config.paths.socket, handle, allowed_uids=_allowed_uids(config),
+                               max_bytes=config.noded.request_max_bytes,
+                               timeout_s=config.noded.request_timeout_s, on_reject=on_reject)
+    stop_reason = ["signal"]
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop_reason[0] = signal.Signals(signum).name
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.run_background()
+    log.info("ztgpu-noded serving on %s (node %s, %d GPUs, backend %s)", config.paths.socket,
+             config.node_name, len(agent.inventory), backend.name)
+    if ready is not None:
+        ready.set()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            config.paths.socket.unlink()
+        agent.stop(stop_reason[0])
+        state.close()
+        spool.close()
+        backend.close()
+        log.info("ztgpu-noded stopped (%s)", stop_reason[0])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ztgpu-noded", description=__doc__)
+    parser.add_argument("--config", help="config file (default: $ZTGPU_CONFIG or "
+                        "/etc/ztgpu/ztgpu.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ZtgpuError as exc:
+        print(f"ztgpu-noded: {exc}", file=sys.stderr)
+        return exc.exit_code
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if config.paths.log_file is not None:
+        handlers.append(logging.FileHandler(config.paths.log_file))
+    logging.basicConfig(level=config.noded.log_level.upper(), handlers=handlers,
+                        format="%(asctime)s ztgpu-noded[%(process)d] %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        print("ztgpu-noded: must run as root (it changes device files and cgroups)",
+              file=sys.stderr)
+        return 2
+    try:
+        return serve(config)
+    except ZtgpuError as exc:
+        logging.getLogger("ztgpu.noded").critical("cannot start: %s", exc)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

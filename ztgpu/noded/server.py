@@ -1,0 +1,148 @@
+"""The agent's unix socket: peer-credential check, size cap, one JSON request.
+
+Only root and the configured Slurm user may talk to the agent; the kernel
+tells us who is on the other end (SO_PEERCRED), so this does not depend on
+the socket file's permissions alone. Each connection carries one request
+(see :mod:`ztgpu.node_client`); anything malformed gets a ``bad_request``
+answer, is recorded, and the agent keeps serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import socketserver
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ztgpu.errors import Denied, Fault, InputRejected, ZtgpuError
+
+log = logging.getLogger("ztgpu.noded")
+
+MAX_CONNECTIONS = 64
+Handler = Callable[[str, dict[str, Any]], Any]
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+class _RequestHandler(socketserver.BaseRequestHandler):
+    server: AgentSocketServer
+
+    def handle(self) -> None:
+        srv = self.server
+        sock: socket.socket = self.request
+        if not srv.slots.acquire(blocking=False):
+            self._answer(sock, {"ok": False, "kind": "fault", "error": "agent busy, retry"})
+            return
+        try:
+            self._serve(sock)
+        finally:
+            srv.slots.release()
+
+    def _serve(self, sock: socket.socket) -> None:
+        srv = self.server
+        uid = peer_uid(sock)
+        if uid not in srv.allowed_uids:
+            srv.reject(uid, "peer uid not allowed on the agent socket")
+            self._answer(sock, {"ok": False, "kind": "denied",
+                                "error": "only root and the Slurm user may use this socket"})
+            return
+        try:
+            raw = self._read(sock)
+            request = json.loads(raw)
+        except InputRejected as exc:
+            srv.reject(uid, str(exc))
+            self._answer(sock, {"ok": False, "kind": "bad_request", "error": str(exc)})
+            return
+        except (ValueError, UnicodeDecodeError):
+            srv.reject(uid, "request is not valid JSON")
+            self._answer(sock, {"ok": False, "kind": "bad_request",
+                                "error": "request is not valid JSON"})
+            return
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            srv.reject(uid, "request is not an object with an 'op'")
+            self._answer(sock, {"ok": False, "kind": "bad_request",
+                                "error": "request must be a JSON object with an 'op' string"})
+            return
+        op = request.pop("op")
+        request.pop("v", None)
+        try:
+            result = srv.handler(op, request)
+            answer: dict[str, Any] = {"ok": True, "result": result}
+        except InputRejected as exc:
+            answer = {"ok": False, "kind": "bad_request", "error": str(exc)}
+        except Denied as exc:
+            answer = {"ok": False, "kind": "denied", "error": str(exc)}
+        except (Fault, ZtgpuError) as exc:
+            log.error("%s failed: %s", op, exc)
+            answer = {"ok": False, "kind": "fault", "error": str(exc)}
+        except Exception as exc:
+            log.exception("internal error handling %s", op)
+            answer = {"ok": False, "kind": "fault",
+                      "error": f"internal error: {type(exc).__name__}"}
+        self._answer(sock, answer)
+
+    def _read(self, sock: socket.socket) -> bytes:
+        limit = self.server.max_bytes
+        sock.settimeout(self.server.timeout_s)
+        buf = bytearray()
+        try:
+            while b"\n" not in buf:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > limit:
+                    raise InputRejected(f"request larger than {limit} bytes")
+        except TimeoutError:
+            raise InputRejected("request not received in time") from None
+        line = bytes(buf).split(b"\n", 1)[0]
+        if not line.strip():
+            raise InputRejected("empty request")
+        return line
+
+    @staticmethod
+    def _answer(sock: socket.socket, answer: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):  # the client went away; nothing to tell it
+            sock.sendall(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+
+
+class AgentSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def __init__(self, path: Path, handler: Handler, *, allowed_uids: set[int],
+                 max_bytes: int, timeout_s: float,
+                 on_reject: Callable[[int, str], None]) -> None:
+        self.handler = handler
+        self.allowed_uids = allowed_uids
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.on_reject = on_reject
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        old = os.umask(0o177)
+        try:
+            super().__init__(str(path), _RequestHandler)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+
+    def reject(self, uid: int, reason: str) -> None:
+        log.warning("rejected request from uid %d: %s", uid, reason)
+        try:
+            self.on_reject(uid, reason)
+        except Exception:
+            log.exception("could not record a rejected request")

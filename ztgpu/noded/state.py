@@ -1,0 +1,78 @@
+"""The agent's durable record of which local jobs hold which GPUs.
+
+Kept in SQLite (WAL, synchronous=FULL) under ``paths.state_dir`` so that a
+restarted agent knows, before it serves any request, which device files
+belong to which job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ztgpu.errors import Fault
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    uid: int
+    gid: int
+    user: str
+    #: Minor numbers of the GPUs granted to the job.
+    minors: tuple[int, ...]
+    granted_at: str
+
+
+class StateStore:
+    """Jobs granted on this node; every change is committed before it returns."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(path, 0o600)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, uid INTEGER NOT NULL,"
+                " gid INTEGER NOT NULL, user TEXT NOT NULL, minors TEXT NOT NULL,"
+                " granted_at TEXT NOT NULL)")
+        except sqlite3.Error as exc:
+            raise Fault(f"cannot open agent state {path}: {exc}") from exc
+
+    def put(self, job: JobRecord) -> None:
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
+                    (job.job_id, job.uid, job.gid, job.user, json.dumps(list(job.minors)),
+                     job.granted_at))
+            except sqlite3.Error as exc:
+                raise Fault(f"cannot record job {job.job_id} in agent state: {exc}") from exc
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            try:
+                self._db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+            except sqlite3.Error as exc:
+                raise Fault(f"cannot remove job {job_id} from agent state: {exc}") from exc
+
+    def all(self) -> dict[str, JobRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, uid, gid, user, minors, granted_at FROM jobs").fetchall()
+        return {row[0]: JobRecord(job_id=row[0], uid=row[1], gid=row[2], user=row[3],
+                                  minors=tuple(json.loads(row[4])), granted_at=row[5])
+                for row in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,65 @@
+"""The agent's narrow interface to Slurm, and its CLI implementation.
+
+Only the daemon uses this (never a Prolog/Epilog: Slurm's high-throughput
+guide forbids Slurm commands there). Every command has a deadline; on expiry
+its process group is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+from typing import Protocol
+
+from ztgpu.errors import SlurmError
+
+_JOB_ID = re.compile(r"[1-9][0-9]{0,9}")
+
+
+class SlurmClient(Protocol):
+    def cancel(self, job_id: str, reason: str) -> None:
+        """End *job_id*, leaving *reason* where the user can read it."""
+
+
+class CliSlurmClient:
+    """Slurm through its command-line tools (works with any Slurm version)."""
+
+    def __init__(self, bin_dir: Path, conf: Path | None, timeout_s: float) -> None:
+        self.bin_dir = bin_dir
+        self.conf = conf
+        self.timeout_s = timeout_s
+
+    def _run(self, argv: list[str]) -> str:
+        env = dict(os.environ)
+        if self.conf is not None:
+            env["SLURM_CONF"] = str(self.conf)
+        try:
+            proc = subprocess.Popen([str(self.bin_dir / argv[0]), *argv[1:]], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, text=True,
+                                    start_new_session=True)
+        except OSError as exc:
+            raise SlurmError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+        try:
+            out, err = proc.communicate(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise SlurmError(f"{argv[0]} did not finish within {self.timeout_s:g}s") from None
+        if proc.returncode != 0:
+            raise SlurmError(f"{' '.join(argv[:2])} failed ({proc.returncode}): {err.strip()}")
+        return out
+
+    def cancel(self, job_id: str, reason: str) -> None:
+        if not _JOB_ID.fullmatch(job_id):
+            raise SlurmError(f"refusing to cancel malformed job id {job_id!r}")
+        # AdminComment can only be set by an operator, so the user can trust
+        # it; it shows in `scontrol show job`.
+        comment = "ztgpu: " + re.sub(r"[^\w .,:;()/+=-]", "_", reason)[:200]
+        try:
+            self._run(["scontrol", "update", f"JobId={job_id}", f"AdminComment={comment}"])
+        finally:
+            self._run(["scancel", job_id])
