@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tempfile
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztgpu import slurm_conf
 from ztgpu.errors import ConfigError, Fault, UsageError
 from ztgpu.slurm_conf import (
     SlurmConfChange,
@@ -84,7 +84,7 @@ CONFIGURED_CONF = """\
 ClusterName=gpulab
 prolog="/usr/libexec/ztgpu/prolog"
 Epilog = /usr/libexec/ztgpu/epilog
-PrologFlags=contain,alloc,NoHold
+PrologFlags=contain,alloc,Serial
 PrologEpilogTimeout=300
 NodeName=n1 CPUs=4 Gres=gpu:4
 """
@@ -144,11 +144,11 @@ def test_conf_already_as_wanted_is_left_byte_for_byte() -> None:
 
 
 def test_existing_timeout_is_kept_and_missing_flag_added_case_insensitively() -> None:
-    text = "PrologFlags=contain,NoHold\nPrologEpilogTimeout=300\n"
+    text = "PrologFlags=contain,Serial\nPrologEpilogTimeout=300\n"
 
     result = plan(text, SUITE).text
 
-    assert "# managed by ztgpu install\nPrologFlags=contain,NoHold,Alloc\n" in result
+    assert "# managed by ztgpu install\nPrologFlags=contain,Serial,Alloc\n" in result
     assert "PrologEpilogTimeout=300\n" in result
     assert "PrologEpilogTimeout=60" not in result
 
@@ -239,7 +239,9 @@ def test_marker_names_the_comments() -> None:
     [
         ("ClusterName=c\nProlog=/a Epilog=/b\n", 2, "shares the line"),
         ("NodeName=n1 CPUs=4 prolog=/x\n", 1, "shares the line"),
-        ("ClusterName=c\n\nPrologFlags=X11 \\\n  ,Contain\n", 3, "continued"),
+        ("ClusterName=c\n\nPrologFlags=\\\nX11,Contain\n", 3, "continued"),
+        ("PrologFlags=X11,Contain \\\n  ,Alloc\n", 1, "cannot parse"),
+        ("PrologFlags=nohold,X11\n", 1, "combines nohold with Contain"),
         ("PrologFlags+=Contain\n", 1, "PrologFlags+="),
         ('ClusterName=c\nEpilog="/a b\n', 2, "cannot parse"),
     ],
@@ -250,6 +252,13 @@ def test_lines_that_cannot_be_edited_safely_are_refused(text: str, line: int, wo
 
     assert f"line {line}:" in str(caught.value)
     assert words in str(caught.value)
+
+
+def test_flag_slurmctld_cannot_combine_with_contain_is_refused_by_name() -> None:
+    # slurmctld 22.05: "fatal: PrologFlags invalid combination: NoHold cannot
+    # be combined with Contain and/or X11".
+    with pytest.raises(ConfigError, match="line 2: PrologFlags=Alloc,NoHold,Contain combines"):
+        plan("ClusterName=c\nPrologFlags=Alloc,NoHold\n", SUITE)
 
 
 def test_unparsable_line_without_managed_keys_is_left_and_reported() -> None:
@@ -322,6 +331,10 @@ _confs = st.tuples(
 @given(_confs)
 def test_plan_is_idempotent_and_sets_what_slurm_will_read(text: str) -> None:
     before = effective(text)
+    if "nohold" in flags(before.get("prologflags", "")):
+        with pytest.raises(ConfigError, match="NoHold"):
+            plan(text, SUITE)
+        return
 
     once = plan(text, SUITE).text
 
@@ -428,12 +441,31 @@ def test_failed_replace_leaves_the_original_and_no_temporary_file(
     def refuse(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(slurm_conf.os, "replace", refuse)
+    monkeypatch.setattr(os, "replace", refuse)
 
     with pytest.raises(Fault, match="No space left on device"):
         install(conf, SUITE, dry_run=False, now=NOW)
 
     assert conf.read_text() == SITE_CONF
+    assert sorted(p.name for p in conf.parent.iterdir()) == ["slurm.conf", BACKUP_NAME]
+
+
+def test_file_edited_by_someone_else_meanwhile_is_not_overwritten(
+    conf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_admin_edits(prefix: str, dir: Path) -> tuple[int, str]:
+        made = real_mkstemp(prefix=prefix, dir=dir)
+        conf.write_text(SITE_CONF + "MaxJobCount=20000\n")
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_admin_edits)
+
+    with pytest.raises(Fault, match="changed while ztgpu install ran"):
+        install(conf, SUITE, dry_run=False, now=NOW)
+
+    assert conf.read_text() == SITE_CONF + "MaxJobCount=20000\n"
     assert sorted(p.name for p in conf.parent.iterdir()) == ["slurm.conf", BACKUP_NAME]
 
 
@@ -576,7 +608,7 @@ def test_real_slurmctld_reads_the_installed_settings() -> None:
         path: Path = cluster.slurm_conf  # type: ignore[attr-defined]
         text = path.read_text().replace(
             "ClusterName=ztgputest\n",
-            "ClusterName=ztgputest\nprolog=/bin/false\nPrologFlags=NoHold\n"
+            "ClusterName=ztgputest\nprolog=/bin/false\nPrologFlags=Serial\n"
             "Epilog=/bin/false\nEPILOG=/bin/false\n",
         )
         path.write_text(text)
@@ -592,5 +624,5 @@ def test_real_slurmctld_reads_the_installed_settings() -> None:
     }
     assert config["Prolog"] == str(hook)
     assert config["Epilog"] == str(hook)
-    assert set(config["PrologFlags"].split(",")) == {"Alloc", "Contain", "NoHold"}
+    assert set(config["PrologFlags"].split(",")) == {"Alloc", "Contain", "Serial"}
     assert config["PrologEpilogTimeout"] == "60"

@@ -155,7 +155,8 @@ def suite_changes(prolog: Path, epilog: Path) -> tuple[SlurmConfChange, ...]:
         # step (and before the extern step), so the grant exists before
         # anything of the job can start. Contain: Slurm creates the extern
         # step that SSH adoption (pam_slurm_adopt) places logins into.
-        # Existing flags (X11, NoHold, ...) are site choices and stay.
+        # Existing flags (X11, Serial, ...) are site choices and stay; NoHold
+        # cannot be combined with Contain, so plan() refuses it by name.
         SlurmConfChange("PrologFlags", ensure_flags=("Alloc", "Contain")),
         # Slurm's default is to wait for a hook forever, which would hang the
         # allocation if a hook hung; ours enforce their own, shorter deadline,

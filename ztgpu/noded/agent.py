@@ -278,8 +278,9 @@ class Agent:
         with contextlib.suppress(InputRejected):
             job_id = parse_job_id(raw if isinstance(raw, str) else None)
             fields["job_id"] = job_id
-        if isinstance(job, dict) and isinstance(job.get("uid"), int):
-            fields["uid"] = job["uid"]
+        uid = job.get("uid") if isinstance(job, dict) else None
+        if isinstance(uid, int) and not isinstance(uid, bool) and 0 <= uid < 2**32:
+            fields["uid"] = uid
         if isinstance(job, dict) and isinstance(job.get("user"), str):
             fields["user"] = job["user"][:64]
         self.spool.append("job.refused", **fields)

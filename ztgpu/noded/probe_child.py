@@ -17,6 +17,8 @@ device node with no driver behind it) or the errno name that refused it
 (EPERM from a cgroup, EACCES from file permissions, ...).
 """
 
+from __future__ import annotations
+
 import errno
 import json
 import os
@@ -42,8 +44,8 @@ def main() -> int:
     return 0
 
 
-def try_open(paths):
-    result = {}
+def try_open(paths: list[str]) -> dict[str, str]:
+    result: dict[str, str] = {}
     for path in paths:
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK)

@@ -63,8 +63,9 @@ class _RequestHandler(socketserver.BaseRequestHandler):
         except InputRejected as exc:
             srv.reject(uid, str(exc))
             self._answer(sock, {"ok": False, "kind": "bad_request", "error": str(exc)})
+            self._drain(sock)
             return
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             srv.reject(uid, "request is not valid JSON")
             self._answer(sock, {"ok": False, "kind": "bad_request",
                                 "error": "request is not valid JSON"})
@@ -110,6 +111,17 @@ class _RequestHandler(socketserver.BaseRequestHandler):
         if not line.strip():
             raise InputRejected("empty request")
         return line
+
+    @staticmethod
+    def _drain(sock: socket.socket, limit: int = 16 * 1024 * 1024) -> None:
+        """Read and discard what the client still sends (bounded), so that
+        closing does not reset the connection before it reads our answer."""
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(1.0)
+            seen = 0
+            while seen < limit and (chunk := sock.recv(65536)):
+                seen += len(chunk)
 
     @staticmethod
     def _answer(sock: socket.socket, answer: dict[str, Any]) -> None:

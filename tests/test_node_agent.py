@@ -1,0 +1,277 @@
+"""The node agent and its hooks against a real ztgpu-noded process (no Slurm).
+
+Device nodes are simulated (195:N in a private directory); everything else
+is real: the daemon, its unix socket with peer-credential checks, chown and
+chmod on device nodes, the SQLite state and spool, the installed hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ztgpu.testing.agent_process import StandaloneAgent
+
+NOBODY = pwd.getpwnam("nobody")
+DAEMON = pwd.getpwnam("daemon")
+
+
+def job_env(job_id: str = "41", uid: int = NOBODY.pw_uid, user: str = "nobody",
+            gpus: str | None = "0,2") -> dict[str, str]:
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": job_id, "SLURM_JOB_UID": str(uid),
+           "SLURM_JOB_USER": user, "SLURM_SCRIPT_CONTEXT": "prolog_slurmd"}
+    if gpus is not None:
+        env["SLURM_JOB_GPUS"] = gpus
+    return env
+
+
+def owner_mode(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def device_states(agent: StandaloneAgent) -> dict[str, tuple[int, int, int]]:
+    return {p.name: owner_mode(p) for p in sorted(agent.dev_dir.iterdir())}
+
+
+def raw_request(sock_path: str, payload: bytes, *, shut: bool = True) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(sock_path)
+        sock.sendall(payload)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    answer: dict[str, Any] = json.loads(data)
+    return answer
+
+
+ROOT_0600 = (0, 0, 0o600)
+
+
+def test_device_files_are_root_0600_at_rest_and_control_node_untouched(agent):
+    states = device_states(agent)
+    assert {k: v for k, v in states.items() if k != "nvidiactl"} == {
+        f"nvidia{m}": ROOT_0600 for m in range(4)}
+    assert states["nvidiactl"] == (0, 0, 0o666)
+    start = agent.events("agent.start")
+    assert start and start[-1]["gpu_backend"] == "simulated"
+    assert "simulated" in start[-1]["reason"]
+
+
+def test_prolog_grants_only_allocated_gpus_and_epilog_takes_them_back(agent):
+    res = agent.run_hook("prolog", job_env(gpus="0,2"))
+    assert res.returncode == 0, res.stderr
+    states = device_states(agent)
+    assert states["nvidia0"] == (NOBODY.pw_uid, 0, 0o600)
+    assert states["nvidia2"] == (NOBODY.pw_uid, 0, 0o600)
+    assert states["nvidia1"] == ROOT_0600
+    assert states["nvidia3"] == ROOT_0600
+    grant = agent.events("job.grant")[-1]
+    # Slurm's gres indices 0,2 are minors 0,2; their NVML indices differ.
+    assert grant["job_id"] == "41" and grant["user"] == "nobody"
+    assert [(g["minor"], g["index"]) for g in grant["gpus"]] == [(0, 2), (2, 3)]
+    status = agent.call("status")
+    assert [j["job_id"] for j in status["jobs"]] == ["41"]
+
+    res = agent.run_hook("epilog", job_env(gpus="0,2"))
+    assert res.returncode == 0, res.stderr
+    assert all(v == ROOT_0600 for k, v in device_states(agent).items() if k != "nvidiactl")
+    release = agent.events("job.release")[-1]
+    assert release["job_id"] == "41" and release["outcome"] == "released"
+    assert agent.call("status")["jobs"] == []
+
+
+def test_two_users_on_different_gpus_and_one_ending_leaves_the_other(agent):
+    assert agent.run_hook("prolog", job_env("41", gpus="0")).returncode == 0
+    assert agent.run_hook("prolog", job_env("42", DAEMON.pw_uid, "daemon", "1")).returncode == 0
+    assert owner_mode(agent.dev_dir / "nvidia0")[0] == NOBODY.pw_uid
+    assert owner_mode(agent.dev_dir / "nvidia1")[0] == DAEMON.pw_uid
+    assert agent.run_hook("epilog", job_env("41", gpus="0")).returncode == 0
+    assert owner_mode(agent.dev_dir / "nvidia0") == ROOT_0600
+    assert owner_mode(agent.dev_dir / "nvidia1") == (DAEMON.pw_uid, 0, 0o600)
+    assert [j["job_id"] for j in agent.call("status")["jobs"]] == ["42"]
+
+
+def test_gpu_held_by_another_job_is_not_handed_over(agent):
+    assert agent.run_hook("prolog", job_env("41", gpus="0")).returncode == 0
+    res = agent.run_hook("prolog", job_env("42", DAEMON.pw_uid, "daemon", "0"))
+    assert res.returncode == 0  # a job decision: the node must not drain
+    assert "still held by job 41" in res.stderr
+    assert owner_mode(agent.dev_dir / "nvidia0")[0] == NOBODY.pw_uid
+    refused = agent.events("job.refused")[-1]
+    assert refused["job_id"] == "42" and "still held" in refused["reason"]
+
+
+BAD_ENVS = {
+    "job id path traversal": (job_env(job_id="../../x"), "SLURM_JOB_ID"),
+    "job id shell injection": (job_env(job_id="1;id"), "SLURM_JOB_ID"),
+    "job id 20 digits": (job_env(job_id="9" * 20), "SLURM_JOB_ID"),
+    "job id empty": (job_env(job_id=""), "SLURM_JOB_ID"),
+    "job id zero-padded": (job_env(job_id="007"), "SLURM_JOB_ID"),
+    "gpu out of range": (job_env(gpus="7"), "not in this node's inventory"),
+    "gpu duplicated": (job_env(gpus="0,0"), "names a GPU twice"),
+    "gpu garbage": (job_env(gpus="0,a;rm"), "SLURM_JOB_GPUS"),
+    "gpu negative": (job_env(gpus="-1"), "SLURM_JOB_GPUS"),
+    "uid does not match user": (job_env(uid=DAEMON.pw_uid), "has uid"),
+    "unknown user": (job_env(user="nosuchuser"), "does not exist"),
+    "uid not numeric": ({**job_env(), "SLURM_JOB_UID": "0x41"}, "SLURM_JOB_UID"),
+    "user missing": ({k: v for k, v in job_env().items() if k != "SLURM_JOB_USER"},
+                     "SLURM_JOB_USER"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENVS))
+def test_malformed_slurm_environment_is_refused_without_draining(agent, case):
+    env, expected = BAD_ENVS[case]
+    before = device_states(agent)
+    res = agent.run_hook("prolog", env)
+    assert res.returncode == 0, "a bad job must not drain the node"
+    assert expected in res.stderr
+    assert "no GPU granted" in res.stderr
+    assert device_states(agent) == before
+    refused = agent.events("job.refused")
+    assert refused, "the refusal must be recorded"
+    assert expected.split()[0] in refused[-1]["reason"] or expected in refused[-1]["reason"]
+    assert agent.call("status")["jobs"] == []
+    assert agent.call("ping") == {"pong": True}
+
+
+def test_prolog_with_agent_down_fails_loudly_so_slurm_drains_the_node(agent):
+    agent.stop()
+    res = agent.run_hook("prolog", job_env())
+    assert res.returncode == 1
+    assert "node unsafe" in res.stderr and "ztgpu-noded" in res.stderr
+    assert "systemctl start ztgpu-noded" in res.stderr
+    res = agent.run_hook("epilog", job_env())
+    assert res.returncode == 1
+
+
+def test_refusal_with_agent_down_still_drains(agent):
+    agent.stop()
+    res = agent.run_hook("prolog", job_env(job_id="1;id"))
+    assert res.returncode == 1
+    assert "SLURM_JOB_ID" in res.stderr
+
+
+GARBAGE = {
+    "binary": b"\x00\xff\xfe garbage\n",
+    "json array": b"[1, 2, 3]\n",
+    "no op": b'{"job": {}}\n',
+    "op not a string": b'{"op": 5}\n',
+    "unknown op": b'{"op": "format_disk"}\n',
+    "empty": b"\n",
+    "job not an object": b'{"op": "prolog", "job": "41"}\n',
+    "uid is a bool": b'{"op": "prolog", "job": {"job_id": "41", "uid": true, '
+                     b'"user": "root", "gpus": []}}\n',
+    "gpus not ints": b'{"op": "prolog", "job": {"job_id": "41", "uid": 0, '
+                     b'"user": "root", "gpus": ["0"]}}\n',
+    "deeply nested": b'{"op": "prolog", "job": ' + b"[" * 5000 + b"]" * 5000 + b"}\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(GARBAGE))
+def test_garbage_on_the_socket_gets_a_clear_error_and_the_agent_keeps_serving(agent, case):
+    before = device_states(agent)
+    answer = raw_request(agent.socket, GARBAGE[case])
+    assert answer["ok"] is False
+    assert answer["kind"] == "bad_request"
+    assert answer["error"]
+    assert device_states(agent) == before
+    assert agent.call("ping") == {"pong": True}
+    assert agent.alive()
+
+
+def test_oversized_request_is_cut_off(agent):
+    before = len(agent.events("request.rejected"))
+    answer = raw_request(agent.socket, b'{"op": "ping", "pad": "' + b"x" * 200_000 + b'"}\n')
+    assert answer == {"ok": False, "kind": "bad_request",
+                      "error": "request larger than 65536 bytes"}
+    assert len(agent.events("request.rejected")) == before + 1
+    assert agent.call("ping") == {"pong": True}
+
+
+def test_silent_client_times_out_without_blocking_others(agent):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+        idle.connect(agent.socket)
+        idle.sendall(b'{"op": "pi')  # never finishes
+        assert agent.call("ping") == {"pong": True}
+
+
+def test_only_root_and_the_slurm_user_may_use_the_socket(agent):
+    os.chmod(agent.socket, 0o666)  # take file permissions out of the way
+    os.chmod(Path(agent.socket).parent, 0o755)
+    code = ("import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+            "s.sendall(b'{\"op\":\"status\"}\\n'); s.shutdown(1); print(s.recv(9999).decode())")
+    res = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-c", code,
+                          agent.socket], capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+    answer = json.loads(res.stdout)
+    assert answer["ok"] is False and answer["kind"] == "denied"
+    rejected = agent.events("request.rejected")[-1]
+    assert rejected["peer_uid"] == NOBODY.pw_uid
+
+
+def test_restarted_agent_still_knows_which_jobs_hold_which_gpus(agent):
+    assert agent.run_hook("prolog", job_env("41", gpus="1,3")).returncode == 0
+    agent.stop(signal.SIGKILL)
+    # While the agent is down, something resets the files to the driver default.
+    for name in ("nvidia0", "nvidia1"):
+        os.chmod(agent.dev_dir / name, 0o666)
+    agent.start()
+    jobs = agent.call("status")["jobs"]
+    assert [(j["job_id"], j["user"]) for j in jobs] == [("41", "nobody")]
+    assert owner_mode(agent.dev_dir / "nvidia1") == (NOBODY.pw_uid, 0, 0o600)
+    assert owner_mode(agent.dev_dir / "nvidia0") == ROOT_0600
+    assert agent.events("agent.recovered")[-1]["jobs"] == ["41"]
+    assert agent.run_hook("epilog", job_env("41", gpus="1,3")).returncode == 0
+    assert owner_mode(agent.dev_dir / "nvidia1") == ROOT_0600
+    assert owner_mode(agent.dev_dir / "nvidia3") == ROOT_0600
+
+
+def test_clean_shutdown_is_recorded_and_removes_the_socket(agent):
+    assert agent.stop() == 0
+    assert not Path(agent.socket).exists()
+    stop = agent.events("agent.stop")[-1]
+    assert stop["reason"] == "SIGTERM"
+
+
+def test_device_mode_changed_by_someone_else_is_recorded_and_restored(agent):
+    os.chmod(agent.dev_dir / "nvidia2", 0o666)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not agent.events("device.drift"):
+        time.sleep(0.1)
+    drift = agent.events("device.drift")
+    assert drift, "drift was not noticed"
+    assert drift[-1]["path"].endswith("nvidia2")
+    assert "mode=0666" in drift[-1]["found"] and drift[-1]["outcome"] == "restored"
+    assert owner_mode(agent.dev_dir / "nvidia2") == ROOT_0600
+
+
+def test_audit_tail_and_verify_read_the_local_spool(agent):
+    assert agent.run_hook("prolog", job_env("41", gpus="0")).returncode == 0
+    env = agent.env()
+    ztgpu = str(Path(sys.executable).with_name("ztgpu"))
+    tail = subprocess.run([ztgpu, "audit", "tail", "--local"], env=env, capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert tail.returncode == 0, tail.stderr
+    assert "job.grant" in tail.stdout and "job=41" in tail.stdout and "nobody" in tail.stdout
+    verify = subprocess.run([ztgpu, "audit", "verify", "--local"], env=env,
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert verify.returncode == 0 and verify.stdout.startswith("OK")
+    status = subprocess.run([ztgpu, "status", "--node"], env=env, capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert "job 41" in status.stdout and "SIMULATED" in status.stdout

@@ -1,0 +1,151 @@
+"""A real ``ztgpu-noded`` process without Slurm, for socket and hook tests.
+
+Simulated GPU device nodes and every path the agent writes live under one
+private directory; the agent's devices cgroup gets a unique name and is
+removed afterwards. Needs root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ztgpu.testing.slurm_cluster import CGROUP_ROOT, NVIDIA_MAJOR, _rmdir_tree
+from ztgpu.testing.suite_cluster import simulated_gpus
+
+
+def make_gpu_nodes(dev_dir: Path, count: int) -> None:
+    """Character devices nvidia0..N-1 (195:N) and nvidiactl (195:255), mode 0666."""
+    dev_dir.mkdir(parents=True, exist_ok=True)
+    dev_dir.chmod(0o755)
+    for name, minor in [*((f"nvidia{m}", m) for m in range(count)), ("nvidiactl", 255)]:
+        path = dev_dir / name
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.mknod(path, 0o666 | 0o020000, os.makedev(NVIDIA_MAJOR, minor))
+        path.chmod(0o666)
+
+
+@dataclass
+class StandaloneAgent:
+    base: Path
+    config: dict[str, Any]
+    config_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> str:
+        return str(self.config["paths"]["socket"])
+
+    @property
+    def dev_dir(self) -> Path:
+        return Path(self.config["paths"]["device_dir"])
+
+    @property
+    def hooks_dir(self) -> Path:
+        return Path(self.config["paths"]["hooks_dir"])
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        env["ZTGPU_CONFIG"] = str(self.config_path)
+        return env
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            Path(self.socket).unlink()
+        log = open(self.base / "noded.stdout", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ztgpu-noded")), "--config",
+             str(self.config_path)], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=self.env(), start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 30
+        while not Path(self.socket).exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError("ztgpu-noded exited at start:\n" + self.log())
+            if time.monotonic() > deadline:
+                raise RuntimeError("ztgpu-noded did not open its socket")
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        path = self.base / "noded.stdout"
+        return path.read_text(errors="replace")[-5000:] if path.exists() else ""
+
+    def call(self, op: str, **payload: Any) -> Any:
+        from ztgpu.node_client import call
+
+        return call(self.socket, op, timeout=30, **payload)
+
+    def events(self, code: str | None = None) -> list[dict[str, Any]]:
+        from ztgpu.spool import Spool
+
+        with Spool.open(Path(self.config["paths"]["spool_dir"]) / "events.db",
+                        str(self.config["node"]["name"])) as spool:
+            return spool.read(limit=1_000_000, code=code)
+
+    def run_hook(self, hook: str, env: dict[str, str], timeout: float = 30
+                 ) -> subprocess.CompletedProcess[str]:
+        """Run the installed hook executable as slurmd would, with *env* only."""
+        return subprocess.run([str(self.hooks_dir / hook)], env=env, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+
+
+@contextlib.contextmanager
+def standalone_agent(base: Path, gpus: int = 4, **overrides: Any) -> Iterator[StandaloneAgent]:
+    from ztgpu.config import parse_config
+    from ztgpu.hooks_install import write_hooks
+
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o755)
+    dev_dir = base / "dev"
+    make_gpu_nodes(dev_dir, gpus)
+    config: dict[str, Any] = {
+        "node": {"name": "testnode"},
+        "paths": {"socket": str(base / "run" / "noded.sock"), "state_dir": str(base / "state"),
+                  "spool_dir": str(base / "spool"), "device_dir": str(dev_dir),
+                  "hooks_dir": str(base / "libexec")},
+        "gpu": {"backend": "simulated", "simulated": simulated_gpus(gpus)},
+        "cgroups": {"name": f"ztgpu_test_{secrets.token_hex(4)}"},
+        "isolation": {"sweep_interval_s": 0.2, "drift_interval_s": 0.5},
+        "slurm": {"user": "root", "bin_dir": "/nonexistent-slurm-bin"},
+    }
+    for section, values in overrides.items():
+        config.setdefault(section, {}).update(values)
+    path = base / "ztgpu.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    write_hooks(parse_config(config, str(path)), dry_run=False)
+    agent = StandaloneAgent(base=base, config=config, config_path=path)
+    try:
+        agent.start()
+        yield agent
+    finally:
+        agent.stop()
+        _rmdir_tree(CGROUP_ROOT / "devices" / str(config["cgroups"]["name"]))
