@@ -63,6 +63,23 @@ def run_hook(hook: str, socket_path: str, env: Mapping[str, str],
     return EXIT_OK
 
 
+def run_task_prolog(task_socket: str, timeout: float = 10.0) -> int:
+    """TaskProlog: have the agent confine this task before the user's program runs.
+
+    Runs as the job's user inside the task. Prints nothing on stdout (Slurm
+    reads a TaskProlog's stdout for ``export``/``print`` commands). A
+    non-zero exit makes Slurm fail the task rather than run it unconfined.
+    """
+    try:
+        call(task_socket, "confine", timeout=timeout)
+    except (AgentUnreachable, Denied, Fault) as exc:
+        _say("task prolog", f"this task cannot be confined to its GPUs: {exc}")
+        return EXIT_NODE_UNSAFE
+    return EXIT_OK
+
+
 def main(hook: str, socket_path: str, timeout: float = 10.0) -> int:
-    """Entry point used by the installed Prolog/Epilog wrappers."""
+    """Entry point used by the installed hook wrappers."""
+    if hook == "task_prolog":
+        return run_task_prolog(socket_path, timeout)
     return run_hook(hook, socket_path, os.environ, timeout)

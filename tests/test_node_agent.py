@@ -275,3 +275,40 @@ def test_audit_tail_and_verify_read_the_local_spool(agent):
     status = subprocess.run([ztgpu, "status", "--node"], env=env, capture_output=True,
                             text=True, timeout=30, check=False)
     assert "job 41" in status.stdout and "SIMULATED" in status.stdout
+
+
+def _as_nobody(agent: StandaloneAgent, payload: str) -> dict[str, Any]:
+    code = ("import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+            "s.sendall(sys.argv[2].encode()); s.shutdown(1); d=b''\n"
+            "while (c := s.recv(9999)): d += c\n"
+            "print(d.decode())")
+    res = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-c", code,
+                          str(agent.base / "run" / "task.sock"), payload],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+    answer: dict[str, Any] = json.loads(res.stdout)
+    return answer
+
+
+def test_task_socket_confines_only_real_job_tasks(agent):
+    # Any user can reach it, but a process outside a Slurm job gets nothing.
+    answer = _as_nobody(agent, '{"op": "confine"}\n')
+    assert answer["ok"] is False and answer["kind"] == "denied"
+    assert "not a process of a Slurm job" in answer["error"]
+    # Anything but 'confine' is refused and recorded, at a bounded rate.
+    before = len(agent.events("request.rejected"))
+    for _ in range(15):
+        answer = _as_nobody(agent, '{"op": "prolog", "job": {}}\n')
+        assert answer["kind"] == "bad_request"
+    recorded = agent.events("request.rejected")[before:]
+    assert 1 <= len(recorded) <= 10
+    assert all(r["peer_uid"] == NOBODY.pw_uid for r in recorded)
+    assert agent.call("ping") == {"pong": True}
+
+
+def test_task_prolog_without_agent_fails_the_task(agent):
+    agent.stop()
+    res = agent.run_hook("task_prolog", {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "41"})
+    assert res.returncode == 1
+    assert "cannot be confined" in res.stderr
+    assert res.stdout == ""  # Slurm parses a TaskProlog's stdout

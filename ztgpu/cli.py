@@ -31,7 +31,8 @@ def _cmd_install(args: argparse.Namespace) -> int:
         verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
         print(f"{verb}: {path}")
     result = install(Path(args.slurm_conf),
-                     suite_changes(hook_path("prolog", config), hook_path("epilog", config)),
+                     suite_changes(hook_path("prolog", config), hook_path("epilog", config),
+                                   hook_path("task_prolog", config)),
                      dry_run=args.dry_run)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)

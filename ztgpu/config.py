@@ -52,14 +52,19 @@ class NodeConfig(_Strict):
 
 
 class PathsConfig(_Strict):
+    #: Root/Slurm-only socket for the Prolog, Epilog and admin commands.
     socket: Path = Path("/run/ztgpu/noded.sock")
+    #: Socket any user may reach; it serves only the TaskProlog's request to
+    #: confine the caller's own task (the agent checks who is asking).
+    task_socket: Path = Path("/run/ztgpu/task.sock")
     state_dir: Path = Path("/var/lib/ztgpu")
     spool_dir: Path = Path("/var/spool/ztgpu")
     device_dir: Path = Path("/dev")
     hooks_dir: Path = Path("/usr/libexec/ztgpu")
     log_file: Path | None = None
 
-    @field_validator("socket", "state_dir", "spool_dir", "device_dir", "hooks_dir", "log_file",
+    @field_validator("socket", "task_socket", "state_dir", "spool_dir", "device_dir",
+                     "hooks_dir", "log_file",
                      mode="before")
     @classmethod
     def _to_path(cls, value: Any) -> Any:

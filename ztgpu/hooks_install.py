@@ -17,7 +17,7 @@ from pathlib import Path
 import ztgpu
 from ztgpu.config import Config
 
-HOOKS = ("prolog", "epilog")
+HOOKS = ("prolog", "epilog", "task_prolog")
 
 
 def render(hook: str, config: Config, python: str = sys.executable) -> str:
@@ -28,8 +28,12 @@ def render(hook: str, config: Config, python: str = sys.executable) -> str:
         "import sys\n"
         f"sys.path.insert(0, {site!r})\n"
         "from ztgpu.prolog_epilog.hook import main\n"
-        f"sys.exit(main({hook!r}, {str(config.paths.socket)!r}))\n"
+        f"sys.exit(main({hook!r}, {str(socket_for(hook, config))!r}))\n"
     )
+
+
+def socket_for(hook: str, config: Config) -> Path:
+    return config.paths.task_socket if hook == "task_prolog" else config.paths.socket
 
 
 def hook_path(hook: str, config: Config) -> Path:

@@ -131,21 +131,33 @@ class InstallResult:
     warnings: tuple[str, ...]
 
 
-def suite_changes(prolog: Path, epilog: Path) -> tuple[SlurmConfChange, ...]:
+def suite_changes(prolog: Path, epilog: Path,
+                  task_prolog: Path | None = None) -> tuple[SlurmConfChange, ...]:
     """The slurm.conf settings the ztgpu suite needs, given its hook paths.
 
     Raises :class:`~ztgpu.errors.UsageError` when a path is not absolute
     (Slurm requires fully qualified hook paths) or contains characters that
     slurm.conf cannot carry.
     """
-    for name, path in (("prolog", prolog), ("epilog", epilog)):
+    hooks = [("prolog", prolog), ("epilog", epilog)]
+    if task_prolog is not None:
+        hooks.append(("task prolog", task_prolog))
+    for name, path in hooks:
         text = str(path)
         if not path.is_absolute() or _UNWRITABLE_RE.search(text) or text != text.strip():
             raise UsageError(
                 f"{name} path {text!r} must be absolute and free of '#', '\\', '\"' "
                 "and control characters"
             )
+    task: tuple[SlurmConfChange, ...] = ()
+    if task_prolog is not None:
+        # TaskProlog runs in every task, as the user, before the user's
+        # program starts; ours asks the agent to place the task in the job's
+        # devices cgroup first, so that no task ever runs unconfined (this is
+        # what keeps ConstrainDevices=no safe).
+        task = (SlurmConfChange("TaskProlog", str(task_prolog)),)
     return (
+        *task,
         # Set exactly: the node hooks are what grants and revokes GPU access;
         # a different Prolog/Epilog would leave jobs without (or with stale)
         # grants. A replaced site hook is reported as a warning.

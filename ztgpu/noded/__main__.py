@@ -32,7 +32,7 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     from ztgpu.gpu.devices import nvidia_major
     from ztgpu.gpu.select import open_backend
     from ztgpu.noded.agent import Agent
-    from ztgpu.noded.server import AgentSocketServer
+    from ztgpu.noded.server import AgentSocketServer, Peer, RejectLimiter
     from ztgpu.noded.state import StateStore
     from ztgpu.slurm_client import CliSlurmClient
     from ztgpu.spool import Spool
@@ -56,7 +56,15 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
         spool.append("request.rejected", peer_uid=uid, reason=reason[:300],
                      outcome="rejected")
 
-    def handle(op: str, req: dict[str, Any]) -> Any:
+    task_rejects = RejectLimiter(on_reject)
+
+    def handle_task(op: str, req: dict[str, Any], peer: Peer) -> Any:
+        if op != "confine":
+            task_rejects(peer.uid, f"unknown op {op[:40]!r} on the task socket")
+            raise InputRejected("the task socket serves only 'confine'")
+        return agent.confine_task(peer.pid, peer.uid)
+
+    def handle(op: str, req: dict[str, Any], peer: Peer) -> Any:
         if op == "ping":
             return {"pong": True}
         if op == "prolog":
@@ -81,11 +89,17 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     server = AgentSocketServer(config.paths.socket, handle, allowed_uids=_allowed_uids(config),
                                max_bytes=config.noded.request_max_bytes,
                                timeout_s=config.noded.request_timeout_s, on_reject=on_reject)
+    task_server = AgentSocketServer(config.paths.task_socket, handle_task, allowed_uids=None,
+                                    max_bytes=4096, timeout_s=config.noded.request_timeout_s,
+                                    on_reject=task_rejects, mode=0o666)
+    threading.Thread(target=task_server.serve_forever, kwargs={"poll_interval": 0.2},
+                     name="task-socket", daemon=True).start()
     stop_reason = ["signal"]
 
     def on_signal(signum: int, _frame: object) -> None:
         stop_reason[0] = signal.Signals(signum).name
         threading.Thread(target=server.shutdown, daemon=True).start()
+        threading.Thread(target=task_server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -98,8 +112,10 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
-        with contextlib.suppress(FileNotFoundError):
-            config.paths.socket.unlink()
+        task_server.server_close()
+        for path in (config.paths.socket, config.paths.task_socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         agent.stop(stop_reason[0])
         state.close()
         spool.close()

@@ -38,7 +38,7 @@ from ztgpu import __version__
 from ztgpu.cgroups.device_allowlist import CharDevice, DevicesV1
 from ztgpu.cgroups.device_files import FileState, apply_state, read_state
 from ztgpu.config import Config
-from ztgpu.errors import CgroupError, DeviceError, Fault, InputRejected, SlurmError
+from ztgpu.errors import CgroupError, Denied, DeviceError, Fault, InputRejected, SlurmError
 from ztgpu.gpu.backend import GpuBackend, GpuInfo, slurm_order
 from ztgpu.gpu.devices import gpu_device_path
 from ztgpu.noded import job_cgroups
@@ -388,6 +388,58 @@ class Agent:
         if pids:
             live.confined = True
         return new_cgroups
+
+    def confine_task(self, pid: int, uid: int) -> dict[str, Any]:
+        """Place the calling TaskProlog's task in its job's devices cgroup.
+
+        *pid* and *uid* come from the kernel (SO_PEERCRED), not from the
+        request. The caller must be in a Slurm job's freezer cgroup, of its
+        own uid, for a job this agent granted; its parent (the task that will
+        exec the user's program once the TaskProlog returns) is confined too
+        when it belongs to the same job and user. Only ever narrows access.
+
+        Raises:
+            Denied: the caller is not a task of a job known here.
+        """
+        owner = job_cgroups.job_of_pid(pid)
+        if owner is None:
+            raise Denied("caller is not a process of a Slurm job")
+        job_uid, job_id = owner
+        if job_uid != uid:
+            raise Denied("caller's uid does not own its job")
+        with self.lock:
+            live = self.jobs.get(job_id)
+        if live is None or live.record.uid != uid:
+            raise Denied(f"job {job_id} was not granted on this node by ztgpu")
+        targets = [pid]
+        mine = job_cgroups.proc_info(pid)
+        if mine is not None:
+            ppid = mine[0]
+            theirs = job_cgroups.proc_info(ppid)
+            if theirs is not None and theirs[1] == uid and job_cgroups.job_of_pid(ppid) == owner:
+                targets.append(ppid)
+        if not self.devices.available():
+            return {"job_id": job_id, "confined": [], "by": "none"}
+        by = "slurm"
+        with self.lock:
+            for target in targets:
+                path = job_cgroups.devices_cgroup_of(target)
+                if path is None:
+                    continue
+                if f"/job_{job_id}" in path:
+                    cgroup = self.devices.path(path)
+                    if cgroup not in live.hardened:
+                        self.devices.deny(cgroup, self._denied_for(live.record))
+                        live.hardened.add(cgroup)
+                else:
+                    own = self.devices.path(f"{self.own_cgroup}/job_{job_id}")
+                    if not own.exists():
+                        self._prepare_own_cgroup(live.record)
+                    self.devices.attach(own, target)
+                    live.probed.setdefault(own, 0.0)
+                    by = "ztgpu"
+            live.confined = True
+        return {"job_id": job_id, "confined": targets, "by": by}
 
     # ---- probing ------------------------------------------------------
     def probe_paths(self) -> list[Path]:

@@ -12,6 +12,7 @@ Slurm was built.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,12 +53,39 @@ def subdirs(directory: Path) -> list[Path]:
 
 def devices_cgroup_of(pid: int, proc_root: Path = Path("/proc")) -> str | None:
     """The pid's path in the v1 devices hierarchy, or None if it has exited."""
+    return _cgroup_line(pid, "devices", proc_root)
+
+
+_JOB_PATH = re.compile(r"^/slurm[^/]*/uid_([0-9]+)/job_([0-9]+)(?:/|$)")
+
+
+def _cgroup_line(pid: int, controller: str, proc_root: Path) -> str | None:
     try:
         text = (proc_root / str(pid) / "cgroup").read_text()
     except OSError:
         return None
     for line in text.splitlines():
         _, controllers, path = line.split(":", 2)
-        if "devices" in controllers.split(","):
+        if controller in controllers.split(","):
             return path
     return None
+
+
+def job_of_pid(pid: int, proc_root: Path = Path("/proc")) -> tuple[int, str] | None:
+    """(uid, job id) of the Slurm job whose freezer cgroup holds *pid*, if any."""
+    path = _cgroup_line(pid, "freezer", proc_root)
+    match = _JOB_PATH.match(path) if path else None
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def proc_info(pid: int, proc_root: Path = Path("/proc")) -> tuple[int, int] | None:
+    """(parent pid, real uid) of *pid*, or None if it has exited."""
+    try:
+        stat = (proc_root / str(pid) / "stat").read_text()
+        status = (proc_root / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    ppid = int(stat.rsplit(")", 1)[1].split()[1])
+    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    return ppid, int(uid_line.split()[1])

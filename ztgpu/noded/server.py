@@ -17,7 +17,9 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +28,24 @@ from ztgpu.errors import Denied, Fault, InputRejected, ZtgpuError
 log = logging.getLogger("ztgpu.noded")
 
 MAX_CONNECTIONS = 64
-Handler = Callable[[str, dict[str, Any]], Any]
 
 
-def peer_uid(sock: socket.socket) -> int:
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end, as the kernel reports it (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+Handler = Callable[[str, dict[str, Any], Peer], Any]
+
+
+def peer_of(sock: socket.socket) -> Peer:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    pid, uid, gid = struct.unpack("3i", creds)
+    return Peer(pid=int(pid), uid=int(uid), gid=int(gid))
 
 
 class _RequestHandler(socketserver.BaseRequestHandler):
@@ -51,8 +64,9 @@ class _RequestHandler(socketserver.BaseRequestHandler):
 
     def _serve(self, sock: socket.socket) -> None:
         srv = self.server
-        uid = peer_uid(sock)
-        if uid not in srv.allowed_uids:
+        peer = peer_of(sock)
+        uid = peer.uid
+        if srv.allowed_uids is not None and uid not in srv.allowed_uids:
             srv.reject(uid, "peer uid not allowed on the agent socket")
             self._answer(sock, {"ok": False, "kind": "denied",
                                 "error": "only root and the Slurm user may use this socket"})
@@ -78,7 +92,7 @@ class _RequestHandler(socketserver.BaseRequestHandler):
         op = request.pop("op")
         request.pop("v", None)
         try:
-            result = srv.handler(op, request)
+            result = srv.handler(op, request, peer)
             answer: dict[str, Any] = {"ok": True, "result": result}
         except InputRejected as exc:
             answer = {"ok": False, "kind": "bad_request", "error": str(exc)}
@@ -133,9 +147,11 @@ class AgentSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServ
     daemon_threads = True
     allow_reuse_address = False
 
-    def __init__(self, path: Path, handler: Handler, *, allowed_uids: set[int],
+    def __init__(self, path: Path, handler: Handler, *, allowed_uids: set[int] | None,
                  max_bytes: int, timeout_s: float,
-                 on_reject: Callable[[int, str], None]) -> None:
+                 on_reject: Callable[[int, str], None], mode: int = 0o600) -> None:
+        """Listen on *path*. ``allowed_uids=None`` admits every uid (the
+        handler must then check the peer itself)."""
         self.handler = handler
         self.allowed_uids = allowed_uids
         self.max_bytes = max_bytes
@@ -150,7 +166,7 @@ class AgentSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServ
             super().__init__(str(path), _RequestHandler)
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
+        os.chmod(path, mode)
 
     def reject(self, uid: int, reason: str) -> None:
         log.warning("rejected request from uid %d: %s", uid, reason)
@@ -158,3 +174,29 @@ class AgentSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServ
             self.on_reject(uid, reason)
         except Exception:
             log.exception("could not record a rejected request")
+
+
+class RejectLimiter:
+    """Records rejected requests from a socket anyone may reach, at most
+    *per_minute* per uid; the rest are counted and the count is recorded with
+    the next one let through (never dropped without a trace)."""
+
+    def __init__(self, record: Callable[[int, str], None], per_minute: int = 10) -> None:
+        self.record = record
+        self.per_minute = per_minute
+        self.lock = threading.Lock()
+        self.window: dict[int, tuple[float, int, int]] = {}  # uid -> (start, seen, held back)
+
+    def __call__(self, uid: int, reason: str) -> None:
+        now = time.monotonic()
+        with self.lock:
+            start, seen, held = self.window.get(uid, (now, 0, 0))
+            if now - start >= 60:
+                start, seen = now, 0
+            if seen >= self.per_minute:
+                self.window[uid] = (start, seen, held + 1)
+                return
+            self.window[uid] = (start, seen + 1, 0)
+        if held:
+            reason = f"{reason} (and {held} more from this uid not recorded individually)"
+        self.record(uid, reason)

@@ -129,7 +129,8 @@ def standalone_agent(base: Path, gpus: int = 4, **overrides: Any) -> Iterator[St
     make_gpu_nodes(dev_dir, gpus)
     config: dict[str, Any] = {
         "node": {"name": "testnode"},
-        "paths": {"socket": str(base / "run" / "noded.sock"), "state_dir": str(base / "state"),
+        "paths": {"socket": str(base / "run" / "noded.sock"),
+                  "task_socket": str(base / "run" / "task.sock"), "state_dir": str(base / "state"),
                   "spool_dir": str(base / "spool"), "device_dir": str(dev_dir),
                   "hooks_dir": str(base / "libexec")},
         "gpu": {"backend": "simulated", "simulated": simulated_gpus(gpus)},

@@ -46,7 +46,7 @@ class ClusterSpec:
     gpus: int = 4
     cpus: int = 8
     constrain_devices: bool = True
-    users: tuple[str, ...] = ("ztalice", "ztbob")
+    users: tuple[str, ...] = ("ztalice", "ztbob", "ztcarol")
     #: Extra slurm.conf lines (e.g. Prolog=...), appended verbatim.
     extra_conf: tuple[str, ...] = ()
 

@@ -45,6 +45,7 @@ def agent_config(cluster: SlurmTestCluster, base: Path, **overrides: Any) -> dic
     config: dict[str, Any] = {
         "node": {"name": cluster.node},
         "paths": {"socket": str(base / "run" / "noded.sock"),
+                  "task_socket": str(base / "run" / "task.sock"),
                   "state_dir": str(base / "state"), "spool_dir": str(base / "spool"),
                   "device_dir": str(cluster.dev_dir), "hooks_dir": str(base / "libexec"),
                   "log_file": str(base / "noded.log")},

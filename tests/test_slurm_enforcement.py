@@ -1,0 +1,305 @@
+"""Per-job GPU least privilege on a real Slurm cluster (slurmctld, slurmd, munge).
+
+Runs twice: with Slurm's ``ConstrainDevices=yes`` and with it off (a common
+misconfiguration); the suite must hold in both. GPUs are simulated device
+nodes: an allowed open gives ENXIO (reported as ``open``), a cgroup denial
+EPERM, a file-permission denial EACCES.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import needs_slurm
+
+from ztgpu.testing.slurm_cluster import ClusterSpec
+from ztgpu.testing.suite_cluster import SuiteCluster, suite_cluster
+
+pytestmark = [needs_slurm, pytest.mark.slurm]
+
+PROBE = r'''
+import errno, glob, os, sys
+label, devdir = sys.argv[1], sys.argv[2]
+out = []
+for path in sorted(glob.glob(os.path.join(devdir, "nvidia*"))):
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+        result = "open"
+    except OSError as exc:
+        result = "open" if exc.errno == errno.ENXIO else errno.errorcode[exc.errno]
+    out.append(f"{os.path.basename(path)}={result}")
+print("PROBE", label, " ".join(out), flush=True)
+'''
+
+
+def job_script(suite: SuiteCluster) -> str:
+    """Probe from the batch step and an srun step, wait for go-<job>, probe again."""
+    work, dev = suite.cluster.work_dir, suite.cluster.dev_dir
+    return f"""#!/bin/sh
+python3 {work}/probe.py batch {dev}
+srun -n1 python3 {work}/probe.py step0 {dev}
+while [ ! -e {work}/go-$SLURM_JOB_ID ]; do sleep 0.1; done
+python3 {work}/probe.py batch-late {dev}
+srun -n1 python3 {work}/probe.py step1 {dev}
+"""
+
+
+def probes(output: str) -> dict[str, dict[str, str]]:
+    found = {}
+    for line in output.splitlines():
+        if line.startswith("PROBE "):
+            _, label, *pairs = line.split()
+            found[label] = dict(p.split("=", 1) for p in pairs)
+    return found
+
+
+@pytest.fixture(scope="module", params=["ConstrainDevices=yes", "ConstrainDevices=no"])
+def suite(request: pytest.FixtureRequest) -> Iterator[SuiteCluster]:
+    constrain = request.param.endswith("yes")
+    with suite_cluster(ClusterSpec(constrain_devices=constrain)) as running:
+        (running.cluster.work_dir / "probe.py").write_text(PROBE)
+        yield running
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def go(suite: SuiteCluster, job_id: str) -> None:
+    (suite.cluster.work_dir / f"go-{job_id}").touch()
+
+
+def finish(suite: SuiteCluster, job_id: str) -> dict[str, str]:
+    go(suite, job_id)
+    return suite.cluster.wait_job(job_id, ["COMPLETED", "FAILED", "CANCELLED"], timeout=60)
+
+
+def owner(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def uid_of(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_uid
+
+
+def shell_probe(suite: SuiteCluster, user: str) -> dict[str, str]:
+    res = subprocess.run(["runuser", "-u", user, "--", "python3",
+                          str(suite.cluster.work_dir / "probe.py"), "shell",
+                          str(suite.cluster.dev_dir)],
+                         capture_output=True, text=True, timeout=30, check=True)
+    return probes(res.stdout)["shell"]
+
+
+def test_two_users_jobs_side_by_side_each_opens_only_its_gpus(suite):
+    c = suite.cluster
+    alice = c.sbatch("ztalice", job_script(suite), gpus=2)
+    bob = c.sbatch("ztbob", job_script(suite), gpus=1)
+    for job in (alice, bob):
+        c.wait_job(job, ["RUNNING"])
+        suite.wait_event("isolation.verified", job)
+    wait_for(lambda: all("PROBE step0" in c.output(j) for j in (alice, bob)), 30,
+             "step0 probes")
+    alice_gpus = suite.wait_event("job.grant", alice)["gpus"]
+    bob_gpus = suite.wait_event("job.grant", bob)["gpus"]
+    alice_minors = {g["minor"] for g in alice_gpus}
+    bob_minors = {g["minor"] for g in bob_gpus}
+    assert len(alice_minors) == 2 and len(bob_minors) == 1 and not alice_minors & bob_minors
+
+    # While both run: each job's GPUs belong to its user only; the rest are root 0600.
+    for minor in range(4):
+        want = (uid_of("ztalice") if minor in alice_minors else
+                uid_of("ztbob") if minor in bob_minors else 0, 0, 0o600)
+        assert owner(c.gpu_path(minor)) == want
+
+    # A shell of a user with no job here opens nothing; a job's user outside it too
+    # sees only what file permissions allow (PAM adoption will confine these).
+    shell = shell_probe(suite, "ztcarol")
+    assert {shell[f"nvidia{m}"] for m in range(4)} == {"EACCES"}, shell
+
+    # Alice's job ends; Bob's keeps running and keeps exactly its GPU.
+    result = finish(suite, alice)
+    assert result["JobState"] == "COMPLETED", result
+    for minor in alice_minors:
+        assert owner(c.gpu_path(minor)) == (0, 0, 0o600)
+    assert c.job_state(bob)["JobState"] == "RUNNING"
+    result = finish(suite, bob)
+    assert result["JobState"] == "COMPLETED", result
+
+    for job, mine in ((alice, alice_minors), (bob, bob_minors)):
+        seen = probes(c.output(job))
+        assert set(seen) == {"batch", "step0", "batch-late", "step1"}, c.output(job)
+        for label, outcome in seen.items():
+            for minor in range(4):
+                got = outcome[f"nvidia{minor}"]
+                if minor in mine:
+                    assert got == "open", (job, label, outcome)
+                else:
+                    assert got in ("EPERM", "EACCES"), (job, label, outcome)
+            assert outcome["nvidiactl"] == "open"
+    assert c.node_state() == "idle"
+    for minor in range(4):
+        assert owner(c.gpu_path(minor)) == (0, 0, 0o600)
+
+
+def test_agent_probe_proves_cgroup_denies_every_unallocated_gpu(suite):
+    """Every devices cgroup of every step is probed; the cgroup alone gives EPERM."""
+    c = suite.cluster
+    job = c.sbatch("ztalice", job_script(suite), gpus=1)
+    c.wait_job(job, ["RUNNING"])
+    wait_for(lambda: "PROBE step0" in c.output(job), 30, "step0 probe")
+    results = suite.call("verify", job_id=job)
+    assert results, "no job cgroup was probed"
+    minor = suite.wait_event("job.grant", job)["gpus"][0]["minor"]
+    for r in results:
+        assert r["ok"], r
+        for m in range(4):
+            want = "open" if m == minor else "EPERM"
+            assert r["cgroup_only"][f"nvidia{m}"] == want, r
+    cgroups = {r["cgroup"] for r in results}
+    if suite.cluster.spec.constrain_devices:
+        assert any("step_extern" in cg for cg in cgroups), cgroups
+        assert any("step_batch" in cg for cg in cgroups), cgroups
+    else:
+        assert cgroups == {f"{suite.cgroup_name}/job_{job}"}
+    # Every process of the job (extern, batch, steps) sits in a confining cgroup.
+    from ztgpu.noded.job_cgroups import cgroup_pids, devices_cgroup_of, find_job_cgroups
+
+    found = find_job_cgroups(Path("/sys/fs/cgroup"), uid_of("ztalice"), job)
+    pids = set().union(*(cgroup_pids(d) for d in found.freezer))
+    assert pids
+    for pid in pids:
+        path = devices_cgroup_of(pid)
+        assert path is None or f"/job_{job}" in path, (pid, path)
+    finish(suite, job)
+
+
+def test_same_user_two_jobs_are_separated_by_the_cgroup(suite):
+    c = suite.cluster
+    first = c.sbatch("ztalice", job_script(suite), gpus=1)
+    second = c.sbatch("ztalice", job_script(suite), gpus=1)
+    for job in (first, second):
+        c.wait_job(job, ["RUNNING"])
+        suite.wait_event("isolation.verified", job)
+    m1 = suite.wait_event("job.grant", first)["gpus"][0]["minor"]
+    m2 = suite.wait_event("job.grant", second)["gpus"][0]["minor"]
+    # Both device files now belong to ztalice: only the cgroup tells the jobs apart.
+    assert owner(c.gpu_path(m1))[0] == owner(c.gpu_path(m2))[0] == uid_of("ztalice")
+    for job in (first, second):
+        go(suite, job)
+    for job, mine, other in ((first, m1, m2), (second, m2, m1)):
+        c.wait_job(job, ["COMPLETED"], timeout=60)
+        late = probes(c.output(job))
+        for label in ("batch-late", "step1"):
+            assert late[label][f"nvidia{mine}"] == "open", late
+            assert late[label][f"nvidia{other}"] == "EPERM", late
+
+
+def test_driver_resetting_device_modes_is_caught_and_the_cgroup_still_holds(suite):
+    """Like the NVIDIA driver with NVreg_ModifyDeviceFiles=1 rewriting modes to 0666."""
+    c = suite.cluster
+    job = c.sbatch("ztalice", job_script(suite), gpus=1)
+    c.wait_job(job, ["RUNNING"])
+    suite.wait_event("isolation.verified", job)
+    mine = suite.wait_event("job.grant", job)["gpus"][0]["minor"]
+    other = (mine + 1) % 4
+    before = len(suite.events("device.drift"))
+    os.chmod(c.gpu_path(other), 0o666)
+    go(suite, job)
+    c.wait_job(job, ["COMPLETED"], timeout=60)
+    late = probes(c.output(job))
+    # Whether or not the agent restored the mode yet, the job never opened it.
+    assert late["step1"][f"nvidia{other}"] in ("EPERM", "EACCES"), late
+    wait_for(lambda: len(suite.events("device.drift")) > before, 20, "device.drift event")
+    drift = suite.events("device.drift")[-1]
+    assert drift["path"] == str(c.gpu_path(other)) and drift["outcome"] == "restored"
+    assert owner(c.gpu_path(other)) == (0, 0, 0o600)
+
+
+def _open_cgroups_for(job: str, minor: int) -> None:
+    """Tamper: allow *minor* in every devices cgroup of the job, top down."""
+    from ztgpu.noded.job_cgroups import cgroup_pids, devices_cgroup_of, find_job_cgroups
+
+    root = Path("/sys/fs/cgroup/devices")
+    found = find_job_cgroups(Path("/sys/fs/cgroup"), uid_of("ztalice"), job)
+    leaves = {devices_cgroup_of(p) for d in found.freezer for p in cgroup_pids(d)}
+    for leaf in sorted(x for x in leaves if x):
+        parts = leaf.strip("/").split("/")
+        start = next(i for i, p in enumerate(parts) if p.startswith("job_"))
+        for depth in range(start, len(parts)):
+            (root.joinpath(*parts[: depth + 1]) / "devices.allow").write_text(
+                f"c 195:{minor} rwm")
+
+
+def test_isolation_violation_is_critical_and_ends_the_job(suite):
+    c = suite.cluster
+    job = c.sbatch("ztalice", "#!/bin/sh\nsleep 300\n", gpus=1)
+    c.wait_job(job, ["RUNNING"])
+    suite.wait_event("isolation.verified", job)
+    mine = suite.wait_event("job.grant", job)["gpus"][0]["minor"]
+    other = (mine + 2) % 4
+    _open_cgroups_for(job, other)
+    results = suite.call("verify", job_id=job)
+    assert any(not r["ok"] for r in results), results
+    violated = suite.wait_event("isolation.violated", job)
+    assert violated["severity"] == "critical"
+    assert violated["action"] == "cancel_job"
+    assert f"minor {other}" in violated["reason"]
+    state = c.wait_job(job, ["CANCELLED"], timeout=30)
+    assert "ztgpu" in state.get("AdminComment", ""), state
+    action = suite.wait_event("job.action", job)
+    assert action["outcome"] == "cancelled"
+    # The node stays in service: a job decision never drains it.
+    wait_for(lambda: c.node_state() == "idle", 30, "node idle")
+    suite.wait_event("job.release", job)
+
+
+def test_malformed_job_env_from_slurm_does_not_drain_and_agent_down_does(suite):
+    """Run the installed hooks exactly as slurmd would, then take the agent away."""
+    c = suite.cluster
+    prolog = suite.base / "libexec" / "prolog"
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "1;id", "SLURM_JOB_UID": "0",
+           "SLURM_JOB_USER": "root", "SLURM_JOB_GPUS": "0"}
+    res = subprocess.run([str(prolog)], env=env, capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert res.returncode == 0 and "SLURM_JOB_ID" in res.stderr
+    suite.stop_agent()
+    try:
+        job = c.sbatch("ztbob", "#!/bin/sh\ntrue\n", gpus=1)
+        # Slurm drains the node on a failing Prolog, and holds the job for requeue.
+        wait_for(lambda: "drain" in c.node_state(), 60, "the node to drain")
+        assert "prolog" in c.node_reason().lower(), c.node_reason()
+        for minor in range(4):
+            assert owner(c.gpu_path(minor)) == (0, 0, 0o600)
+        c.slurm(["scancel", job], check=False)
+    finally:
+        suite.start_agent()
+        c.resume_node()
+        wait_for(lambda: c.node_state() == "idle", 60, "node back to idle")
+
+
+def test_install_is_idempotent_on_the_live_slurm_conf(suite):
+    res = suite.ztgpu("install", "--slurm-conf", str(suite.cluster.slurm_conf), "--dry-run")
+    assert "unchanged" in res.stdout
+    text = suite.cluster.slurm_conf.read_text()
+    assert re.search(r"^Prolog=.*/libexec/prolog$", text, re.M)
+    assert re.search(r"^PrologFlags=.*Alloc.*Contain", text, re.M)
+    # The hooks run the suite's own interpreter, isolated (-I) and without site (-S).
+    shebang = (suite.base / "libexec" / "prolog").read_text().splitlines()[0]
+    assert shebang.startswith(f"#!{Path(sys.executable).parent}/python")
+    assert shebang.endswith(" -IS")
