@@ -40,16 +40,18 @@ print("PROBE", label, " ".join(out), flush=True)
 '''
 
 
-def job_script(suite: SuiteCluster) -> str:
-    """Probe from the batch step and an srun step, wait for go-<job>, probe again."""
+def job_script(suite: SuiteCluster, hold_end: bool = False) -> str:
+    """Probe from the batch step and an srun step, wait for go-<job>, probe again
+    (and with *hold_end*, wait for end-<job> before exiting)."""
     work, dev = suite.cluster.work_dir, suite.cluster.dev_dir
+    end = f"while [ ! -e {work}/end-$SLURM_JOB_ID ]; do sleep 0.1; done\n" if hold_end else ""
     return f"""#!/bin/sh
 python3 {work}/probe.py batch {dev}
 srun -n1 python3 {work}/probe.py step0 {dev}
 while [ ! -e {work}/go-$SLURM_JOB_ID ]; do sleep 0.1; done
 python3 {work}/probe.py batch-late {dev}
 srun -n1 python3 {work}/probe.py step1 {dev}
-"""
+{end}"""
 
 
 def probes(output: str) -> dict[str, dict[str, str]]:
@@ -67,6 +69,19 @@ def suite(request: pytest.FixtureRequest) -> Iterator[SuiteCluster]:
     with suite_cluster(ClusterSpec(constrain_devices=constrain)) as running:
         (running.cluster.work_dir / "probe.py").write_text(PROBE)
         yield running
+
+
+@pytest.fixture(autouse=True)
+def _no_jobs_left(suite: SuiteCluster) -> Iterator[None]:
+    """Each test starts and ends with an empty queue and an idle node."""
+    yield
+    c = suite.cluster
+    for user in c.spec.users:
+        c.slurm(["scancel", "-u", user], check=False)
+    wait_for(lambda: not c.slurm(["squeue", "-h"], check=False).strip(), 60, "empty queue")
+    if "drain" in c.node_state():
+        c.resume_node()
+    wait_for(lambda: c.node_state() == "idle", 60, "idle node")
 
 
 def wait_for(predicate, timeout: float = 30, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
@@ -191,8 +206,8 @@ def test_agent_probe_proves_cgroup_denies_every_unallocated_gpu(suite):
 
 def test_same_user_two_jobs_are_separated_by_the_cgroup(suite):
     c = suite.cluster
-    first = c.sbatch("ztalice", job_script(suite), gpus=1)
-    second = c.sbatch("ztalice", job_script(suite), gpus=1)
+    first = c.sbatch("ztalice", job_script(suite, hold_end=True), gpus=1)
+    second = c.sbatch("ztalice", job_script(suite, hold_end=True), gpus=1)
     for job in (first, second):
         c.wait_job(job, ["RUNNING"])
         suite.wait_event("isolation.verified", job)
@@ -202,6 +217,11 @@ def test_same_user_two_jobs_are_separated_by_the_cgroup(suite):
     assert owner(c.gpu_path(m1))[0] == owner(c.gpu_path(m2))[0] == uid_of("ztalice")
     for job in (first, second):
         go(suite, job)
+    # Both jobs stay alive until both have probed: each sees the other's GPU.
+    wait_for(lambda: all("PROBE step1" in c.output(j) for j in (first, second)), 60,
+             "step1 probes")
+    for job in (first, second):
+        (c.work_dir / f"end-{job}").touch()
     for job, mine, other in ((first, m1, m2), (second, m2, m1)):
         c.wait_job(job, ["COMPLETED"], timeout=60)
         late = probes(c.output(job))
@@ -231,14 +251,22 @@ def test_driver_resetting_device_modes_is_caught_and_the_cgroup_still_holds(suit
     assert owner(c.gpu_path(other)) == (0, 0, 0o600)
 
 
-def _open_cgroups_for(job: str, minor: int) -> None:
-    """Tamper: allow *minor* in every devices cgroup of the job, top down."""
+def job_devices_cgroups(job: str) -> set[str]:
+    """The devices cgroups that the job's processes are in now."""
     from ztgpu.noded.job_cgroups import cgroup_pids, devices_cgroup_of, find_job_cgroups
 
-    root = Path("/sys/fs/cgroup/devices")
     found = find_job_cgroups(Path("/sys/fs/cgroup"), uid_of("ztalice"), job)
     leaves = {devices_cgroup_of(p) for d in found.freezer for p in cgroup_pids(d)}
-    for leaf in sorted(x for x in leaves if x):
+    return {leaf for leaf in leaves if leaf}
+
+
+def _open_cgroups_for(job: str, minor: int) -> None:
+    """Tamper: allow *minor* in every devices cgroup of the job, top down."""
+    root = Path("/sys/fs/cgroup/devices")
+    # Wait until the agent's sweep has confined every process (extern step too).
+    wait_for(lambda: all(f"/job_{job}" in leaf for leaf in job_devices_cgroups(job)), 30,
+             "every job process to be confined")
+    for leaf in sorted(job_devices_cgroups(job)):
         parts = leaf.strip("/").split("/")
         start = next(i for i, p in enumerate(parts) if p.startswith("job_"))
         for depth in range(start, len(parts)):
