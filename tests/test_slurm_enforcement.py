@@ -20,54 +20,24 @@ from pathlib import Path
 import pytest
 from conftest import needs_slurm
 
+from ztgpu.testing import gpu_probe
 from ztgpu.testing.slurm_cluster import ClusterSpec
 from ztgpu.testing.suite_cluster import SuiteCluster, suite_cluster
 
 pytestmark = [needs_slurm, pytest.mark.slurm]
 
-PROBE = r'''
-import errno, glob, os, sys
-label, devdir = sys.argv[1], sys.argv[2]
-out = []
-for path in sorted(glob.glob(os.path.join(devdir, "nvidia*"))):
-    try:
-        os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
-        result = "open"
-    except OSError as exc:
-        result = "open" if exc.errno == errno.ENXIO else errno.errorcode[exc.errno]
-    out.append(f"{os.path.basename(path)}={result}")
-print("PROBE", label, " ".join(out), flush=True)
-'''
-
-
 def job_script(suite: SuiteCluster, hold_end: bool = False) -> str:
-    """Probe from the batch step and an srun step, wait for go-<job>, probe again
-    (and with *hold_end*, wait for end-<job> before exiting)."""
-    work, dev = suite.cluster.work_dir, suite.cluster.dev_dir
-    end = f"while [ ! -e {work}/end-$SLURM_JOB_ID ]; do sleep 0.1; done\n" if hold_end else ""
-    return f"""#!/bin/sh
-python3 {work}/probe.py batch {dev}
-srun -n1 python3 {work}/probe.py step0 {dev}
-while [ ! -e {work}/go-$SLURM_JOB_ID ]; do sleep 0.1; done
-python3 {work}/probe.py batch-late {dev}
-srun -n1 python3 {work}/probe.py step1 {dev}
-{end}"""
+    return gpu_probe.job_script(suite.cluster.work_dir, suite.cluster.dev_dir, hold_end)
 
 
-def probes(output: str) -> dict[str, dict[str, str]]:
-    found = {}
-    for line in output.splitlines():
-        if line.startswith("PROBE "):
-            _, label, *pairs = line.split()
-            found[label] = dict(p.split("=", 1) for p in pairs)
-    return found
+probes = gpu_probe.parse_probes
 
 
 @pytest.fixture(scope="module", params=["ConstrainDevices=yes", "ConstrainDevices=no"])
 def suite(request: pytest.FixtureRequest) -> Iterator[SuiteCluster]:
     constrain = request.param.endswith("yes")
     with suite_cluster(ClusterSpec(constrain_devices=constrain)) as running:
-        (running.cluster.work_dir / "probe.py").write_text(PROBE)
+        gpu_probe.install_probe(running.cluster.work_dir)
         yield running
 
 

@@ -504,7 +504,12 @@ class Agent:
         return problems
 
     def verify(self, job_id: str | None = None, *, due_only: bool = False) -> list[dict[str, Any]]:
-        """Probe jobs' cgroups now; record and act on the outcome; return per-cgroup results."""
+        """Probe jobs' cgroups now; record and act on the outcome; return per-cgroup results.
+
+        With *due_only* (the background loop), only cgroups never probed or
+        not probed for ``verify_interval_s`` are probed, and a passing
+        re-probe is not recorded again (violations always are).
+        """
         now = time.monotonic()
         with self.lock:
             targets = [j for j in self.jobs.values() if job_id in (None, j.record.job_id)]
@@ -527,12 +532,13 @@ class Agent:
                 else:
                     problems = self.compare(record, outcome)
                 live.probed[cgroup] = time.monotonic()
-                results.append(self._record_probe(live, cgroup, outcome, problems))
+                results.append(self._record_probe(live, cgroup, outcome, problems,
+                                                  announce=not (due_only and last)))
         return results
 
     def _record_probe(self, live: LiveJob, cgroup: Path,
                       outcome: Mapping[str, Mapping[str, str]],
-                      problems: list[str]) -> dict[str, Any]:
+                      problems: list[str], announce: bool = True) -> dict[str, Any]:
         record = live.record
         gpus = _gpu_fields([self.by_minor[m] for m in record.minors if m in self.by_minor])
         rel = str(cgroup.relative_to(self.devices.root))
@@ -540,7 +546,7 @@ class Agent:
                  **{layer: {Path(k).name: v for k, v in result.items()}
                     for layer, result in outcome.items()}}
         if not problems:
-            if not live.violated:
+            if announce and not live.violated:
                 self.spool.append("isolation.verified", job_id=record.job_id, uid=record.uid,
                                   user=record.user, gpus=gpus, probe=probe, outcome="ok",
                                   reason="")
@@ -602,12 +608,10 @@ class Agent:
         next_drift = time.monotonic()
         while not self._stop.is_set():
             try:
-                if self.sweep():
+                self.sweep()
+                if self.jobs:
                     self.verify(due_only=True)
                 now = time.monotonic()
-                if any(now - j.granted_mono < iso.verify_interval_s
-                       for j in list(self.jobs.values())) or self.jobs:
-                    self.verify(due_only=True)
                 if now >= next_drift:
                     self.check_drift()
                     next_drift = now + iso.drift_interval_s
