@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
 
 from ztgpu.errors import AgentUnreachable, Denied, Fault, InputRejected
-from ztgpu.node_client import call
+from ztgpu.node_client import call, send_checked
 from ztgpu.slurm_env import parse_job_env, printable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 EXIT_OK = 0
 EXIT_NODE_UNSAFE = 1
@@ -48,8 +51,8 @@ def run_hook(hook: str, socket_path: str, env: Mapping[str, str],
             _say(hook, f"the agent did not record the refusal: {other}")
         return EXIT_OK
     try:
-        call(socket_path, hook, timeout=timeout, job={
-            "job_id": job.job_id, "uid": job.uid, "user": job.user, "gpus": list(job.gpus)})
+        send_checked(socket_path, hook, timeout, job_id=job.job_id, uid=job.uid,
+                     user=job.user, gpus=job.gpus)
     except AgentUnreachable as exc:
         _say(hook, f"node unsafe: {exc}; start it with 'systemctl start ztgpu-noded'")
         return EXIT_NODE_UNSAFE
@@ -71,7 +74,7 @@ def run_task_prolog(task_socket: str, timeout: float = 10.0) -> int:
     non-zero exit makes Slurm fail the task rather than run it unconfined.
     """
     try:
-        call(task_socket, "confine", timeout=timeout)
+        send_checked(task_socket, "confine", timeout)
     except (AgentUnreachable, Denied, Fault) as exc:
         _say("task prolog", f"this task cannot be confined to its GPUs: {exc}")
         return EXIT_NODE_UNSAFE

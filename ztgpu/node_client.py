@@ -3,41 +3,40 @@
 One request per connection: a single JSON object terminated by a newline,
 answered by a single JSON object ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "kind": "denied"|"bad_request"|"fault", "error": "..."}``.
-The Prolog, the Epilog and the CLI use this module; it must stay cheap to
-import.
+
+The Prolog, Epilog and TaskProlog use this module on every job, so it is
+written for interpreter start-up time: it talks to ``_socket`` directly
+(``socket.py`` pulls in ``enum``) and imports ``json`` (which pulls in
+``re``) only when it must parse an answer; the hooks' requests carry only
+fields already checked to be digits or plain user names, which
+:func:`send_checked` writes without a JSON library.
 """
 
 from __future__ import annotations
 
-import json
-import socket
-from typing import Any
+import _socket
 
 from ztgpu.errors import AgentUnreachable, Denied, Fault, InputRejected
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL_VERSION = 1
 DEFAULT_TIMEOUT_S = 10.0
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+_OK_PREFIX = b'{"ok":true'
 
 
-def call(socket_path: str, op: str, timeout: float = DEFAULT_TIMEOUT_S,
-         **payload: Any) -> Any:
-    """Send one request and return the agent's ``result``.
-
-    Raises:
-        AgentUnreachable: no agent listens on *socket_path*, or it did not
-            answer within *timeout*.
-        InputRejected / Denied: the agent refused the request.
-        Fault: the agent failed to carry it out, or answered garbage.
-    """
-    request = json.dumps({"v": PROTOCOL_VERSION, "op": op, **payload},
-                         separators=(",", ":")).encode() + b"\n"
+def _exchange(socket_path: str, request: bytes, timeout: float) -> bytes:
+    """Send *request*, return the raw answer. Raises AgentUnreachable or Fault."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
             sock.settimeout(timeout)
             sock.connect(socket_path)
             sock.sendall(request)
-            sock.shutdown(socket.SHUT_WR)
+            sock.shutdown(_socket.SHUT_WR)
             chunks: list[bytes] = []
             size = 0
             while True:
@@ -48,6 +47,8 @@ def call(socket_path: str, op: str, timeout: float = DEFAULT_TIMEOUT_S,
                 if size > MAX_RESPONSE_BYTES:
                     raise Fault("the node agent's answer is too large")
                 chunks.append(chunk)
+        finally:
+            sock.close()
     except FileNotFoundError:
         raise AgentUnreachable(f"ztgpu-noded is not running (no socket at {socket_path})") \
             from None
@@ -63,8 +64,15 @@ def call(socket_path: str, op: str, timeout: float = DEFAULT_TIMEOUT_S,
     except OSError as exc:
         raise AgentUnreachable(f"cannot talk to ztgpu-noded on {socket_path}: "
                                f"{exc.strerror or exc}") from None
+    return b"".join(chunks)
+
+
+def _result(raw: bytes) -> Any:
+    """The ``result`` of an answer, or the error it carries, raised."""
+    import json
+
     try:
-        answer = json.loads(b"".join(chunks))
+        answer = json.loads(raw)
     except ValueError:
         raise Fault("the node agent answered something that is not JSON") from None
     if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
@@ -78,3 +86,40 @@ def call(socket_path: str, op: str, timeout: float = DEFAULT_TIMEOUT_S,
     if kind == "denied":
         raise Denied(error)
     raise Fault(error)
+
+
+def call(socket_path: str, op: str, timeout: float = DEFAULT_TIMEOUT_S,
+         **payload: Any) -> Any:
+    """Send one request and return the agent's ``result``.
+
+    Raises:
+        AgentUnreachable: no agent listens on *socket_path*, or it did not
+            answer within *timeout*.
+        InputRejected / Denied: the agent refused the request.
+        Fault: the agent failed to carry it out, or answered garbage.
+    """
+    import json
+
+    request = json.dumps({"v": PROTOCOL_VERSION, "op": op, **payload},
+                         separators=(",", ":")).encode() + b"\n"
+    return _result(_exchange(socket_path, request, timeout))
+
+
+def send_checked(socket_path: str, op: str, timeout: float, *, job_id: str | None = None,
+                 uid: int | None = None, user: str | None = None,
+                 gpus: tuple[int, ...] | None = None) -> None:
+    """The hooks' fast path: like :func:`call` for requests whose fields were
+    already validated (``op`` and ``job_id`` digits/identifiers, ``user`` a
+    plain user name, numbers), so they need no escaping. Success is read off
+    the answer's first bytes; anything else is parsed and raised as by
+    :func:`call`.
+    """
+    fields = [f'"v":{PROTOCOL_VERSION}', f'"op":"{op}"']
+    if job_id is not None:
+        job = [f'"job_id":"{job_id}"', f'"uid":{int(uid or 0)}', f'"user":"{user}"',
+               f'"gpus":[{",".join(str(int(g)) for g in gpus or ())}]']
+        fields.append('"job":{' + ",".join(job) + "}")
+    raw = _exchange(socket_path, ("{" + ",".join(fields) + "}\n").encode(), timeout)
+    if not raw.startswith(_OK_PREFIX):
+        _result(raw)
+        raise Fault("the node agent's answer could not be read")

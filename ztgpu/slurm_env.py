@@ -1,25 +1,28 @@
 """Strict parsing of the job fields Slurm hands to node hooks.
 
-Standard library only: the Prolog and Epilog import this on every job start
-and end. The agent re-checks the same fields with the same functions, so a
-request that did not come from a hook is held to the same rules.
+The Prolog and Epilog import this on every job start and end, so it uses
+only builtins and ``pwd`` (no ``re``, ``dataclasses`` or ``typing`` at run
+time: each costs milliseconds of interpreter start-up). The agent re-checks
+the same fields with the same functions, so a request that did not come from
+a hook is held to the same rules.
 """
 
 from __future__ import annotations
 
 import pwd
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 from ztgpu.errors import InputRejected
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 #: Slurm job ids are 32-bit unsigned integers; 0 is never a real job.
 MAX_JOB_ID = 2**32 - 1
 MAX_GPUS_PER_NODE = 64
-_DIGITS = re.compile(r"[0-9]{1,10}")
-_USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\$?")
 _REPORT_LIMIT = 64
+_USER_FIRST = frozenset("abcdefghijklmnopqrstuvwxyz_")
+_USER_REST = _USER_FIRST | frozenset("0123456789.-")
 
 
 def printable(value: str | None) -> str:
@@ -30,21 +33,42 @@ def printable(value: str | None) -> str:
     return repr(text) + ("..." if len(value) > _REPORT_LIMIT else "")
 
 
-@dataclass(frozen=True)
-class JobEnv:
-    """What a node hook knows about a job, checked."""
+def _is_digits(value: str, max_len: int = 10) -> bool:
+    """1..max_len ASCII digits (``str.isdigit`` alone accepts other scripts' digits)."""
+    return 0 < len(value) <= max_len and value.isascii() and value.isdigit()
 
-    job_id: str
-    uid: int
-    user: str
-    gid: int
-    #: Slurm GPU (gres) indices on this node, ascending, no duplicates.
-    gpus: tuple[int, ...]
+
+class JobEnv:
+    """What a node hook knows about a job, checked. Immutable by convention."""
+
+    __slots__ = ("gid", "gpus", "job_id", "uid", "user")
+
+    def __init__(self, job_id: str, uid: int, user: str, gid: int,
+                 gpus: tuple[int, ...]) -> None:
+        self.job_id = job_id
+        self.uid = uid
+        self.user = user
+        self.gid = gid
+        #: Slurm GPU (gres) indices on this node, ascending, no duplicates.
+        self.gpus = gpus
+
+    def _key(self) -> tuple[str, int, str, int, tuple[int, ...]]:
+        return (self.job_id, self.uid, self.user, self.gid, self.gpus)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JobEnv) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"JobEnv(job_id={self.job_id!r}, uid={self.uid}, user={self.user!r}, "
+                f"gid={self.gid}, gpus={self.gpus})")
 
 
 def parse_job_id(value: str | None) -> str:
     """A job id: 1-10 ASCII digits, 1..2**32-1, no sign, no padding."""
-    if value is None or not _DIGITS.fullmatch(value) or value.startswith("0"):
+    if value is None or not _is_digits(value) or value.startswith("0"):
         raise InputRejected(f"SLURM_JOB_ID {printable(value)} is not a job id "
                             f"(expected 1 to {MAX_JOB_ID})")
     if int(value) > MAX_JOB_ID:
@@ -53,7 +77,7 @@ def parse_job_id(value: str | None) -> str:
 
 
 def parse_uid(value: str | None) -> int:
-    if value is None or not _DIGITS.fullmatch(value) or int(value) > MAX_JOB_ID - 1:
+    if value is None or not _is_digits(value) or int(value) > MAX_JOB_ID - 1:
         raise InputRejected(f"SLURM_JOB_UID {printable(value)} is not a numeric uid")
     return int(value)
 
@@ -63,8 +87,7 @@ def parse_gpus(value: str | None) -> tuple[int, ...]:
     if value is None or value == "":
         return ()
     parts = value.split(",")
-    if len(parts) > MAX_GPUS_PER_NODE or not all(_DIGITS.fullmatch(p) and len(p) <= 2
-                                                  for p in parts):
+    if len(parts) > MAX_GPUS_PER_NODE or not all(_is_digits(p, 2) for p in parts):
         raise InputRejected(f"SLURM_JOB_GPUS {printable(value)} is not a list of GPU indices "
                             f"such as '0,2'")
     gpus = [int(p) for p in parts]
@@ -75,9 +98,15 @@ def parse_gpus(value: str | None) -> tuple[int, ...]:
     return tuple(sorted(gpus))
 
 
+def _valid_user_name(user: str) -> bool:
+    body = user[:-1] if user.endswith("$") else user
+    return (0 < len(body) <= 32 and body[0] in _USER_FIRST
+            and all(ch in _USER_REST for ch in body))
+
+
 def check_user(user: str | None, uid: int) -> int:
     """The user must exist and have exactly *uid*; returns the user's primary gid."""
-    if user is None or not _USER.fullmatch(user):
+    if user is None or not _valid_user_name(user):
         raise InputRejected(f"SLURM_JOB_USER {printable(user)} is not a user name")
     try:
         entry = pwd.getpwnam(user)

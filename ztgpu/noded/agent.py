@@ -383,6 +383,11 @@ class Agent:
                     continue
                 absolute = own
             if absolute not in live.probed:
+                # Probe where the job's user runs code, not where only root
+                # processes (slurmstepd) live.
+                info = job_cgroups.proc_info(pid)
+                if info is None or info[1] != record.uid:
+                    continue
                 live.probed.setdefault(absolute, 0.0)
                 new_cgroups = True
         if pids:
@@ -449,30 +454,44 @@ class Agent:
             paths.append(ctl)
         return paths
 
-    def run_probe(self, cgroup: Path, uid: int, gid: int) -> dict[str, dict[str, str]]:
-        """Open every GPU from inside *cgroup*, as root and as uid:gid.
+    def run_probes(self, targets: list[tuple[Path, int, int]]
+                   ) -> list[dict[str, dict[str, str]] | str]:
+        """Open every GPU from inside each (cgroup, uid, gid), as root and as uid:gid.
 
-        Returns ``{"cgroup_only": {...}, "user": {...}}``, each mapping a path
-        to ``open`` or the errno name that refused it.
+        One helper process serves the whole batch (it forks per target).
+        Each entry is ``{"cgroup_only": {...}, "user": {...}}`` mapping a path
+        to ``open`` or the errno name that refused it, or an error string.
+
+        Raises:
+            Fault: the helper could not run or answered garbage.
         """
-        request = json.dumps({"cgroup_procs": [str(cgroup / "cgroup.procs")], "uid": uid,
-                              "gid": gid, "paths": [str(p) for p in self.probe_paths()]})
+        request = json.dumps({
+            "paths": [str(p) for p in self.probe_paths()],
+            "targets": [{"cgroup_procs": [str(cg / "cgroup.procs")], "uid": uid, "gid": gid}
+                        for cg, uid, gid in targets]})
+        timeout = self.config.isolation.probe_timeout_s * max(1, len(targets))
         try:
             res = subprocess.run([sys.executable, "-I", "-S", str(PROBE_CHILD)],
                                  input=request, capture_output=True, text=True,
-                                 timeout=self.config.isolation.probe_timeout_s, check=False)
+                                 timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
-            raise Fault(f"isolation probe in {cgroup} timed out") from None
+            raise Fault(f"isolation probe timed out after {timeout:g}s") from None
         try:
-            result = json.loads(res.stdout)
+            answers = json.loads(res.stdout)
         except ValueError:
-            raise Fault(f"isolation probe in {cgroup} failed: {res.stderr.strip()[-300:]}") \
-                from None
-        if (res.returncode != 0 or not isinstance(result, dict) or "error" in result
-                or not all(isinstance(result.get(k), dict) for k in ("cgroup_only", "user"))):
-            raise Fault(f"isolation probe in {cgroup} failed: {result}")
-        return {layer: {str(k): str(v) for k, v in result[layer].items()}
-                for layer in ("cgroup_only", "user")}
+            raise Fault(f"isolation probe failed: {res.stderr.strip()[-300:]}") from None
+        if not isinstance(answers, list) or len(answers) != len(targets):
+            raise Fault("isolation probe answered garbage")
+        results: list[dict[str, dict[str, str]] | str] = []
+        for answer in answers:
+            if (isinstance(answer, dict)
+                    and all(isinstance(answer.get(k), dict) for k in ("cgroup_only", "user"))):
+                results.append({layer: {str(k): str(v) for k, v in answer[layer].items()}
+                                for layer in ("cgroup_only", "user")})
+            else:
+                error = answer.get("error") if isinstance(answer, dict) else None
+                results.append(str(error or "malformed probe answer"))
+        return results
 
     def compare(self, record: JobRecord, outcome: Mapping[str, Mapping[str, str]]
                 ) -> list[str]:
@@ -512,28 +531,36 @@ class Agent:
         """
         now = time.monotonic()
         with self.lock:
-            targets = [j for j in self.jobs.values() if job_id in (None, j.record.job_id)]
-        results = []
-        for live in targets:
-            record = live.record
+            jobs = [j for j in self.jobs.values() if job_id in (None, j.record.job_id)]
+        due: list[tuple[LiveJob, Path, float]] = []
+        for live in jobs:
             for cgroup, last in list(live.probed.items()):
                 if due_only and last and now - last < self.config.isolation.verify_interval_s:
                     continue
                 if not cgroup.exists():
                     live.probed.pop(cgroup, None)
                     continue
-                try:
-                    outcome = self.run_probe(cgroup, record.uid, record.gid)
-                except Fault as exc:
-                    if not cgroup.exists():
-                        live.probed.pop(cgroup, None)
-                        continue
-                    outcome, problems = {"cgroup_only": {}, "user": {}}, [str(exc)]
-                else:
-                    problems = self.compare(record, outcome)
-                live.probed[cgroup] = time.monotonic()
-                results.append(self._record_probe(live, cgroup, outcome, problems,
-                                                  announce=not (due_only and last)))
+                due.append((live, cgroup, last))
+        if not due:
+            return []
+        try:
+            outcomes = self.run_probes([(cg, live.record.uid, live.record.gid)
+                                        for live, cg, _ in due])
+        except Fault as exc:
+            outcomes = [str(exc)] * len(due)
+        results = []
+        for (live, cgroup, last), outcome in zip(due, outcomes, strict=True):
+            if isinstance(outcome, str):
+                if not cgroup.exists():  # the step ended while being probed
+                    live.probed.pop(cgroup, None)
+                    continue
+                layers: dict[str, dict[str, str]] = {"cgroup_only": {}, "user": {}}
+                problems = [f"probe failed: {outcome}"]
+            else:
+                layers, problems = outcome, self.compare(live.record, outcome)
+            live.probed[cgroup] = time.monotonic()
+            results.append(self._record_probe(live, cgroup, layers, problems,
+                                              announce=not (due_only and last)))
         return results
 
     def _record_probe(self, live: LiveJob, cgroup: Path,

@@ -3,18 +3,21 @@
 Standard library only and self-contained: the agent runs it with
 ``python -I -S`` and a JSON request on stdin::
 
-    {"cgroup_procs": ["/sys/fs/cgroup/devices/.../cgroup.procs"],
-     "uid": 1001, "gid": 1001, "paths": ["/dev/nvidia0", ...]}
+    {"paths": ["/dev/nvidia0", ...],
+     "targets": [{"cgroup_procs": [".../devices/.../cgroup.procs"],
+                  "uid": 1001, "gid": 1001}, ...]}
 
-As root it first joins the given cgroups (so the kernel applies exactly the
-job's device rules) and opens every path read-write: root passes file
-permissions, so this pass shows what the cgroup alone allows. Then it drops
-to the job's uid/gid with no supplementary groups and opens every path
-again: the job's effective access. It prints
-``{"cgroup_only": {path: outcome}, "user": {path: outcome}}`` where an
-outcome is ``open`` (the open succeeded, or reached the driver: ENXIO on a
-device node with no driver behind it) or the errno name that refused it
-(EPERM from a cgroup, EACCES from file permissions, ...).
+For each target it forks (this process is single-threaded, so forking is
+safe and costs far less than starting another interpreter). The child, as
+root, joins the target's cgroups, so the kernel applies exactly the job's
+device rules, and opens every path read-write: root passes file permissions,
+so this shows what the cgroup alone allows. It then drops to the job's
+uid/gid with no supplementary groups and opens every path again: the job's
+effective access. It prints one JSON list, one entry per target, in order:
+``{"cgroup_only": {path: outcome}, "user": {path: outcome}}`` or
+``{"error": "..."}``, where an outcome is ``open`` (the open succeeded, or
+reached the driver: ENXIO on a node with no driver behind it) or the errno
+name that refused it (EPERM from a cgroup, EACCES from file permissions).
 """
 
 from __future__ import annotations
@@ -23,25 +26,6 @@ import errno
 import json
 import os
 import sys
-
-
-def main() -> int:
-    request = json.loads(sys.stdin.read())
-    for procs in request["cgroup_procs"]:
-        fd = os.open(procs, os.O_WRONLY)
-        try:
-            os.write(fd, str(os.getpid()).encode())
-        finally:
-            os.close(fd)
-    cgroup_only = try_open(request["paths"])
-    os.setgroups([])
-    os.setgid(int(request["gid"]))
-    os.setuid(int(request["uid"]))
-    if os.getuid() == 0 or os.geteuid() == 0:
-        print(json.dumps({"error": "could not drop root"}))
-        return 1
-    print(json.dumps({"cgroup_only": cgroup_only, "user": try_open(request["paths"])}))
-    return 0
 
 
 def try_open(paths: list[str]) -> dict[str, str]:
@@ -56,6 +40,56 @@ def try_open(paths: list[str]) -> dict[str, str]:
             os.close(fd)
             result[path] = "open"
     return result
+
+
+def probe_one(target: dict[str, object], paths: list[str]) -> dict[str, object]:
+    """Runs in a forked child: join, probe as root, drop, probe as the user."""
+    procs = target["cgroup_procs"]
+    assert isinstance(procs, list)
+    for file in procs:
+        fd = os.open(str(file), os.O_WRONLY)
+        try:
+            os.write(fd, str(os.getpid()).encode())
+        finally:
+            os.close(fd)
+    cgroup_only = try_open(paths)
+    os.setgroups([])
+    os.setgid(int(str(target["gid"])))
+    os.setuid(int(str(target["uid"])))
+    if os.getuid() == 0 or os.geteuid() == 0:
+        return {"error": "could not drop root"}
+    return {"cgroup_only": cgroup_only, "user": try_open(paths)}
+
+
+def run_target(target: dict[str, object], paths: list[str]) -> dict[str, object]:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        try:
+            result = probe_one(target, paths)
+        except Exception as exc:  # noqa: BLE001 - reported to the agent, never lost
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        os.write(write_end, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write_end)
+    data = b""
+    while chunk := os.read(read_end, 65536):
+        data += chunk
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return {"error": "probe child died without an answer"}
+    return parsed if isinstance(parsed, dict) else {"error": "malformed probe answer"}
+
+
+def main() -> int:
+    request = json.loads(sys.stdin.read())
+    paths = [str(p) for p in request["paths"]]
+    print(json.dumps([run_target(t, paths) for t in request["targets"]]))
+    return 0
 
 
 if __name__ == "__main__":
