@@ -28,7 +28,7 @@ $(STAMP_DEB):
 
 $(STAMP_PIP): $(STAMP_DEB) pyproject.toml
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q pydantic PyYAML nvidia-ml-py pytest hypothesis mypy ruff types-PyYAML
+	$(PIP) install -q ".[dev]"
 	@touch $@
 
 # A regular (not editable) install: the package-dir mapping puts cgroups/,

@@ -360,6 +360,21 @@ def test_identifiers_with_a_trailing_newline_are_refused(data: dict[str, Any]) -
         parse_config(data, "test.yaml")
 
 
+@pytest.mark.xfail(strict=True, reason="BUG in ztgpu/config.py load_config: yaml.safe_load "
+                   "keeps the last of two equal keys, silently dropping the first")
+def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "isolation:\n  on_violation: record_only\n"
+                           "isolation:\n  verify_interval_s: 30\n")
+    assert "isolation" in config_error(path)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG in ztgpu/config.py PathsConfig: a NUL byte in a "
+                   "path is accepted; the kernel then uses the path cut at the NUL")
+def test_nul_byte_in_path_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, 'paths:\n  socket: "/run/ztgpu/a\\0b.sock"\n')
+    assert "paths.socket" in config_error(path)
+
+
 @pytest.mark.xfail(strict=True, reason="BUG in ztgpu/config.py parse_config/_describe: key "
                    "names from the file are echoed raw, control characters included")
 @pytest.mark.parametrize("key", ["bad\nkey", "\x1b[31mred", "tab\tkey", "vt\x0bkey"])

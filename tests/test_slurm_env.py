@@ -236,6 +236,8 @@ _PARSERS = [
     ("Q\r\x1b[2K" * 500, "Q"),
     ("\x1b[31mQ" * 300, "Q"),
     ("Q\x00" * 1000, "Q"),
+    # os.environ turns bytes that are not UTF-8 into lone surrogates.
+    ("Q\udcff" * 1000, "Q"),
 ])
 def test_hostile_values_are_cut_short_and_escaped(parse: object, variable: str, hostile: str,
                                                   marker: str) -> None:
