@@ -312,3 +312,35 @@ def test_task_prolog_without_agent_fails_the_task(agent):
     assert res.returncode == 1
     assert "cannot be confined" in res.stderr
     assert res.stdout == ""  # Slurm parses a TaskProlog's stdout
+
+
+def test_grants_from_before_a_reboot_are_not_restored(agent):
+    import sqlite3
+
+    assert agent.run_hook("prolog", job_env("41", gpus="0")).returncode == 0
+    agent.stop()
+    db = sqlite3.connect(Path(agent.config["paths"]["state_dir"]) / "state.db")
+    with db:
+        db.execute("UPDATE meta SET value = 'another-boot' WHERE key = 'boot_id'")
+    db.close()
+    agent.start()
+    assert agent.call("status")["jobs"] == []
+    assert owner_mode(agent.dev_dir / "nvidia0") == ROOT_0600
+    recovered = agent.events("agent.recovered")[-1]
+    assert recovered["outcome"] == "discarded" and recovered["jobs"] == ["41"]
+
+
+def test_stale_grant_whose_epilog_never_came_is_reclaimed(tmp_path):
+    from ztgpu.testing.agent_process import standalone_agent
+
+    base = tmp_path / "a"
+    with standalone_agent(base, isolation={"stale_grant_s": 1}) as stale_agent:
+        os.chmod(tmp_path, 0o755)
+        assert stale_agent.run_hook("prolog", job_env("41", gpus="0")).returncode == 0
+        time.sleep(1.2)  # job 41 never started any process here and its Epilog was lost
+        res = stale_agent.run_hook("prolog", job_env("42", DAEMON.pw_uid, "daemon", "0"))
+        assert res.returncode == 0 and res.stderr == ""
+        assert owner_mode(stale_agent.dev_dir / "nvidia0")[0] == DAEMON.pw_uid
+        release = [e for e in stale_agent.events("job.release") if e["job_id"] == "41"]
+        assert release and "stale grant" in release[-1]["reason"]
+        assert [j["job_id"] for j in stale_agent.call("status")["jobs"]] == ["42"]

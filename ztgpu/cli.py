@@ -15,8 +15,9 @@ from ztgpu.errors import UsageError, ZtgpuError
 def _cmd_config_check(args: argparse.Namespace) -> int:
     from ztgpu.config import config_path, dump_effective, load_config
 
-    config = load_config(args.file)
-    print(f"# {config_path(args.file)}: OK", file=sys.stderr)
+    file = args.file or args.config
+    config = load_config(file)
+    print(f"# {config_path(file)}: OK", file=sys.stderr)
     print(dump_effective(config), end="")
     return 0
 

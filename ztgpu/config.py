@@ -46,7 +46,7 @@ class NodeConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME_RE.match(value):
+        if value is not None and not _NAME_RE.fullmatch(value):
             raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
         return value
 
@@ -71,6 +71,8 @@ class PathsConfig(_Strict):
         if isinstance(value, str):
             value = Path(value)
         if isinstance(value, Path):
+            if "\0" in str(value):
+                raise ValueError("must not contain a NUL byte")
             return _absolute(value)
         return value
 
@@ -86,14 +88,14 @@ class SimulatedGpu(_Strict):
     @field_validator("uuid")
     @classmethod
     def _check_uuid(cls, value: str) -> str:
-        if not _UUID_RE.match(value):
+        if not _UUID_RE.fullmatch(value):
             raise ValueError("must look like GPU-xxxxxxxx-xxxx-... (as nvidia-smi -L prints)")
         return value
 
     @field_validator("pci_bus_id")
     @classmethod
     def _check_pci(cls, value: str) -> str:
-        if not _PCI_RE.match(value):
+        if not _PCI_RE.fullmatch(value):
             raise ValueError("must look like 00000000:3B:00.0")
         return value
 
@@ -136,7 +138,7 @@ class DevicesConfig(_Strict):
     @field_validator("rest_owner", "rest_group")
     @classmethod
     def _check_account(cls, value: str) -> str:
-        if not _USER_RE.match(value):
+        if not _USER_RE.fullmatch(value):
             raise ValueError("must be a user or group name")
         return value
 
@@ -160,7 +162,7 @@ class CgroupsConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
+        if not _NAME_RE.fullmatch(value):
             raise ValueError("must be a plain directory name")
         return value
 
@@ -176,6 +178,9 @@ class IsolationConfig(_Strict):
     #: How often device files are checked for changes made by others.
     drift_interval_s: float = Field(default=5.0, ge=0.1, le=3600)
     probe_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    #: A grant whose job has had no cgroup on the node for this long (its
+    #: Epilog never reached the agent) may be reclaimed for a new job.
+    stale_grant_s: float = Field(default=30.0, ge=1, le=86400)
 
 
 class SlurmConfig(_Strict):
@@ -224,7 +229,9 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _describe(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
+    # Key names come from the file: escape them so a message stays one line.
+    text = ".".join(str(part) for part in loc) or "(top level)"
+    return text.encode("unicode_escape").decode("ascii")[:200]
 
 
 def _expected(error: Any) -> str:
@@ -250,6 +257,22 @@ def parse_config(data: Any, source: str) -> Config:
         raise ConfigError("\n".join(lines)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would
+    silently keep the last, hiding a setting the admin thinks is active)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate the configuration.
 
@@ -270,7 +293,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file}: cannot read: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(parse)"

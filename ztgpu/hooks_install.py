@@ -10,6 +10,7 @@ so the hot path reads no config file and imports no YAML.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -47,7 +48,9 @@ def write_hooks(config: Config, *, dry_run: bool) -> list[tuple[Path, bool]]:
         path = hook_path(hook, config)
         text = render(hook, config)
         try:
-            changed = path.read_text() != text
+            st = os.lstat(path)
+            changed = (path.read_text() != text or stat.S_IMODE(st.st_mode) != 0o755
+                       or st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode))
         except FileNotFoundError:
             changed = True
         if changed and not dry_run:

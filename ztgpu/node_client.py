@@ -121,5 +121,4 @@ def send_checked(socket_path: str, op: str, timeout: float, *, job_id: str | Non
         fields.append('"job":{' + ",".join(job) + "}")
     raw = _exchange(socket_path, ("{" + ",".join(fields) + "}\n").encode(), timeout)
     if not raw.startswith(_OK_PREFIX):
-        _result(raw)
-        raise Fault("the node agent's answer could not be read")
+        _result(raw)  # raises unless it is a success spelled differently

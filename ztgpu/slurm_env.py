@@ -29,8 +29,9 @@ def printable(value: str | None) -> str:
     """A short, printable rendering of untrusted *value* for messages."""
     if value is None:
         return "(unset)"
-    text = value[:_REPORT_LIMIT].encode("unicode_escape").decode("ascii")
-    return repr(text) + ("..." if len(value) > _REPORT_LIMIT else "")
+    text = value.encode("unicode_escape").decode("ascii").replace("'", "\\'")
+    cut = len(text) > _REPORT_LIMIT
+    return "'" + text[:_REPORT_LIMIT] + "'" + ("..." if cut else "")
 
 
 def _is_digits(value: str, max_len: int = 10) -> bool:
@@ -77,7 +78,8 @@ def parse_job_id(value: str | None) -> str:
 
 
 def parse_uid(value: str | None) -> int:
-    if value is None or not _is_digits(value) or int(value) > MAX_JOB_ID - 1:
+    if (value is None or not _is_digits(value) or (value.startswith("0") and value != "0")
+            or int(value) > MAX_JOB_ID - 1):
         raise InputRejected(f"SLURM_JOB_UID {printable(value)} is not a numeric uid")
     return int(value)
 

@@ -74,6 +74,13 @@ class LiveJob:
     violated: bool = False
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def _gpu_fields(gpus: list[GpuInfo]) -> list[dict[str, Any]]:
     return [{"index": g.index, "uuid": g.uuid, "minor": g.minor} for g in gpus]
 
@@ -130,6 +137,15 @@ class Agent:
                          "ownership protects GPUs; jobs of one user are not separated",
                          self.devices.root)
         recovered = self.state.all()
+        if recovered and self.state.boot_changed(_boot_id()):
+            for job_id in recovered:
+                self.state.delete(job_id)
+            self.spool.append("agent.recovered", jobs=sorted(recovered, key=int),
+                              outcome="discarded",
+                              reason="the node rebooted since these grants were made")
+            recovered = {}
+        else:
+            self.state.boot_changed(_boot_id())
         with self.lock:
             for job_id, record in recovered.items():
                 self.jobs[job_id] = LiveJob(record=record)
@@ -201,6 +217,9 @@ class Agent:
                 raise InputRejected(f"job {job_id} is already registered for another user")
             for gpu in gpus:
                 _, holder = self._expected_state(gpu.minor)
+                if holder is not None and holder.job_id != job_id and self._stale(holder):
+                    self._release_stale(holder)
+                    _, holder = self._expected_state(gpu.minor)
                 if holder is not None and holder.job_id != job_id:
                     reason = (f"GPU {gpu.index} (minor {gpu.minor}) is still held by job "
                               f"{holder.job_id}")
@@ -248,6 +267,28 @@ class Agent:
             if problems:
                 raise Fault("; ".join(problems))
         return {"job_id": job_id, "released": _gpu_fields(held)}
+
+    def _stale(self, record: JobRecord) -> bool:
+        """A grant whose job has left no trace on this node for a while (its
+        Epilog never reached the agent, e.g. while the agent was down)."""
+        live = self.jobs.get(record.job_id)
+        if live is None or (time.monotonic() - live.granted_mono
+                            < self.config.isolation.stale_grant_s):
+            return False
+        found = job_cgroups.find_job_cgroups(self.config.cgroups.root, record.uid,
+                                             record.job_id)
+        return not found.freezer and not found.devices
+
+    def _release_stale(self, record: JobRecord) -> None:
+        live = self.jobs[record.job_id]
+        held = [self.by_minor[m] for m in record.minors if m in self.by_minor]
+        problems = self._undo_grant(live)
+        self.spool.append("job.release", job_id=record.job_id, uid=record.uid,
+                          user=record.user, gpus=_gpu_fields(held),
+                          outcome="failed" if problems else "released",
+                          reason="stale grant: the job has no processes on this node and its "
+                                 "Epilog never reached the agent" + (
+                                     "; " + "; ".join(problems) if problems else ""))
 
     def _undo_grant(self, live: LiveJob) -> list[str]:
         """Restore rest state for the job's GPUs and forget it; returns problems."""

@@ -109,10 +109,16 @@ class _RequestHandler(socketserver.BaseRequestHandler):
 
     def _read(self, sock: socket.socket) -> bytes:
         limit = self.server.max_bytes
-        sock.settimeout(self.server.timeout_s)
+        deadline = time.monotonic() + self.server.timeout_s
         buf = bytearray()
         try:
             while b"\n" not in buf:
+                # The deadline covers the whole request, so a client that
+                # trickles bytes cannot hold a worker slot for long.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
                 chunk = sock.recv(65536)
                 if not chunk:
                     break

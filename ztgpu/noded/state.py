@@ -45,6 +45,7 @@ class StateStore:
                 "CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, uid INTEGER NOT NULL,"
                 " gid INTEGER NOT NULL, user TEXT NOT NULL, minors TEXT NOT NULL,"
                 " granted_at TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         except sqlite3.Error as exc:
             raise Fault(f"cannot open agent state {path}: {exc}") from exc
 
@@ -72,6 +73,20 @@ class StateStore:
         return {row[0]: JobRecord(job_id=row[0], uid=row[1], gid=row[2], user=row[3],
                                   minors=tuple(json.loads(row[4])), granted_at=row[5])
                 for row in rows}
+
+    def boot_changed(self, boot_id: str) -> bool:
+        """Record *boot_id*; True if the state was written during another boot.
+
+        After a reboot no job from before can still be running, so its
+        grants must not be restored.
+        """
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)", (boot_id,))
+            except sqlite3.Error as exc:
+                raise Fault(f"cannot read agent state: {exc}") from exc
+        return row is not None and row[0] != boot_id
 
     def close(self) -> None:
         with self._lock:
