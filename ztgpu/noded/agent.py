@@ -104,6 +104,9 @@ class Agent:
         self.inventory: tuple[GpuInfo, ...] = slurm_order(backend.inventory())
         self.by_minor = {g.minor: g for g in self.inventory}
         self.lock = threading.RLock()
+        #: Serialises sweeps and probes (background loop vs. on-demand verify);
+        #: the Prolog/Epilog path never waits for it.
+        self.work_lock = threading.RLock()
         self.jobs: dict[str, LiveJob] = {}
         self.stale_cgroups: set[Path] = set()
         self.rest = self._rest_state()
@@ -376,6 +379,10 @@ class Agent:
 
     def sweep(self) -> list[str]:
         """Confine every process of every local job; return jobs with new cgroups to probe."""
+        with self.work_lock:
+            return self._sweep()
+
+    def _sweep(self) -> list[str]:
         with self.lock:
             jobs = list(self.jobs.values())
         to_probe = []
@@ -418,8 +425,11 @@ class Agent:
                 continue
             absolute = self.devices.path(path)
             if f"/job_{record.job_id}" not in path:
-                if not own.exists():
-                    self._prepare_own_cgroup(record)
+                with self.lock:
+                    if record.job_id not in self.jobs:
+                        return False  # released meanwhile: do not recreate its cgroup
+                    if not own.exists():
+                        self._prepare_own_cgroup(record)
                 if not self.devices.attach(own, pid):
                     continue
                 absolute = own
@@ -570,6 +580,10 @@ class Agent:
         not probed for ``verify_interval_s`` are probed, and a passing
         re-probe is not recorded again (violations always are).
         """
+        with self.work_lock:
+            return self._verify(job_id, due_only)
+
+    def _verify(self, job_id: str | None, due_only: bool) -> list[dict[str, Any]]:
         now = time.monotonic()
         with self.lock:
             jobs = [j for j in self.jobs.values() if job_id in (None, j.record.job_id)]
