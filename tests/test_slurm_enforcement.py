@@ -13,7 +13,6 @@ import re
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 from conftest import needs_slurm
 
 from ztgpu.testing import gpu_probe
-from ztgpu.testing.slurm_cluster import ClusterSpec
+from ztgpu.testing.slurm_cluster import ClusterSpec, wait_for
 from ztgpu.testing.suite_cluster import SuiteCluster, suite_cluster
 
 pytestmark = [needs_slurm, pytest.mark.slurm]
@@ -52,15 +51,6 @@ def _no_jobs_left(suite: SuiteCluster) -> Iterator[None]:
     if "drain" in c.node_state():
         c.resume_node()
     wait_for(lambda: c.node_state() == "idle", 60, "idle node")
-
-
-def wait_for(predicate, timeout: float = 30, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def go(suite: SuiteCluster, job_id: str) -> None:

@@ -16,12 +16,10 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 from ztgpu.testing import gpu_probe
-from ztgpu.testing.slurm_cluster import ClusterError, ClusterSpec
+from ztgpu.testing.slurm_cluster import ClusterSpec, wait_for
 from ztgpu.testing.suite_cluster import SuiteCluster, suite_cluster
 
 WIDTH = 78
@@ -39,15 +37,6 @@ def _say(text: str = "") -> None:
 def _section(number: int, title: str) -> None:
     _say()
     _say(f"== {number}. {title} " + "=" * max(0, WIDTH - len(title) - 8))
-
-
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise ClusterError(f"timed out waiting for {what}")
 
 
 def _ls(suite: SuiteCluster) -> None:
@@ -128,7 +117,7 @@ def run_demo(keep: bool = False) -> int:
         for job in (alice, bob):
             c.wait_job(job, ["RUNNING"])
             suite.wait_event("isolation.verified", job)
-        _wait(lambda: all("PROBE step0" in c.output(j) for j in (alice, bob)), 60, "probes")
+        wait_for(lambda: all("PROBE step0" in c.output(j) for j in (alice, bob)), 60, "probes")
         mine = {job: {g["minor"] for g in suite.wait_event("job.grant", job)["gpus"]}
                 for job in (alice, bob)}
         for job, user in ((alice, "ztalice"), (bob, "ztbob")):
@@ -170,12 +159,12 @@ def run_demo(keep: bool = False) -> int:
         _say(f"  chmod 0666 {c.gpu_path(other).name}, then both jobs probe again:")
         for job in (alice, bob):
             (c.work_dir / f"go-{job}").touch()
-        _wait(lambda: all("PROBE step1" in c.output(j) for j in (alice, bob)), 60, "probes")
+        wait_for(lambda: all("PROBE step1" in c.output(j) for j in (alice, bob)), 60, "probes")
         late = gpu_probe.parse_probes(c.output(alice))["step1"]
         _show_probe(f"job {alice}, new `srun` step:", late, mine[alice])
         check(late[f"nvidia{other}"] == "EPERM",
               f"with file permissions gone, the cgroup still refuses nvidia{other}")
-        _wait(lambda: len(suite.events("device.drift")) > before, 30, "drift")
+        wait_for(lambda: len(suite.events("device.drift")) > before, 30, "drift")
         drift = suite.events("device.drift")[-1]
         _say(f"  agent: device.drift on {Path(drift['path']).name}: found {drift['found']}, "
              f"{drift['outcome']}")

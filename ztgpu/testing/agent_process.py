@@ -1,4 +1,7 @@
-"""A real ``ztgpu-noded`` process without Slurm, for socket and hook tests.
+"""A real ``ztgpu-noded`` process for tests, the demo and benchmarks.
+
+:class:`AgentProcess` runs the daemon from a config file; the standalone
+flavour below needs no Slurm and serves the socket and hook tests.
 
 Simulated GPU device nodes and every path the agent writes live under one
 private directory; the agent's devices cgroup gets a unique name and is
@@ -21,8 +24,17 @@ from typing import Any
 
 import yaml
 
-from ztgpu.testing.slurm_cluster import CGROUP_ROOT, NVIDIA_MAJOR, _rmdir_tree
-from ztgpu.testing.suite_cluster import simulated_gpus
+from ztgpu.testing.slurm_cluster import (
+    CGROUP_ROOT,
+    NVIDIA_MAJOR,
+    ClusterError,
+    _rmdir_tree,
+    wait_for,
+)
+
+#: NVML enumeration order deliberately differs from minor numbers, as it can
+#: on real nodes: the suite must never assume index == minor.
+SIM_INDEX_FOR_MINOR = (2, 0, 3, 1, 6, 4, 7, 5)
 
 
 def make_gpu_nodes(dev_dir: Path, count: int) -> None:
@@ -37,8 +49,18 @@ def make_gpu_nodes(dev_dir: Path, count: int) -> None:
         path.chmod(0o666)
 
 
+def simulated_gpus(count: int) -> list[dict[str, Any]]:
+    """Config entries for *count* simulated GPUs on minors 0..count-1."""
+    return [{"index": SIM_INDEX_FOR_MINOR[m], "minor": m,
+             "uuid": f"GPU-5{m:07d}-0000-4000-8000-0000000000{m:02d}",
+             "pci_bus_id": f"00000000:{0x17 + m * 0x10:02X}:00.0", "name": "Simulated H100"}
+            for m in range(count)]
+
+
 @dataclass
-class StandaloneAgent:
+class AgentProcess:
+    """A ``ztgpu-noded`` child process run from *config_path*."""
+
     base: Path
     config: dict[str, Any]
     config_path: Path
@@ -48,20 +70,15 @@ class StandaloneAgent:
     def socket(self) -> str:
         return str(self.config["paths"]["socket"])
 
-    @property
-    def dev_dir(self) -> Path:
-        return Path(self.config["paths"]["device_dir"])
-
-    @property
-    def hooks_dir(self) -> Path:
-        return Path(self.config["paths"]["hooks_dir"])
-
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         env["ZTGPU_CONFIG"] = str(self.config_path)
         return env
 
     def start(self) -> None:
+        """Start the agent (if not running) and wait for its socket."""
+        if self.alive():
+            return
         with contextlib.suppress(FileNotFoundError):
             Path(self.socket).unlink()
         log = open(self.base / "noded.stdout", "ab")  # noqa: SIM115
@@ -73,12 +90,13 @@ class StandaloneAgent:
         deadline = time.monotonic() + 30
         while not Path(self.socket).exists():
             if self.proc.poll() is not None:
-                raise RuntimeError("ztgpu-noded exited at start:\n" + self.log())
+                raise ClusterError("ztgpu-noded exited at start:\n" + self.log())
             if time.monotonic() > deadline:
-                raise RuntimeError("ztgpu-noded did not open its socket")
+                raise ClusterError("ztgpu-noded did not open its socket in 30s")
             time.sleep(0.02)
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Stop the agent with *sig*; returns its exit code (None if not running)."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -102,14 +120,43 @@ class StandaloneAgent:
     def call(self, op: str, **payload: Any) -> Any:
         from ztgpu.node_client import call
 
-        return call(self.socket, op, timeout=30, **payload)
+        return call(self.socket, op, timeout=60, **payload)
 
-    def events(self, code: str | None = None) -> list[dict[str, Any]]:
+    def events(self, code: str | None = None, job_id: str | None = None
+               ) -> list[dict[str, Any]]:
         from ztgpu.spool import Spool
 
         with Spool.open(Path(self.config["paths"]["spool_dir"]) / "events.db",
                         str(self.config["node"]["name"])) as spool:
-            return spool.read(limit=1_000_000, code=code)
+            return spool.read(limit=1_000_000, code=code, job_id=job_id)
+
+    def wait_event(self, code: str, job_id: str | None = None, timeout: float = 30
+                   ) -> dict[str, Any]:
+        """The latest *code* event (for *job_id*), waiting up to *timeout* for one."""
+        found: list[dict[str, Any]] = []
+
+        def seen() -> bool:
+            found[:] = self.events(code, job_id)
+            return bool(found)
+
+        try:
+            wait_for(seen, timeout, f"a {code} event for job {job_id}")
+        except ClusterError as exc:
+            raise ClusterError(f"{exc}; agent log:\n{self.log()}") from None
+        return found[-1]
+
+
+@dataclass
+class StandaloneAgent(AgentProcess):
+    """An agent on simulated device nodes, with no Slurm around it."""
+
+    @property
+    def dev_dir(self) -> Path:
+        return Path(self.config["paths"]["device_dir"])
+
+    @property
+    def hooks_dir(self) -> Path:
+        return Path(self.config["paths"]["hooks_dir"])
 
     def run_hook(self, hook: str, env: dict[str, str], timeout: float = 30
                  ) -> subprocess.CompletedProcess[str]:

@@ -28,7 +28,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,8 +57,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for(predicate: object, timeout: float, what: str, interval: float = 0.1) -> None:
-    assert callable(predicate)
+def wait_for(predicate: Callable[[], object], timeout: float, what: str,
+             interval: float = 0.1) -> None:
+    """Poll *predicate* until it is truthy. Raises ClusterError naming *what*."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -233,20 +234,10 @@ class SlurmTestCluster:
             f"--key-file={munge_dir / 'munge.key'}", f"--pid-file={munge_dir / 'munged.pid'}",
             f"--log-file={self.root / 'log' / 'munged.log'}",
             f"--seed-file={munge_dir / 'munged.seed'}", "--num-threads=4"])
-        _wait_for(self.munge_socket.exists, 15, "munged socket")
+        wait_for(self.munge_socket.exists, 15, "munged socket")
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.slurm_conf)])
         self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.slurm_conf)])
-        _wait_for(self._node_idle, 60, "the node to become idle in sinfo", interval=0.3)
-
-    def restart_slurmd(self) -> None:
-        self._stop_proc("slurmd")
-        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.slurm_conf)])
-        _wait_for(self._node_idle, 60, "the node to become idle after slurmd restart", 0.3)
-
-    def restart_slurmctld(self) -> None:
-        self._stop_proc("slurmctld")
-        self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.slurm_conf)])
-        _wait_for(self._node_idle, 60, "slurmctld to answer after restart", 0.3)
+        wait_for(self._node_idle, 60, "the node to become idle in sinfo", interval=0.3)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout", "ab")  # noqa: SIM115
@@ -309,7 +300,7 @@ class SlurmTestCluster:
             return last.get("JobState", "") in states
 
         try:
-            _wait_for(reached, timeout, f"job {job_id} to reach {'/'.join(states)}", 0.2)
+            wait_for(reached, timeout, f"job {job_id} to reach {'/'.join(states)}", 0.2)
         except ClusterError as exc:
             raise ClusterError(f"{exc}; last state {last.get('JobState')} "
                                f"reason {last.get('Reason')}") from None
@@ -361,7 +352,7 @@ class SlurmTestCluster:
             for user in self.spec.users:
                 self.slurm(["scancel", "--full", "-u", user], check=False)
             with contextlib.suppress(ClusterError):
-                _wait_for(lambda: not self.slurm(["squeue", "-h", "-t", "R,CG"], check=False)
+                wait_for(lambda: not self.slurm(["squeue", "-h", "-t", "R,CG"], check=False)
                           .strip(), 20, "running jobs to end")
         for name in ("slurmd", "slurmctld", "munged"):
             self._stop_proc(name)

@@ -9,35 +9,20 @@ one run.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ztgpu.testing.agent_process import AgentProcess, simulated_gpus
 from ztgpu.testing.slurm_cluster import ClusterError, ClusterSpec, SlurmTestCluster, slurm_cluster
-
-#: NVML enumeration order deliberately differs from minor numbers, as it can
-#: on real nodes: the suite must never assume index == minor.
-SIM_INDEX_FOR_MINOR = (2, 0, 3, 1, 6, 4, 7, 5)
-
-
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
-
-
-def simulated_gpus(count: int) -> list[dict[str, Any]]:
-    return [{"index": SIM_INDEX_FOR_MINOR[m], "minor": m,
-             "uuid": f"GPU-5{m:07d}-0000-4000-8000-0000000000{m:02d}",
-             "pci_bus_id": f"00000000:{0x17 + m * 0x10:02X}:00.0", "name": "Simulated H100"}
-            for m in range(count)]
 
 
 def agent_config(cluster: SlurmTestCluster, base: Path, **overrides: Any) -> dict[str, Any]:
@@ -61,18 +46,11 @@ def agent_config(cluster: SlurmTestCluster, base: Path, **overrides: Any) -> dic
     return config
 
 
-@dataclass
-class SuiteCluster:
-    cluster: SlurmTestCluster
-    base: Path
-    config_path: Path
-    config: dict[str, Any]
-    agent: subprocess.Popen[bytes] | None = None
-    env: dict[str, str] = field(default_factory=dict)
+@dataclass(kw_only=True)
+class SuiteCluster(AgentProcess):
+    """The agent of a private cluster, with the cluster it serves."""
 
-    @property
-    def socket(self) -> str:
-        return str(self.config["paths"]["socket"])
+    cluster: SlurmTestCluster
 
     @property
     def cgroup_name(self) -> str:
@@ -80,77 +58,24 @@ class SuiteCluster:
 
     def ztgpu(self, *args: str, check: bool = True, timeout: float = 60
               ) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([_bin("ztgpu"), "--config", str(self.config_path), *args],
-                             capture_output=True, text=True, timeout=timeout, check=False,
-                             env=self.env)
+        """Run the ``ztgpu`` CLI against this cluster's config."""
+        res = subprocess.run([str(Path(sys.executable).with_name("ztgpu")), "--config",
+                              str(self.config_path), *args], capture_output=True, text=True,
+                             timeout=timeout, check=False, env=self.env())
         if check and res.returncode != 0:
             raise ClusterError(f"ztgpu {' '.join(args)} failed ({res.returncode}): "
                                f"{res.stderr.strip()}")
         return res
 
+    # The names the tests and the demo use for the agent's life cycle.
     def start_agent(self) -> None:
-        if self.agent is not None and self.agent.poll() is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            Path(self.socket).unlink()
-        log = open(self.base / "noded.stdout", "ab")  # noqa: SIM115
-        self.agent = subprocess.Popen([_bin("ztgpu-noded"), "--config", str(self.config_path)],
-                                      stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=self.env,
-                                      start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + 30
-        while not Path(self.socket).exists():
-            if self.agent.poll() is not None:
-                raise ClusterError("ztgpu-noded exited at start:\n" + self.agent_log())
-            if time.monotonic() > deadline:
-                raise ClusterError("ztgpu-noded did not open its socket in 30s")
-            time.sleep(0.05)
+        self.start()
 
     def stop_agent(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.agent is None:
-            return None
-        if self.agent.poll() is None:
-            self.agent.send_signal(sig)
-            try:
-                self.agent.wait(20)
-            except subprocess.TimeoutExpired:
-                self.agent.kill()
-                self.agent.wait(5)
-        code = self.agent.returncode
-        self.agent = None
-        return code
+        return self.stop(sig)
 
     def agent_log(self) -> str:
-        parts = []
-        for name in ("noded.stdout",):
-            path = self.base / name
-            if path.exists():
-                parts.append(path.read_text(errors="replace"))
-        return "\n".join(parts)[-5000:]
-
-    def call(self, op: str, **payload: Any) -> Any:
-        from ztgpu.node_client import call
-
-        return call(self.socket, op, timeout=60, **payload)
-
-    def events(self, code: str | None = None, job_id: str | None = None) -> list[dict[str, Any]]:
-        from ztgpu.spool import Spool
-
-        with Spool.open(Path(self.config["paths"]["spool_dir"]) / "events.db",
-                        str(self.config["node"]["name"])) as spool:
-            return [e for e in spool.read(limit=1_000_000, code=code, job_id=job_id)]
-
-    def wait_event(self, code: str, job_id: str | None = None, timeout: float = 30
-                   ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.events(code, job_id)
-            if found:
-                return found[-1]
-            time.sleep(0.1)
-        raise ClusterError(f"no {code} event for job {job_id} within {timeout}s; agent log:\n"
-                           + self.agent_log())
+        return self.log()
 
 
 @contextlib.contextmanager
@@ -165,10 +90,7 @@ def suite_cluster(spec: ClusterSpec | None = None, *, start_agent: bool = True,
         config = agent_config(cluster, base, **overrides)
         path = base / "ztgpu.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        env["ZTGPU_CONFIG"] = str(path)
-        suite = SuiteCluster(cluster=cluster, base=base, config_path=path, config=config,
-                             env=env)
+        suite = SuiteCluster(base=base, config=config, config_path=path, cluster=cluster)
         suite.ztgpu("install", "--slurm-conf", str(cluster.slurm_conf))
         if start_agent:
             suite.start_agent()
