@@ -344,3 +344,24 @@ def test_stale_grant_whose_epilog_never_came_is_reclaimed(tmp_path):
         release = [e for e in stale_agent.events("job.release") if e["job_id"] == "41"]
         assert release and "stale grant" in release[-1]["reason"]
         assert [j["job_id"] for j in stale_agent.call("status")["jobs"]] == ["42"]
+
+
+def test_rest_state_is_configurable_for_site_monitoring(tmp_path):
+    """E.g. DCGM running in a group: GPUs root:daemon 0660 at rest, kept for the group in jobs."""
+    from ztgpu.testing.agent_process import standalone_agent
+
+    with standalone_agent(tmp_path / "a", devices={"rest_group": "daemon",
+                                                   "rest_mode": "0660"}) as site:
+        daemon_gid = DAEMON.pw_gid
+        assert owner_mode(site.dev_dir / "nvidia1") == (0, daemon_gid, 0o660)
+        assert site.run_hook("prolog", job_env("41", gpus="1")).returncode == 0
+        assert owner_mode(site.dev_dir / "nvidia1") == (NOBODY.pw_uid, daemon_gid, 0o660)
+        assert site.run_hook("epilog", job_env("41", gpus="1")).returncode == 0
+        assert owner_mode(site.dev_dir / "nvidia1") == (0, daemon_gid, 0o660)
+
+
+def test_socket_file_is_private_to_root_and_the_slurm_user(agent):
+    st = os.stat(agent.socket)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    task = os.stat(Path(agent.socket).with_name("task.sock"))
+    assert stat.S_IMODE(task.st_mode) == 0o666  # reachable by tasks; the agent checks callers

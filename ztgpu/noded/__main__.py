@@ -89,6 +89,11 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     server = AgentSocketServer(config.paths.socket, handle, allowed_uids=_allowed_uids(config),
                                max_bytes=config.noded.request_max_bytes,
                                timeout_s=config.noded.request_timeout_s, on_reject=on_reject)
+    slurm_uids = _allowed_uids(config) - {0}
+    if slurm_uids:
+        # A non-root SlurmdUser runs the Prolog/Epilog: let it reach the socket
+        # file too (root always can); the peer check above still applies.
+        os.chown(config.paths.socket, min(slurm_uids), 0)
     task_server = AgentSocketServer(config.paths.task_socket, handle_task, allowed_uids=None,
                                     max_bytes=4096, timeout_s=config.noded.request_timeout_s,
                                     on_reject=task_rejects, mode=0o666)
