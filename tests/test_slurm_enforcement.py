@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -293,3 +294,27 @@ def test_install_is_idempotent_on_the_live_slurm_conf(suite):
     shebang = (suite.base / "libexec" / "prolog").read_text().splitlines()[0]
     assert shebang.startswith(f"#!{Path(sys.executable).parent}/python")
     assert shebang.endswith(" -IS")
+
+
+def test_agent_killed_and_restarted_mid_job_keeps_enforcing(suite):
+    c = suite.cluster
+    job = c.sbatch("ztalice", job_script(suite), gpus=1)
+    c.wait_job(job, ["RUNNING"])
+    suite.wait_event("isolation.verified", job)
+    minor = suite.wait_event("job.grant", job)["gpus"][0]["minor"]
+    suite.stop_agent(signal.SIGKILL)
+    suite.start_agent()
+    status = suite.call("status")
+    assert [j["job_id"] for j in status["jobs"]] == [job]
+    assert suite.wait_event("agent.recovered")["jobs"] == [job]
+    # The restarted agent re-learns the job's cgroups and proves isolation again.
+    results = suite.call("verify", job_id=job)
+    assert results and all(r["ok"] for r in results), results
+    assert owner(c.gpu_path(minor))[0] == uid_of("ztalice")
+    finish(suite, job)
+    late = probes(c.output(job))["step1"]
+    assert late[f"nvidia{minor}"] == "open"
+    assert all(late[f"nvidia{m}"] in ("EPERM", "EACCES") for m in range(4) if m != minor)
+    release = suite.wait_event("job.release", job)
+    assert release["outcome"] == "released"
+    assert owner(c.gpu_path(minor)) == (0, 0, 0o600)

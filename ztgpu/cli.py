@@ -28,13 +28,16 @@ def _cmd_install(args: argparse.Namespace) -> int:
     from ztgpu.slurm_conf import install, suite_changes
 
     config = load_config(args.config)
+    changes = suite_changes(hook_path("prolog", config), hook_path("epilog", config),
+                            hook_path("task_prolog", config))
+    # Plan first: a slurm.conf that cannot be read or changed safely stops
+    # the install before any hook is written.
+    result = install(Path(args.slurm_conf), changes, dry_run=True)
     for path, changed in write_hooks(config, dry_run=args.dry_run):
         verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
         print(f"{verb}: {path}")
-    result = install(Path(args.slurm_conf),
-                     suite_changes(hook_path("prolog", config), hook_path("epilog", config),
-                                   hook_path("task_prolog", config)),
-                     dry_run=args.dry_run)
+    if not args.dry_run:
+        result = install(Path(args.slurm_conf), changes, dry_run=False)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if not result.changed:
