@@ -365,3 +365,19 @@ def test_socket_file_is_private_to_root_and_the_slurm_user(agent):
     assert stat.S_IMODE(st.st_mode) == 0o600
     task = os.stat(Path(agent.socket).with_name("task.sock"))
     assert stat.S_IMODE(task.st_mode) == 0o666  # reachable by tasks; the agent checks callers
+
+
+def test_epilog_releases_a_known_job_even_if_its_user_vanished(agent):
+    assert agent.run_hook("prolog", job_env("41", gpus="2")).returncode == 0
+    res = agent.call("epilog", job={"job_id": "41", "uid": 12345, "user": "gone", "gpus": []})
+    assert [g["minor"] for g in res["released"]] == [2]
+    assert owner_mode(agent.dev_dir / "nvidia2") == ROOT_0600
+
+
+def test_prolog_rerun_with_other_gpus_returns_the_old_ones(agent):
+    assert agent.run_hook("prolog", job_env("41", gpus="0,1")).returncode == 0
+    assert agent.run_hook("prolog", job_env("41", gpus="3")).returncode == 0
+    states = device_states(agent)
+    assert states["nvidia0"] == ROOT_0600 and states["nvidia1"] == ROOT_0600
+    assert states["nvidia3"] == (NOBODY.pw_uid, 0, 0o600)
+    assert agent.events("device.drift") == []

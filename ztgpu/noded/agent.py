@@ -236,6 +236,11 @@ class Agent:
                 for gpu in gpus:
                     apply_state(self.device_path(gpu), self.major, gpu.minor,
                                 self._held_state(record))
+                if existing is not None:  # Prolog rerun (e.g. requeue) with other GPUs
+                    for minor in set(existing.record.minors) - set(record.minors):
+                        if minor in self.by_minor:
+                            apply_state(self.device_path(self.by_minor[minor]), self.major,
+                                        minor, self._expected_state(minor)[0])
             except (DeviceError, CgroupError) as exc:
                 self._undo_grant(live)
                 self.spool.append("enforcement.failed", job_id=job_id, uid=uid, user=user,
@@ -247,9 +252,14 @@ class Agent:
         return {"job_id": job_id, "gpus": _gpu_fields(gpus)}
 
     def epilog(self, job: Any) -> dict[str, Any]:
-        """Take the job's GPUs back. Raises Fault if a device could not be restored."""
+        """Take the job's GPUs back. Raises Fault if a device could not be restored.
+
+        Only the job id matters here: whatever else the Epilog's environment
+        says (a user deleted meanwhile, say), a known job's grant is undone.
+        """
+        raw = job.get("job_id") if isinstance(job, dict) else None
         try:
-            job_id = self._check_job(job)[0]
+            job_id = parse_job_id(raw if isinstance(raw, str) else None)
         except InputRejected as exc:
             self._refuse("epilog", str(exc), job)
             raise
