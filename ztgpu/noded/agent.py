@@ -272,11 +272,7 @@ class Agent:
                     raise Fault("; ".join(problems))
                 return {"job_id": job_id, "released": []}
             held = [self.by_minor[m] for m in live.record.minors if m in self.by_minor]
-            problems = self._undo_grant(live)
-            self.spool.append("job.release", job_id=job_id, uid=live.record.uid,
-                              user=live.record.user, gpus=_gpu_fields(held),
-                              outcome="failed" if problems else "released",
-                              reason="; ".join(problems))
+            problems = self._release(live, "")
             if problems:
                 raise Fault("; ".join(problems))
         return {"job_id": job_id, "released": _gpu_fields(held)}
@@ -293,15 +289,19 @@ class Agent:
         return not found.freezer and not found.devices
 
     def _release_stale(self, record: JobRecord) -> None:
-        live = self.jobs[record.job_id]
+        self._release(self.jobs[record.job_id], "stale grant: the job has no processes on "
+                      "this node and its Epilog never reached the agent")
+
+    def _release(self, live: LiveJob, why: str) -> list[str]:
+        """Undo the job's grant and record it; returns what could not be restored."""
+        record = live.record
         held = [self.by_minor[m] for m in record.minors if m in self.by_minor]
         problems = self._undo_grant(live)
         self.spool.append("job.release", job_id=record.job_id, uid=record.uid,
                           user=record.user, gpus=_gpu_fields(held),
                           outcome="failed" if problems else "released",
-                          reason="stale grant: the job has no processes on this node and its "
-                                 "Epilog never reached the agent" + (
-                                     "; " + "; ".join(problems) if problems else ""))
+                          reason="; ".join([why, *problems] if why else problems))
+        return problems
 
     def _undo_grant(self, live: LiveJob) -> list[str]:
         """Restore rest state for the job's GPUs and forget it; returns problems."""
