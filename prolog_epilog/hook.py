@@ -17,7 +17,7 @@ import sys
 
 from ztgpu.errors import AgentUnreachable, Denied, Fault, InputRejected
 from ztgpu.node_client import call, send_checked
-from ztgpu.slurm_env import parse_job_env, printable
+from ztgpu.slurm_env import parse_job_env
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def run_hook(hook: str, socket_path: str, env: Mapping[str, str],
         _say(hook, f"job refused, no GPU granted: {exc}")
         try:
             call(socket_path, "refused", timeout=timeout, hook=hook, reason=str(exc),
-                 job_id=printable(env.get("SLURM_JOB_ID")))
+                 job_id=(env.get("SLURM_JOB_ID") or "")[:64])
         except AgentUnreachable as down:
             _say(hook, f"node unsafe: {down}; start it with 'systemctl start ztgpu-noded'")
             return EXIT_NODE_UNSAFE

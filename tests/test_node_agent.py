@@ -381,3 +381,24 @@ def test_prolog_rerun_with_other_gpus_returns_the_old_ones(agent):
     assert states["nvidia0"] == ROOT_0600 and states["nvidia1"] == ROOT_0600
     assert states["nvidia3"] == (NOBODY.pw_uid, 0, 0o600)
     assert agent.events("device.drift") == []
+
+
+def test_refusal_of_a_wellformed_job_id_names_the_job(agent):
+    # The hook cannot parse this job (uid and user disagree) but its id is
+    # sound, so the agent records which job was refused and tries to end it.
+    res = agent.run_hook("prolog", job_env("77", uid=DAEMON.pw_uid))
+    assert res.returncode == 0
+    refused = agent.events("job.refused")[-1]
+    assert refused["job_id"] == "77" and "has uid" in refused["reason"]
+    action = agent.wait_event("job.action", "77")
+    assert action["action"] == "cancel_job"
+    assert action["outcome"] == "failed"  # no Slurm here: scancel cannot run, and says so
+
+
+def test_job_cgroup_paths_match_whole_components():
+    from ztgpu.noded.job_cgroups import in_job_cgroup
+
+    assert in_job_cgroup("/slurm_n1/uid_5/job_4/step_0/task_0", "4")
+    assert in_job_cgroup("/ztgpu/job_4", "4")
+    assert not in_job_cgroup("/slurm_n1/uid_5/job_41/step_0", "4")
+    assert not in_job_cgroup("/", "4")

@@ -63,6 +63,15 @@ def finish(suite: SuiteCluster, job_id: str) -> dict[str, str]:
     return suite.cluster.wait_job(job_id, ["COMPLETED", "FAILED", "CANCELLED"], timeout=60)
 
 
+def running_verified(suite: SuiteCluster, user: str, script: str) -> tuple[str, int]:
+    """Submit a 1-GPU job; once it runs and its isolation was verified, return
+    its id and the minor of its GPU."""
+    job = suite.cluster.sbatch(user, script, gpus=1)
+    suite.cluster.wait_job(job, ["RUNNING"])
+    suite.wait_event("isolation.verified", job)
+    return job, int(suite.wait_event("job.grant", job)["gpus"][0]["minor"])
+
+
 def owner(path: Path) -> tuple[int, int, int]:
     st = os.lstat(path)
     return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
@@ -174,8 +183,7 @@ def test_same_user_two_jobs_are_separated_by_the_cgroup(suite):
     for job in (first, second):
         c.wait_job(job, ["RUNNING"])
         suite.wait_event("isolation.verified", job)
-    m1 = suite.wait_event("job.grant", first)["gpus"][0]["minor"]
-    m2 = suite.wait_event("job.grant", second)["gpus"][0]["minor"]
+    m1, m2 = (suite.wait_event("job.grant", j)["gpus"][0]["minor"] for j in (first, second))
     # Both device files now belong to ztalice: only the cgroup tells the jobs apart.
     assert owner(c.gpu_path(m1))[0] == owner(c.gpu_path(m2))[0] == uid_of("ztalice")
     for job in (first, second):
@@ -196,10 +204,7 @@ def test_same_user_two_jobs_are_separated_by_the_cgroup(suite):
 def test_driver_resetting_device_modes_is_caught_and_the_cgroup_still_holds(suite):
     """Like the NVIDIA driver with NVreg_ModifyDeviceFiles=1 rewriting modes to 0666."""
     c = suite.cluster
-    job = c.sbatch("ztalice", job_script(suite), gpus=1)
-    c.wait_job(job, ["RUNNING"])
-    suite.wait_event("isolation.verified", job)
-    mine = suite.wait_event("job.grant", job)["gpus"][0]["minor"]
+    job, mine = running_verified(suite, "ztalice", job_script(suite))
     other = (mine + 1) % 4
     before = len(suite.events("device.drift"))
     os.chmod(c.gpu_path(other), 0o666)
@@ -239,10 +244,7 @@ def _open_cgroups_for(job: str, minor: int) -> None:
 
 def test_isolation_violation_is_critical_and_ends_the_job(suite):
     c = suite.cluster
-    job = c.sbatch("ztalice", "#!/bin/sh\nsleep 300\n", gpus=1)
-    c.wait_job(job, ["RUNNING"])
-    suite.wait_event("isolation.verified", job)
-    mine = suite.wait_event("job.grant", job)["gpus"][0]["minor"]
+    job, mine = running_verified(suite, "ztalice", "#!/bin/sh\nsleep 300\n")
     other = (mine + 2) % 4
     _open_cgroups_for(job, other)
     results = suite.call("verify", job_id=job)
@@ -298,10 +300,7 @@ def test_install_is_idempotent_on_the_live_slurm_conf(suite):
 
 def test_agent_killed_and_restarted_mid_job_keeps_enforcing(suite):
     c = suite.cluster
-    job = c.sbatch("ztalice", job_script(suite), gpus=1)
-    c.wait_job(job, ["RUNNING"])
-    suite.wait_event("isolation.verified", job)
-    minor = suite.wait_event("job.grant", job)["gpus"][0]["minor"]
+    job, minor = running_verified(suite, "ztalice", job_script(suite))
     suite.stop_agent(signal.SIGKILL)
     suite.start_agent()
     status = suite.call("status")

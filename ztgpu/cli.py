@@ -71,9 +71,10 @@ def _cmd_audit_tail(args: argparse.Namespace) -> int:
                          "is not configured")
     fmt = format_json if args.json else format_event
     with _open_local_spool(args) as spool:
-        events = spool.last(args.lines)
         if args.job:
-            events = [e for e in spool.read(job_id=args.job, limit=100000)][-args.lines:]
+            events = spool.read(job_id=args.job, limit=1_000_000)[-args.lines:]
+        else:
+            events = spool.last(args.lines)
         for event in events:
             print(fmt(event))
         last = events[-1]["seq"] if events else spool.head()[0]

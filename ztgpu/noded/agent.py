@@ -140,15 +140,14 @@ class Agent:
                          "ownership protects GPUs; jobs of one user are not separated",
                          self.devices.root)
         recovered = self.state.all()
-        if recovered and self.state.boot_changed(_boot_id()):
+        rebooted = self.state.boot_changed(_boot_id())
+        if recovered and rebooted:
             for job_id in recovered:
                 self.state.delete(job_id)
             self.spool.append("agent.recovered", jobs=sorted(recovered, key=int),
                               outcome="discarded",
                               reason="the node rebooted since these grants were made")
             recovered = {}
-        else:
-            self.state.boot_changed(_boot_id())
         with self.lock:
             for job_id, record in recovered.items():
                 self.jobs[job_id] = LiveJob(record=record)
@@ -232,7 +231,6 @@ class Agent:
             live = LiveJob(record=record)
             self.jobs[job_id] = live
             try:
-                self._prepare_own_cgroup(record)
                 for gpu in gpus:
                     apply_state(self.device_path(gpu), self.major, gpu.minor,
                                 self._held_state(record))
@@ -347,7 +345,7 @@ class Agent:
             raise InputRejected("'hook' must be prolog or epilog and 'reason' a string")
         self.spool.append("hook.error", hook=hook, reason=reason[:500],
                           outcome="refused")
-        candidate = job_id.strip("'") if isinstance(job_id, str) else None
+        candidate = job_id if isinstance(job_id, str) else None
         self._refuse(hook, reason[:500], {"job_id": candidate})
         return {"recorded": True}
 
@@ -387,73 +385,76 @@ class Agent:
         cgroup = self.devices.ensure(f"{self.own_cgroup}/job_{record.job_id}")
         self.devices.deny(cgroup, self._denied_for(record))
 
-    def sweep(self) -> list[str]:
-        """Confine every process of every local job; return jobs with new cgroups to probe."""
+    def sweep(self) -> None:
+        """Confine every process of every local job (and retry leftover cgroup removals)."""
         with self.work_lock:
-            return self._sweep()
+            with self.lock:
+                jobs = list(self.jobs.values())
+            for live in jobs:
+                try:
+                    self._confine(live)
+                except CgroupError as exc:
+                    self.spool.append("enforcement.failed", job_id=live.record.job_id,
+                                      uid=live.record.uid, user=live.record.user,
+                                      outcome="error", reason=str(exc))
+            for cgroup in list(self.stale_cgroups):
+                if self.devices.remove(cgroup, attempts=1):
+                    self.stale_cgroups.discard(cgroup)
 
-    def _sweep(self) -> list[str]:
+    def _place(self, live: LiveJob, pid: int) -> Path | None:
+        """Make sure *pid* sits in a devices cgroup that denies the job's other GPUs.
+
+        A pid already in one of Slurm's cgroups for this job gets our denies
+        added there (once per cgroup); any other pid is moved into the agent's
+        own cgroup for the job. Returns the cgroup, or None if the pid is
+        gone or the job was released meanwhile (its cgroup is not recreated).
+        """
+        record = live.record
+        path = job_cgroups.devices_cgroup_of(pid)
+        if path is None:
+            return None
+        if job_cgroups.in_job_cgroup(path, record.job_id):
+            cgroup = self.devices.path(path)
+            if cgroup not in live.hardened:
+                self.devices.deny(cgroup, self._denied_for(record))
+                live.hardened.add(cgroup)
+            return cgroup
+        own = self.devices.path(f"{self.own_cgroup}/job_{record.job_id}")
         with self.lock:
-            jobs = list(self.jobs.values())
-        to_probe = []
-        for live in jobs:
-            try:
-                if self._confine(live):
-                    to_probe.append(live.record.job_id)
-            except CgroupError as exc:
-                self.spool.append("enforcement.failed", job_id=live.record.job_id,
-                                  uid=live.record.uid, user=live.record.user,
-                                  outcome="error", reason=str(exc))
-        for cgroup in list(self.stale_cgroups):
-            if self.devices.remove(cgroup, attempts=1):
-                self.stale_cgroups.discard(cgroup)
-        return to_probe
+            if record.job_id not in self.jobs:
+                return None
+            if not own.exists():
+                self._prepare_own_cgroup(record)
+        return own if self.devices.attach(own, pid) else None
 
-    def _confine(self, live: LiveJob) -> bool:
+    def _confine(self, live: LiveJob) -> None:
         record = live.record
         if not self.devices.available():
-            return False
+            return
         found = job_cgroups.find_job_cgroups(self.config.cgroups.root, record.uid,
                                              record.job_id)
-        denied = self._denied_for(record)
-        # Slurm confines the job itself: add our denies at every level.
+        # Slurm confines the job itself: add our denies at every level, so that
+        # narrowing holds even for cgroups no process has entered yet.
         for job_dir in found.devices:
             for cgroup in job_cgroups.subdirs(job_dir):
                 if cgroup not in live.hardened:
                     with contextlib.suppress(CgroupError):
-                        self.devices.deny(cgroup, denied)
+                        self.devices.deny(cgroup, self._denied_for(record))
                         live.hardened.add(cgroup)
-        # Move any job process that is not in a job devices cgroup into ours.
-        own = self.devices.path(f"{self.own_cgroup}/job_{record.job_id}")
         pids: set[int] = set()
         for freezer_dir in found.freezer:
             pids |= job_cgroups.cgroup_pids(freezer_dir)
-        new_cgroups = False
         for pid in sorted(pids):
-            path = job_cgroups.devices_cgroup_of(pid)
-            if path is None:
+            placed = self._place(live, pid)
+            if placed is None or placed in live.probed:
                 continue
-            absolute = self.devices.path(path)
-            if f"/job_{record.job_id}" not in path:
-                with self.lock:
-                    if record.job_id not in self.jobs:
-                        return False  # released meanwhile: do not recreate its cgroup
-                    if not own.exists():
-                        self._prepare_own_cgroup(record)
-                if not self.devices.attach(own, pid):
-                    continue
-                absolute = own
-            if absolute not in live.probed:
-                # Probe where the job's user runs code, not where only root
-                # processes (slurmstepd) live.
-                info = job_cgroups.proc_info(pid)
-                if info is None or info[1] != record.uid:
-                    continue
-                live.probed.setdefault(absolute, 0.0)
-                new_cgroups = True
+            # Probe where the job's user runs code, not where only root
+            # processes (slurmstepd, the extern step's holder) live.
+            info = job_cgroups.proc_info(pid)
+            if info is not None and info[1] == record.uid:
+                live.probed.setdefault(placed, 0.0)
         if pids:
             live.confined = True
-        return new_cgroups
 
     def confine_task(self, pid: int, uid: int) -> dict[str, Any]:
         """Place the calling TaskProlog's task in its job's devices cgroup.
@@ -478,34 +479,22 @@ class Agent:
         if live is None or live.record.uid != uid:
             raise Denied(f"job {job_id} was not granted on this node by ztgpu")
         targets = [pid]
-        mine = job_cgroups.proc_info(pid)
-        if mine is not None:
-            ppid = mine[0]
+        caller = job_cgroups.proc_info(pid)
+        if caller is not None:
+            ppid = caller[0]
             theirs = job_cgroups.proc_info(ppid)
             if theirs is not None and theirs[1] == uid and job_cgroups.job_of_pid(ppid) == owner:
                 targets.append(ppid)
         if not self.devices.available():
-            return {"job_id": job_id, "confined": [], "by": "none"}
-        by = "slurm"
-        with self.lock:
-            for target in targets:
-                path = job_cgroups.devices_cgroup_of(target)
-                if path is None:
-                    continue
-                if f"/job_{job_id}" in path:
-                    cgroup = self.devices.path(path)
-                    if cgroup not in live.hardened:
-                        self.devices.deny(cgroup, self._denied_for(live.record))
-                        live.hardened.add(cgroup)
-                else:
-                    own = self.devices.path(f"{self.own_cgroup}/job_{job_id}")
-                    if not own.exists():
-                        self._prepare_own_cgroup(live.record)
-                    self.devices.attach(own, target)
-                    live.probed.setdefault(own, 0.0)
-                    by = "ztgpu"
-            live.confined = True
-        return {"job_id": job_id, "confined": targets, "by": by}
+            return {"job_id": job_id, "confined": [], "cgroup": None}
+        placed = {target: self._place(live, target) for target in targets}
+        mine = placed[pid]
+        if mine is None:
+            raise Denied(f"job {job_id} is no longer granted on this node")
+        live.probed.setdefault(mine, 0.0)
+        live.confined = True
+        return {"job_id": job_id, "confined": [t for t, cg in placed.items() if cg],
+                "cgroup": str(mine.relative_to(self.devices.root))}
 
     # ---- probing ------------------------------------------------------
     def probe_paths(self) -> list[Path]:

@@ -71,6 +71,12 @@ def _cgroup_line(pid: int, controller: str, proc_root: Path) -> str | None:
     return None
 
 
+def in_job_cgroup(path: str, job_id: str) -> bool:
+    """Whether a cgroup path lies inside a ``job_<job_id>`` directory (a whole
+    path component: job 4 is not job 41)."""
+    return f"/job_{job_id}/" in path.rstrip("/") + "/"
+
+
 def job_of_pid(pid: int, proc_root: Path = Path("/proc")) -> tuple[int, str] | None:
     """(uid, job id) of the Slurm job whose freezer cgroup holds *pid*, if any."""
     path = _cgroup_line(pid, "freezer", proc_root)
