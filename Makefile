@@ -7,8 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Debian packages: real Slurm + munge for the test cluster, the system Python
-# with venv (pam_python embeds this interpreter later).
-DEB_PACKAGES := slurm-wlm munge libslurm-dev python3 python3-venv python3-dev passwd util-linux
+# with venv (pam_python embeds this interpreter later); PostgreSQL and rsyslog
+# (with its TLS driver) as the real database and SIEM receiver the audit
+# tests start privately; openssl for inspecting certificates.
+DEB_PACKAGES := slurm-wlm munge libslurm-dev python3 python3-venv python3-dev passwd util-linux \
+	postgresql rsyslog rsyslog-gnutls openssl
 STAMP_DEB := $(VENV)/.deb-installed
 STAMP_PIP := $(VENV)/.pip-installed
 TYPECHECK_TREE := build/typecheck
@@ -17,7 +20,7 @@ TYPECHECK_TREE := build/typecheck
 
 setup: $(STAMP_PIP)
 
-$(STAMP_DEB):
+$(STAMP_DEB): Makefile
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

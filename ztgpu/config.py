@@ -205,6 +205,114 @@ class NodedConfig(_Strict):
     request_timeout_s: float = Field(default=5.0, gt=0, le=60)
 
 
+class TlsConfig(_Strict):
+    #: The site CA certificate that every peer's certificate must chain to.
+    ca_cert: Path = Path("/etc/ztgpu/pki/ca.crt")
+    #: This host's certificate and key (``ztgpu pki issue``); the key is 0600.
+    cert: Path | None = None
+    key: Path | None = None
+
+    @field_validator("ca_cert", "cert", "key", mode="before")
+    @classmethod
+    def _to_path(cls, value: Any) -> Any:
+        return _absolute(Path(value)) if isinstance(value, str) else value
+
+
+class AuditConfig(_Strict):
+    #: https://host:port of ztgpu-collectord; None keeps events local only.
+    collector_url: str | None = None
+    #: Unacknowledged events the spool may hold before ``spool_full_action``.
+    spool_max_events: int = Field(default=1_000_000, ge=100, le=1_000_000_000)
+    #: ``stop_granting``: refuse GPUs to new jobs until the spool drains.
+    #: ``cancel_jobs``: also end the node's running GPU jobs.
+    spool_full_action: Literal["stop_granting", "cancel_jobs"] = "stop_granting"
+    #: Acknowledged events kept locally for ``ztgpu audit tail --local``.
+    keep_acked_events: int = Field(default=100_000, ge=0, le=1_000_000_000)
+    batch_max_events: int = Field(default=1000, ge=1, le=5000)
+    retry_min_s: float = Field(default=0.5, gt=0, le=60)
+    retry_max_s: float = Field(default=30.0, gt=0, le=3600)
+    request_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    #: How often the node signs its chain head for the collector.
+    checkpoint_interval_s: float = Field(default=60.0, ge=1, le=86400)
+
+    @field_validator("collector_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https://[A-Za-z0-9.\-\[\]:]+(:[0-9]{1,5})?/?",
+                                                  value):
+            raise ValueError("must be https://host[:port] (TLS is mandatory)")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _check_retry(self) -> AuditConfig:
+        if self.retry_min_s > self.retry_max_s:
+            raise ValueError("retry_min_s must not exceed retry_max_s")
+        return self
+
+
+class SyslogConfig(_Strict):
+    #: host:port of an RFC 5425 (syslog over TLS) receiver; None disables it.
+    target: str | None = None
+    #: CA that the receiver's certificate must chain to (default: tls.ca_cert).
+    ca_cert: Path | None = None
+    #: Expected name in the receiver's certificate (default: the host).
+    server_name: str | None = None
+    #: Use tls.cert/tls.key as a client certificate towards the receiver.
+    client_cert: bool = True
+    app_name: str = "ztgpu"
+    queue_max_events: int = Field(default=100_000, ge=100, le=10_000_000)
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}", value):
+            raise ValueError("must be host:port")
+        return value
+
+    @field_validator("ca_cert", mode="before")
+    @classmethod
+    def _to_path(cls, value: Any) -> Any:
+        return _absolute(Path(value)) if isinstance(value, str) else value
+
+
+class CollectorConfig(_Strict):
+    #: Name of this collector in its own audit events.
+    name: str = "collector"
+    listen_host: str = "0.0.0.0"  # noqa: S104 - the service is reached over the network
+    listen_port: int = Field(default=8443, ge=1, le=65535)
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    sqlite_path: Path = Path("/var/lib/ztgpu-collector/audit.db")
+    #: File holding a libpq connection string (it may contain a password, so
+    #: it is read from a 0600 file, never from this config).
+    postgres_dsn_file: Path | None = None
+    #: Largest request body accepted, in bytes.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=4096, le=256 * 1024 * 1024)
+    max_batch_events: int = Field(default=5000, ge=1, le=100_000)
+    #: Largest page the query API returns.
+    max_page_events: int = Field(default=10_000, ge=1, le=1_000_000)
+    #: Also append every stored event to this file as JSON Lines.
+    jsonl_path: Path | None = None
+    syslog: SyslogConfig = SyslogConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.fullmatch(value):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("sqlite_path", "postgres_dsn_file", "jsonl_path", mode="before")
+    @classmethod
+    def _to_path(cls, value: Any) -> Any:
+        return _absolute(Path(value)) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_store(self) -> CollectorConfig:
+        if self.store == "postgres" and self.postgres_dsn_file is None:
+            raise ValueError("store 'postgres' needs postgres_dsn_file")
+        return self
+
+
 class Config(_Strict):
     node: NodeConfig = NodeConfig()
     paths: PathsConfig = PathsConfig()
@@ -214,6 +322,9 @@ class Config(_Strict):
     isolation: IsolationConfig = IsolationConfig()
     slurm: SlurmConfig = SlurmConfig()
     noded: NodedConfig = NodedConfig()
+    tls: TlsConfig = TlsConfig()
+    audit: AuditConfig = AuditConfig()
+    collector: CollectorConfig = CollectorConfig()
 
     @property
     def node_name(self) -> str:

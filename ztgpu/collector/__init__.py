@@ -1,0 +1,1 @@
+"""ztgpu-collectord: central audit collector (ingest, chain checks, storage, query API)."""
