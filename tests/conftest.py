@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ztgpu.testing.agent_process import StandaloneAgent, standalone_agent
+from ztgpu.testing.postgres import PostgresServer, postgres_available
 
 HAVE_ROOT = os.geteuid() == 0
 HAVE_SLURM = all(shutil.which(t) for t in ("slurmctld", "slurmd", "munged", "sbatch"))
@@ -35,3 +37,27 @@ def agent() -> Iterator[StandaloneAgent]:
             yield running
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---- a private PostgreSQL server (ztgpu.testing.postgres) ------------------
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session, in a private temp dir."""
+    if not HAVE_ROOT:
+        pytest.skip("needs root (initdb and postgres run as the postgres OS user)")
+    if not postgres_available():
+        pytest.skip("PostgreSQL server binaries missing (run `make setup`)")
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """DSN of a fresh, uniquely named database, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex}"
+    dsn = postgres_server.create_database(name)
+    try:
+        yield dsn
+    finally:
+        postgres_server.drop_database(name)

@@ -384,3 +384,141 @@ def test_sigkill_mid_stream_leaves_a_valid_spool(spool_path: Path) -> None:
         nxt = hook_error(sp, 0)
         assert nxt["seq"] == seq + 1 and nxt["prev"] == digest
         assert sp.verify().ok and sp.verify().checked == seq + 1
+
+
+# --- acknowledged position, backlog, pruning --------------------------------
+
+
+class SteppingClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.moment = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.moment
+
+
+def test_acked_position_persists_across_reopen(spool_path: Path) -> None:
+    with Spool.open(spool_path, NODE, FixedClock()) as sp:
+        assert sp.acked_seq() == 0
+        for i in range(5):
+            hook_error(sp, i)
+        sp.mark_acked(3)
+        assert sp.acked_seq() == 3
+    with Spool.open(spool_path, NODE, FixedClock()) as sp:
+        assert sp.acked_seq() == 3
+        assert sp.unacked_count() == 2
+
+
+def test_ack_only_moves_forward(spool: Spool) -> None:
+    for i in range(5):
+        hook_error(spool, i)
+    spool.mark_acked(4)
+    spool.mark_acked(2)
+    spool.mark_acked(4)
+    assert spool.acked_seq() == 4
+    spool.mark_acked(5)
+    assert spool.acked_seq() == 5 and spool.unacked_count() == 0
+
+
+def test_ack_beyond_the_head_is_refused(spool: Spool) -> None:
+    with pytest.raises(SpoolError, match="cannot acknowledge seq 1, the newest event is seq 0"):
+        spool.mark_acked(1)
+    for i in range(3):
+        hook_error(spool, i)
+    spool.mark_acked(2)
+    with pytest.raises(SpoolError, match="cannot acknowledge seq 4"):
+        spool.mark_acked(4)
+    assert spool.acked_seq() == 2
+
+
+def test_backlog_figures_follow_the_spool_clock(spool_path: Path) -> None:
+    clock = SteppingClock()
+    with Spool.open(spool_path, NODE, clock) as sp:
+        assert sp.backlog() == {
+            "head_seq": 0, "acked_seq": 0, "unacked": 0,
+            "oldest_unacked_ts": None, "oldest_unacked_age_s": None,
+        }  # fmt: skip
+        hook_error(sp, 0)
+        clock.moment += timedelta(seconds=10)
+        hook_error(sp, 1)
+        clock.moment += timedelta(seconds=5, microseconds=500000)
+        hook_error(sp, 2)
+        assert sp.oldest_unacked_ts() == "2026-11-26T12:00:00.000000Z"
+        assert sp.backlog() == {
+            "head_seq": 3, "acked_seq": 0, "unacked": 3,
+            "oldest_unacked_ts": "2026-11-26T12:00:00.000000Z", "oldest_unacked_age_s": 15.5,
+        }  # fmt: skip
+        sp.mark_acked(1)
+        clock.moment += timedelta(seconds=4.5)
+        backlog = sp.backlog()
+        assert backlog["unacked"] == 2 and sp.unacked_count() == 2
+        assert backlog["oldest_unacked_ts"] == "2026-11-26T12:00:10.000000Z"
+        assert backlog["oldest_unacked_age_s"] == 10.0
+        sp.mark_acked(3)
+        assert sp.backlog()["oldest_unacked_age_s"] is None
+        assert sp.oldest_unacked_ts() is None
+
+
+def test_prune_keeps_unacked_events_and_the_chain_continues(spool: Spool) -> None:
+    events = [hook_error(spool, i) for i in range(10)]
+    spool.mark_acked(7)
+    assert spool.prune_acked(3) == 4  # seq 1..4 go; the newest 3 acked (5..7) stay
+    assert [e["seq"] for e in spool.read()] == list(range(5, 11))
+    assert spool.read() == events[4:]
+    result = spool.verify()
+    assert result.ok and result.checked == 6
+    assert spool.head() == (10, events[-1]["hash"])
+    nxt = hook_error(spool, 10)
+    assert nxt["seq"] == 11 and nxt["prev"] == events[-1]["hash"]
+    assert spool.verify().ok
+    assert spool.prune_acked(3) == 0  # nothing more is acknowledged
+    assert spool.acked_seq() == 7 and spool.unacked_count() == 4
+
+
+def test_prune_with_keep_zero_keeps_only_the_newest_acked_event(spool_path: Path) -> None:
+    with Spool.open(spool_path, NODE, FixedClock()) as sp:
+        events = [hook_error(sp, i) for i in range(6)]
+        sp.mark_acked(4)
+        assert sp.prune_acked(0) == 3
+        assert [e["seq"] for e in sp.read()] == [4, 5, 6]
+        sp.mark_acked(6)
+        assert sp.prune_acked(0) == 2
+        # everything is acknowledged: the head row stays, the chain continues from it
+        assert sp.read() == [events[-1]] and sp.count() == 1
+        assert sp.verify().ok
+    with Spool.open(spool_path, NODE, FixedClock()) as sp:
+        assert sp.head() == (6, events[-1]["hash"])
+        nxt = hook_error(sp, 6)
+        assert nxt["seq"] == 7 and nxt["prev"] == events[-1]["hash"]
+        assert sp.verify().ok and sp.verify().checked == 2
+        with pytest.raises(SpoolError, match="keep must be >= 0"):
+            sp.prune_acked(-1)
+
+
+def test_prune_without_acks_deletes_nothing(spool: Spool) -> None:
+    for i in range(4):
+        hook_error(spool, i)
+    assert spool.prune_acked(0) == 0
+    assert spool.count() == 4 and spool.verify().ok
+
+
+def test_verify_after_prune_still_checks_the_first_remaining_link(
+    spool_path: Path, spool: Spool
+) -> None:
+    events = [hook_error(spool, i) for i in range(6)]
+    spool.mark_acked(5)
+    spool.prune_acked(2)  # seq 4.. remain, seq 3 is the recorded anchor
+    tamper(spool_path, "DELETE FROM events WHERE seq = 4")
+    result = spool.verify()
+    assert not result.ok and result.first_bad_seq == 5
+    assert result.problem == "gap: expected seq 4 after the pruned ones, found 5"
+    forged = {**events[3], "prev": "f" * 64}
+    forged["hash"] = event_hash(forged)
+    tamper(spool_path, "INSERT INTO events (seq, ts, code, job_id, body, hash) "
+                       "VALUES (4, ?, ?, NULL, ?, ?)",
+           forged["ts"], forged["code"], json.dumps(forged), forged["hash"])  # fmt: skip
+    result = spool.verify()
+    assert not result.ok and result.first_bad_seq == 4
+    assert result.problem == "prev does not match the hash of pruned seq 3"

@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
     inst.set_defaults(func=_cmd_install)
 
+    from ztgpu.pki_cli import add_pki_parser
+    add_pki_parser(sub)
+
     audit = sub.add_parser("audit", help="audit events").add_subparsers(
         dest="audit_command", required=True)
     tail = audit.add_parser("tail", help="print recent audit events")

@@ -260,7 +260,6 @@ class SyslogConfig(_Strict):
     #: Use tls.cert/tls.key as a client certificate towards the receiver.
     client_cert: bool = True
     app_name: str = "ztgpu"
-    queue_max_events: int = Field(default=100_000, ge=100, le=10_000_000)
 
     @field_validator("target")
     @classmethod

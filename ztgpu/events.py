@@ -35,6 +35,8 @@ from ztgpu.errors import Fault
 
 SCHEMA_VERSION = 1
 GENESIS_PREV = "0" * 64
+#: Sequence numbers stay below this (64-bit signed in every store).
+MAX_SEQ = 2**62
 
 #: Keys the spool writes; a caller may not supply them.
 ENVELOPE_FIELDS = frozenset({"v", "code", "severity", "node", "seq", "ts", "prev", "hash"})
@@ -120,6 +122,39 @@ EVENT_TYPES: tuple[EventType, ...] = (
         _WARN,
         "peer_uid reason",
         "A socket request was garbage, oversized or unauthorised.",
+    ),
+    _t(
+        "spool.full",
+        _CRIT,
+        "unacked limit action",
+        "The audit spool reached its limit; the node stops granting GPUs.",
+    ),
+    _t("spool.drained", _INFO, "unacked limit", "The audit spool drained; grants resume."),
+    _t("collector.start", _INFO, "version store", "The audit collector started."),
+    _t("collector.stop", _INFO, "reason", "The audit collector stopped."),
+    _t(
+        "audit.gap",
+        _CRIT,
+        "source_node expected_seq received_seq",
+        "A node's events arrived with seqs missing before them.",
+    ),
+    _t(
+        "audit.chain_broken",
+        _CRIT,
+        "source_node seq reason",
+        "A node's batch did not continue its hash chain; nothing of it was stored.",
+    ),
+    _t(
+        "audit.rejected",
+        _WARN,
+        "peer reason",
+        "A collector request was malformed, oversized or held invalid events.",
+    ),
+    _t(
+        "audit.refused",
+        _WARN,
+        "peer reason",
+        "A collector connection or request was refused: certificate or identity.",
     ),
 )
 
@@ -207,6 +242,80 @@ def _check_common(name: str, value: Any) -> str | None:
             ):
                 return 'entries must be {"index": int, "uuid": str, "minor": int}'
     return None
+
+
+def build_event(
+    etype: EventType, node: str, seq: int, prev: str, ts: str, fields: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The next chained event: envelope plus already validated ``fields``, with its hash."""
+    event: dict[str, Any] = {
+        "v": SCHEMA_VERSION,
+        "code": etype.code,
+        "severity": etype.severity.value,
+        "node": node,
+        "seq": seq,
+        "ts": ts,
+        "prev": prev,
+        **fields,
+    }
+    event["hash"] = event_hash(event)
+    return event
+
+
+_TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
+
+
+def check_envelope(event: Any) -> str | None:
+    """What is wrong with a received event's envelope and fields, or None.
+
+    Checks that ``event`` is a dict with the envelope types (``v`` this
+    schema, ``code`` registered with its ``severity``, ``node`` a non-empty
+    str, ``seq`` an int >= 1, ``ts`` RFC 3339 UTC with microseconds, ``prev``
+    and ``hash`` 64 lower-case hex) and that the remaining fields pass
+    ``validate_fields``. It does not recompute the hash.
+    """
+    if not isinstance(event, dict):
+        return "event is not a JSON object"
+    if event.get("v") != SCHEMA_VERSION or isinstance(event.get("v"), bool):
+        return f"unsupported schema version {event.get('v')!r}"
+    code = event.get("code")
+    etype = REGISTRY.get(code) if isinstance(code, str) else None
+    if etype is None or not isinstance(code, str):
+        return f"unknown event code {code!r}"
+    if event.get("severity") != etype.severity.value:
+        return f"{code}: severity must be {etype.severity.value!r}"
+    node, seq = event.get("node"), event.get("seq")
+    if not isinstance(node, str) or not node:
+        return f"{code}: node must be a non-empty str"
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq < MAX_SEQ:
+        return f"{code}: seq must be an int from 1 to {MAX_SEQ - 1}"
+    ts = event.get("ts")
+    if not isinstance(ts, str) or not _TS.fullmatch(ts):
+        return f"{code}: ts must be RFC 3339 UTC with microseconds"
+    for key in ("prev", "hash"):
+        value = event.get(key)
+        if not isinstance(value, str) or not _HEX64.fullmatch(value):
+            return f"{code}: {key} must be 64 lower-case hex digits"
+    try:
+        validate_fields(code, {k: v for k, v in event.items() if k not in ENVELOPE_FIELDS})
+    except EventError as exc:
+        return str(exc)
+    return None
+
+
+CHECKPOINT_DOMAIN = b"ztgpu-checkpoint-v1\n"
+
+
+def checkpoint_message(payload: Mapping[str, Any]) -> bytes:
+    """The bytes a node signs to vouch for its chain head.
+
+    ``payload`` holds ``node``, ``seq``, ``hash`` and ``ts``; the message is a
+    fixed domain prefix plus their canonical JSON, so a checkpoint signature
+    can never be mistaken for a signature over anything else.
+    """
+    body = {key: payload[key] for key in ("node", "seq", "hash", "ts")}
+    return CHECKPOINT_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                          ensure_ascii=False).encode("utf-8")
 
 
 def format_timestamp(moment: datetime) -> str:

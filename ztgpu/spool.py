@@ -8,14 +8,19 @@ Guarantees:
 * ``seq`` is gapless per spool, starting at 1, across reopen, threads and
   processes: the last ``seq``/``hash`` is read and the new row written inside
   one ``BEGIN IMMEDIATE`` transaction.
-* Nothing is ever deleted or silently dropped; a write that cannot be made
-  raises ``SpoolError``.
+* Nothing is silently dropped; a write that cannot be made raises
+  ``SpoolError``. The only deletion is ``prune_acked``, and it removes only
+  events the collector has acknowledged (``mark_acked``), always keeping the
+  newest acknowledged event (the chain head the next append continues, and
+  the event a checkpoint signs). The seq and hash of the last pruned event
+  are kept in ``meta`` so ``verify`` still checks the first remaining link.
 * The database file is mode 0600; a parent directory the spool creates is 0700.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import sqlite3
@@ -32,7 +37,7 @@ from ztgpu.events import (
     SCHEMA_VERSION,
     ChainResult,
     EventError,
-    event_hash,
+    build_event,
     format_timestamp,
     validate_fields,
     verify_chain,
@@ -53,6 +58,11 @@ CREATE INDEX IF NOT EXISTS events_code ON events (code);
 """
 
 _BUSY_TIMEOUT_S = 30.0
+
+# meta keys: the collector's acknowledged position, and the anchor left by pruning
+_ACKED_SEQ = "acked_seq"
+_PRUNED_SEQ = "pruned_seq"
+_PRUNED_HASH = "pruned_hash"
 
 
 class Clock(Protocol):
@@ -85,6 +95,35 @@ def _decode(body: str) -> dict[str, Any]:
     return event
 
 
+def _parse_ts(ts: str) -> datetime:
+    try:
+        return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    except ValueError as exc:
+        raise SpoolError(f"spool row has a malformed timestamp {ts!r}") from exc
+
+
+def _verify_after(
+    anchor_seq: int, anchor_hash: str | None, events: Iterator[Mapping[str, Any]]
+) -> ChainResult:
+    """``verify_chain``, first checking that the events continue a pruned prefix."""
+    if anchor_seq == 0:
+        return verify_chain(events)
+    first = next(events, None)
+    if first is None:
+        return ChainResult(False, 0, None, f"no events left after pruning through {anchor_seq}")
+    seq = first.get("seq")
+    if seq != anchor_seq + 1:
+        found = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+        problem = f"gap: expected seq {anchor_seq + 1} after the pruned ones, found {seq}"
+        return ChainResult(False, 0, found, problem)
+    prev = first.get("prev")
+    if isinstance(prev, str) and prev != anchor_hash:
+        return ChainResult(
+            False, 0, seq, f"prev does not match the hash of pruned seq {anchor_seq}"
+        )
+    return verify_chain(itertools.chain([first], events))
+
+
 def _create_private_file(path: Path) -> None:
     """Create ``path`` as 0600 if missing, force 0600 if present; refuse symlinks."""
     try:
@@ -107,6 +146,11 @@ class Spool:
         self.path = path
         self.node = node
         self._clock = clock
+
+    @property
+    def clock(self) -> Clock:
+        """The clock that stamps this spool's events (and its backlog age)."""
+        return self._clock
 
     @classmethod
     def open(cls, path: Path, node: str, clock: Clock | None = None) -> Spool:
@@ -196,17 +240,8 @@ class Spool:
             rows = []
             for code, etype, fields in checked:
                 seq += 1
-                event: dict[str, Any] = {
-                    "v": SCHEMA_VERSION,
-                    "code": code,
-                    "severity": etype.severity.value,
-                    "node": self.node,
-                    "seq": seq,
-                    "ts": ts,
-                    "prev": prev,
-                    **fields,
-                }
-                event["hash"] = prev = event_hash(event)
+                event = build_event(etype, self.node, seq, prev, ts, fields)
+                prev = event["hash"]
                 body = _encode(event)
                 job_id = event.get("job_id")
                 rows.append(
@@ -241,6 +276,38 @@ class Spool:
             "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
         ).fetchone()
         return (0, GENESIS_PREV) if row is None else (int(row[0]), str(row[1]))
+
+    def _meta_locked(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _meta_int_locked(self, key: str) -> int:
+        value = self._meta_locked(key)
+        try:
+            return 0 if value is None else int(value)
+        except ValueError as exc:
+            raise SpoolError(f"spool {self.path}: meta {key!r} is not an int: {value!r}") from exc
+
+    def _set_meta_locked(self, key: str, value: str) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """One read transaction (a consistent WAL snapshot); the caller holds the lock.
+
+        sqlite errors become SpoolError.
+        """
+        try:
+            self._conn.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.path}: read failed: {exc}") from exc
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.path}: read failed: {exc}") from exc
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
@@ -291,19 +358,108 @@ class Spool:
         """Number of events stored."""
         return int(self._query("SELECT count(*) FROM events")[0][0])
 
+    # --- the collector's acknowledged position ------------------------------
+
+    def acked_seq(self) -> int:
+        """The seq up to which the collector holds every event (0 before any ack)."""
+        with self._lock, self._snapshot():
+            return self._meta_int_locked(_ACKED_SEQ)
+
+    def mark_acked(self, seq: int) -> None:
+        """Durably record that the collector holds every event up to ``seq``.
+
+        Only moves forward: a ``seq`` at or below the current position changes
+        nothing. Raises SpoolError (and writes nothing) for a ``seq`` beyond
+        the newest event, or if the write fails.
+        """
+        with self._lock, self._transaction():
+            head, _ = self._head_locked()
+            if seq > head:
+                raise SpoolError(
+                    f"spool {self.path}: cannot acknowledge seq {seq}, "
+                    f"the newest event is seq {head}"
+                )
+            if seq > self._meta_int_locked(_ACKED_SEQ):
+                self._set_meta_locked(_ACKED_SEQ, str(seq))
+
+    def unacked_count(self) -> int:
+        """How many events the collector has not acknowledged yet."""
+        with self._lock, self._snapshot():
+            return self._head_locked()[0] - self._meta_int_locked(_ACKED_SEQ)
+
+    def _oldest_unacked_ts_locked(self, acked: int) -> str | None:
+        row = self._conn.execute("SELECT ts FROM events WHERE seq = ?", (acked + 1,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def oldest_unacked_ts(self) -> str | None:
+        """``ts`` of the oldest unacknowledged event; None when all are acknowledged."""
+        with self._lock, self._snapshot():
+            return self._oldest_unacked_ts_locked(self._meta_int_locked(_ACKED_SEQ))
+
+    def backlog(self) -> dict[str, Any]:
+        """The forwarding backlog, read in one snapshot.
+
+        Keys: ``head_seq``, ``acked_seq``, ``unacked``, ``oldest_unacked_ts``
+        (None when nothing is pending) and ``oldest_unacked_age_s`` (seconds
+        from that event's ts to this spool's clock, never negative; None when
+        nothing is pending). Raises SpoolError on a read failure.
+        """
+        with self._lock, self._snapshot():
+            head, _ = self._head_locked()
+            acked = self._meta_int_locked(_ACKED_SEQ)
+            oldest = self._oldest_unacked_ts_locked(acked)
+        age: float | None = None
+        if oldest is not None:
+            now = self._clock.now()
+            if now.tzinfo is None or now.utcoffset() is None:
+                raise SpoolError(f"spool {self.path}: the clock is not timezone-aware")
+            age = max(0.0, (now - _parse_ts(oldest)).total_seconds())
+        return {
+            "head_seq": head,
+            "acked_seq": acked,
+            "unacked": head - acked,
+            "oldest_unacked_ts": oldest,
+            "oldest_unacked_age_s": age,
+        }
+
+    def prune_acked(self, keep: int) -> int:
+        """Delete acknowledged events but the newest ``max(keep, 1)``; return how many.
+
+        Unacknowledged events are never deleted, and neither is the newest
+        acknowledged one: it may be the chain head (the next append continues
+        from it) and it is the event a checkpoint signs. The seq and hash of
+        the newest deleted event are recorded so ``verify`` checks the link to
+        the first remaining one. Raises SpoolError for ``keep < 0`` or if the
+        write fails (then nothing is deleted).
+        """
+        if keep < 0:
+            raise SpoolError(f"prune_acked: keep must be >= 0, got {keep}")
+        with self._lock, self._transaction():
+            cutoff = self._meta_int_locked(_ACKED_SEQ) - max(keep, 1)
+            row = self._conn.execute(
+                "SELECT seq, hash FROM events WHERE seq <= ? ORDER BY seq DESC LIMIT 1", (cutoff,)
+            ).fetchone()
+            if row is None:
+                return 0
+            deleted = self._conn.execute("DELETE FROM events WHERE seq <= ?", (row[0],)).rowcount
+            self._set_meta_locked(_PRUNED_SEQ, str(int(row[0])))
+            self._set_meta_locked(_PRUNED_HASH, str(row[1]))
+        return int(deleted)
+
     def verify(self) -> ChainResult:
         """Check the whole spool as one chain (see ``events.verify_chain``).
 
-        A row whose body cannot be decoded is reported as a broken link at
-        its seq. Holds this spool's lock while reading, so appends from this
+        After ``prune_acked`` the chain starts at the first remaining event,
+        whose seq and ``prev`` are checked against the recorded last pruned
+        event. A row whose body cannot be decoded is reported as a broken link
+        at its seq. Holds this spool's lock while reading, so appends from this
         object wait; other processes keep appending (WAL snapshot).
         """
-        with self._lock:
-            try:
-                cursor = self._conn.execute("SELECT seq, body FROM events ORDER BY seq")
-                return verify_chain(self._bodies(cursor))
-            except sqlite3.Error as exc:
-                raise SpoolError(f"spool {self.path}: read failed: {exc}") from exc
+        with self._lock, self._snapshot():
+            anchor_seq = self._meta_int_locked(_PRUNED_SEQ)
+            anchor_hash = self._meta_locked(_PRUNED_HASH)
+            cursor = self._conn.execute("SELECT seq, body FROM events ORDER BY seq")
+            return _verify_after(anchor_seq, anchor_hash, self._bodies(cursor))
 
     @staticmethod
     def _bodies(cursor: sqlite3.Cursor) -> Iterator[Mapping[str, Any]]:

@@ -32,8 +32,9 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     from ztgpu.gpu.devices import nvidia_major
     from ztgpu.gpu.select import open_backend
     from ztgpu.noded.agent import Agent
-    from ztgpu.noded.server import AgentSocketServer, Peer, RejectLimiter
+    from ztgpu.noded.server import AgentSocketServer, Peer
     from ztgpu.noded.state import StateStore
+    from ztgpu.ratelimit import RejectLimiter
     from ztgpu.slurm_client import CliSlurmClient
     from ztgpu.spool import Spool
 

@@ -180,29 +180,3 @@ class AgentSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServ
             self.on_reject(uid, reason)
         except Exception:
             log.exception("could not record a rejected request")
-
-
-class RejectLimiter:
-    """Records rejected requests from a socket anyone may reach, at most
-    *per_minute* per uid; the rest are counted and the count is recorded with
-    the next one let through (never dropped without a trace)."""
-
-    def __init__(self, record: Callable[[int, str], None], per_minute: int = 10) -> None:
-        self.record = record
-        self.per_minute = per_minute
-        self.lock = threading.Lock()
-        self.window: dict[int, tuple[float, int, int]] = {}  # uid -> (start, seen, held back)
-
-    def __call__(self, uid: int, reason: str) -> None:
-        now = time.monotonic()
-        with self.lock:
-            start, seen, held = self.window.get(uid, (now, 0, 0))
-            if now - start >= 60:
-                start, seen = now, 0
-            if seen >= self.per_minute:
-                self.window[uid] = (start, seen, held + 1)
-                return
-            self.window[uid] = (start, seen + 1, 0)
-        if held:
-            reason = f"{reason} (and {held} more from this uid not recorded individually)"
-        self.record(uid, reason)

@@ -1,0 +1,129 @@
+"""The private PostgreSQL harness: a real server, isolated databases, clean stop."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from ztgpu.testing.postgres import PostgresServer, postgres_available
+
+HAVE_ROOT = os.geteuid() == 0
+needs_postgres = pytest.mark.skipif(
+    not (HAVE_ROOT and postgres_available()),
+    reason="needs root and the PostgreSQL server binaries (run `make setup`)",
+)
+
+
+def _process_group(pgid: int) -> set[int]:
+    """Ids of live processes in process group *pgid* (from /proc)."""
+    members: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state ppid pgrp ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.add(int(entry.name))
+    return members
+
+
+def _processes_mentioning(text: str) -> set[int]:
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+@needs_postgres
+def test_table_round_trip(postgres_dsn: str) -> None:
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute("CREATE TABLE events (seq bigint PRIMARY KEY, code text NOT NULL)")
+        conn.execute("INSERT INTO events VALUES (%s, %s), (%s, %s)",
+                     (1, "job.grant", 2, "job.release"))
+        conn.commit()
+    with psycopg.connect(postgres_dsn) as conn:
+        rows = conn.execute("SELECT seq, code FROM events ORDER BY seq").fetchall()
+        settings = conn.execute(
+            "SELECT current_setting('fsync'), current_setting('listen_addresses')"
+        ).fetchone()
+    assert rows == [(1, "job.grant"), (2, "job.release")]
+    # Durability is what the collector tests measure; no TCP listener.
+    assert settings == ("on", "")
+
+
+@needs_postgres
+def test_fresh_databases_are_isolated(postgres_server: PostgresServer) -> None:
+    first = postgres_server.create_database("iso_first")
+    second = postgres_server.create_database("iso_second")
+    try:
+        with psycopg.connect(first) as conn:
+            conn.execute("CREATE TABLE only_here (x int)")
+            conn.execute("INSERT INTO only_here VALUES (42)")
+            conn.commit()
+        with psycopg.connect(second) as conn:
+            found = conn.execute("SELECT to_regclass('only_here')").fetchone()
+        with psycopg.connect(first) as conn:
+            kept = conn.execute("SELECT x FROM only_here").fetchall()
+    finally:
+        postgres_server.drop_database("iso_first")
+        postgres_server.drop_database("iso_second")
+    assert found == (None,)
+    assert kept == [(42,)]
+    with psycopg.connect(postgres_server.dsn_for("postgres")) as conn:
+        names = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+    assert "iso_first" not in names
+    assert "iso_second" not in names
+
+
+@needs_postgres
+def test_database_names_are_validated(postgres_server: PostgresServer) -> None:
+    for bad in ("Upper", "1abc", "a-b", "x; DROP DATABASE ztgpu", ""):
+        with pytest.raises(ValueError, match="must match"):
+            postgres_server.create_database(bad)
+
+
+@needs_postgres
+def test_stop_leaves_no_process_and_no_directory() -> None:
+    server = PostgresServer()
+    server.start()
+    try:
+        base, data_dir, pid = server.base_dir, server.data_dir, server.pid
+        with psycopg.connect(server.dsn) as conn:
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()
+            assert backend is not None
+            group = _process_group(pid)
+            # postmaster, its auxiliary processes and this backend
+            assert {pid, backend[0]} <= group
+            assert pid in _processes_mentioning(str(data_dir))
+            # Runs as the postgres OS user, never as root.
+            assert (Path("/proc") / str(pid)).stat().st_uid != 0
+    finally:
+        server.stop()
+    assert not base.exists()
+    assert _process_group(pid) == set()
+    assert _processes_mentioning(str(data_dir)) == set()
+    server.stop()  # idempotent
+
+
+def test_missing_binaries_name_make_setup(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from ztgpu.testing import postgres
+
+    monkeypatch.setattr(postgres, "PG_ROOT", tmp_path)
+    assert not postgres.postgres_available()
+    with pytest.raises(postgres.PostgresUnavailable, match="make setup"):
+        PostgresServer().start()

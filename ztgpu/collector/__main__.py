@@ -1,0 +1,112 @@
+"""``ztgpu-collectord``: run the central audit collector until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ztgpu.errors import ConfigError, ZtgpuError
+
+log = logging.getLogger("ztgpu.collector")
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """Read a one-line secret from a file only its owner can read.
+
+    Raises ConfigError naming the file (never its content) if it is missing,
+    empty, or readable by group or others.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot open: {exc.strerror}") from None
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            raise ConfigError(f"{what} {path}: must not be readable by group or others "
+                              "(chmod 600)")
+        data = os.read(fd, 65536).decode("utf-8", "replace").strip()
+    finally:
+        os.close(fd)
+    if not data:
+        raise ConfigError(f"{what} {path}: is empty")
+    return data
+
+
+def serve(config_file: str | None, port_file: Path | None = None) -> int:
+    """Run the collector configured in ``config_file``; returns the exit code."""
+    from ztgpu import __version__
+    from ztgpu.collector.service import CollectorService, run_until_stopped
+    from ztgpu.collector.sinks import start_sinks
+    from ztgpu.collector.store import Store, open_store
+    from ztgpu.config import load_config
+    from ztgpu.pki import load_cert, server_context
+
+    config = load_config(config_file)
+    cc = config.collector
+    if config.tls.cert is None or config.tls.key is None:
+        raise ConfigError("tls.cert and tls.key must name the collector's certificate and key "
+                          "(ztgpu pki issue --role service --name <host>)")
+    context = server_context(config.tls.ca_cert, config.tls.cert, config.tls.key)
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    ca_der = load_cert(config.tls.ca_cert).public_bytes(Encoding.DER)
+    dsn = (read_secret_file(cc.postgres_dsn_file, "collector.postgres_dsn_file")
+           if cc.store == "postgres" and cc.postgres_dsn_file is not None else None)
+
+    def make_store() -> Store:
+        return open_store(cc.store, own_node=cc.name, sqlite_path=cc.sqlite_path, dsn=dsn)
+
+    writer, reader = make_store(), make_store()
+    service = CollectorService(
+        writer=writer, reader=reader, ca_cert_der=ca_der, server_context=context,
+        max_body_bytes=cc.max_body_bytes, max_batch_events=cc.max_batch_events,
+        max_page_events=cc.max_page_events)
+    writer.record("collector.start", version=__version__, store=cc.store)
+
+    def ready(port: int) -> None:
+        if port_file is not None:
+            tmp = port_file.with_suffix(".tmp")
+            tmp.write_text(f"{port}\n")
+            tmp.replace(port_file)
+
+    async def run(stop: asyncio.Event) -> None:
+        sinks = start_sinks(config, make_store)
+        service.on_stored = sinks.wake
+        try:
+            await service.serve(cc.listen_host, cc.listen_port, stop, ready)
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, sinks.stop)
+
+    try:
+        run_until_stopped(run)
+    finally:
+        service.close()
+        writer.record("collector.stop", reason="signal")
+        writer.close()
+        reader.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ztgpu-collectord", description=__doc__)
+    parser.add_argument("--config", help="config file (default: $ZTGPU_CONFIG or "
+                        "/etc/ztgpu/ztgpu.yaml)")
+    parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return serve(args.config, args.port_file)
+    except ZtgpuError as exc:
+        print(f"ztgpu-collectord: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Test harness: a site PKI and a real ``ztgpu-collectord`` process.
+
+``SitePki`` makes a CA and certificates in a private directory.
+``CollectorProcess`` writes a config, starts the collector as a child
+process on a fixed loopback port (so a restart keeps the address), and can
+stop it with SIGTERM or kill it with SIGKILL. ``CollectorClient`` speaks the
+collector's HTTP API over mutual TLS with a given certificate (stdlib
+``http.client``), for tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import yaml
+
+from ztgpu.testing.slurm_cluster import wait_for
+
+
+class SitePki:
+    """A CA plus certificates, all under ``directory``."""
+
+    def __init__(self, directory: Path) -> None:
+        from ztgpu.pki import init_ca
+
+        self.directory = directory
+        self.ca_dir = directory / "ca"
+        self.ca_cert, self.ca_key = init_ca(self.ca_dir)
+        self.certs = directory / "certs"
+
+    def issue(self, role: str, name: str, **kwargs: Any) -> tuple[Path, Path]:
+        """Issue (cert, key) for ``role``/``name``; kwargs go to ``pki.issue``."""
+        from ztgpu.pki import issue
+
+        out = kwargs.pop("out_dir", self.certs / role)
+        return issue(self.ca_dir, role, name, out, **kwargs)
+
+    def context(self, role: str | None, name: str | None) -> ssl.SSLContext:
+        """A client context with a fresh certificate (``role`` None: no certificate)."""
+        from ztgpu.pki import client_context
+
+        if role is None or name is None:
+            return client_context(self.ca_cert, None, None)
+        cert, key = self.issue(role, name)
+        return client_context(self.ca_cert, cert, key)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class CollectorProcess:
+    """One ``ztgpu-collectord`` child process with its own config and store."""
+
+    def __init__(self, base: Path, pki: SitePki, *, store: str = "sqlite",
+                 dsn: str | None = None, collector: dict[str, Any] | None = None,
+                 name: str = "collector") -> None:
+        self.base = base
+        self.pki = pki
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        base.mkdir(parents=True, exist_ok=True)
+        cert, key = pki.issue("service", name, dns_names=["localhost"],
+                              ip_addresses=["127.0.0.1"])
+        section: dict[str, Any] = {
+            "name": name, "listen_host": "127.0.0.1", "listen_port": self.port,
+            "store": store, "sqlite_path": str(base / "audit.db"),
+        }
+        if dsn is not None:
+            dsn_file = base / "postgres.dsn"
+            fd = os.open(dsn_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(dsn + "\n")
+            section["postgres_dsn_file"] = str(dsn_file)
+        section.update(collector or {})
+        self.config_path = base / "ztgpu.yaml"
+        self.config_path.write_text(yaml.safe_dump({
+            "tls": {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)},
+            "collector": section,
+        }))
+        self.log_path = base / "collectord.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> CollectorProcess:
+        port_file = self.base / "port"
+        port_file.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ztgpu.collector", "--config", str(self.config_path),
+                 "--port-file", str(port_file)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log.close()
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"collector exited with {proc.returncode}:\n{self.log()}")
+            return port_file.exists()
+
+        wait_for(ready, timeout, "the collector to listen")
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def __enter__(self) -> CollectorProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class CollectorClient:
+    """Minimal mTLS client of the collector API (one persistent connection)."""
+
+    def __init__(self, url: str, context: ssl.SSLContext, timeout: float = 30.0) -> None:
+        host_port = url.removeprefix("https://")
+        host, _, port = host_port.rpartition(":")
+        self.host, self.port = host, int(port)
+        self.context = context
+        self.timeout = timeout
+        self.conn: http.client.HTTPSConnection | None = None
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """Send one request; returns (status, decoded JSON or raw text)."""
+        for attempt in (1, 2):
+            if self.conn is None:
+                self.conn = http.client.HTTPSConnection(self.host, self.port,
+                                                        context=self.context,
+                                                        timeout=self.timeout)
+            try:
+                self.conn.request(method, path, body=body, headers=headers or {})
+                response = self.conn.getresponse()
+                data = response.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close()
+                if attempt == 2:
+                    raise
+        try:
+            return response.status, json.loads(data)
+        except ValueError:
+            return response.status, data.decode(errors="replace")
+
+    def post(self, path: str, payload: Any) -> tuple[int, Any]:
+        return self.request("POST", path, json.dumps(payload).encode(),
+                            {"Content-Type": "application/json"})
+
+    def get(self, path: str, **query: Any) -> tuple[int, Any]:
+        qs = urlencode({k: v for k, v in query.items() if v is not None})
+        return self.request("GET", f"{path}?{qs}" if qs else path)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def wait_until_stored(client: CollectorClient, node: str, seq: int,
+                      timeout: float = 30.0) -> None:
+    """Wait until the collector's head for ``node`` reaches ``seq`` (auditor client)."""
+
+    def reached() -> bool:
+        status, body = client.get("/v1/nodes")
+        return status == 200 and any(n["node"] == node and n["head_seq"] >= seq
+                                     for n in body["nodes"])
+
+    wait_for(reached, timeout, f"node {node} to reach seq {seq} in the collector")
