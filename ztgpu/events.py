@@ -141,7 +141,7 @@ EVENT_TYPES: tuple[EventType, ...] = (
     _t(
         "audit.chain_broken",
         _CRIT,
-        "source_node seq reason",
+        "source_node bad_seq reason",
         "A node's batch did not continue its hash chain; nothing of it was stored.",
     ),
     _t(
@@ -336,12 +336,11 @@ def canonical_bytes(event: Mapping[str, Any]) -> bytes:
     """
     body = {key: value for key, value in event.items() if key != "hash"}
     try:
-        text = json.dumps(
+        return json.dumps(
             body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
-    except (TypeError, ValueError) as exc:
+        ).encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError: a lone surrogate
         raise EventError(f"event is not JSON data: {exc}") from exc
-    return text.encode("utf-8")
 
 
 def event_hash(event: Mapping[str, Any]) -> str:

@@ -254,7 +254,7 @@ class CollectorService:
     def _record_chain(self, node: str, reason: str) -> None:
         seq = self._bad_seq.get(node, 0)
         self._record_later(lambda: self.writer.record(
-            "audit.chain_broken", source_node=node, seq=seq, reason=reason))
+            "audit.chain_broken", source_node=node, bad_seq=seq, reason=reason))
 
     def _record_later(self, fn: Callable[[], Any]) -> None:
         future = asyncio.get_running_loop().run_in_executor(self._write_pool, fn)
@@ -326,7 +326,12 @@ class CollectorService:
         if peer.name == self.writer.own_node:
             raise Rejected(403, f"node name {peer.name!r} is reserved for the collector",
                            kind="refused")
-        items = prepare_batch(peer.name, await self._body(request), self.max_batch_events)
+        try:
+            items = prepare_batch(peer.name, await self._body(request), self.max_batch_events)
+        except Rejected as exc:
+            if exc.kind == "chain":  # tell the node where its stored chain ends
+                exc.acked_seq = (await self._read(self.reader.heads)).get(peer.name, (0, ""))[0]
+            raise
         result: IngestResult = await self._write(self.writer.ingest, peer.name, items)
         if not result.ok:
             raise Rejected(409, result.problem or "chain conflict", kind="chain",
