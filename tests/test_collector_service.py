@@ -148,7 +148,6 @@ def test_tls_1_2_is_refused(site: tuple[SitePki, CollectorProcess]) -> None:
 def test_node_cannot_submit_another_nodes_events(
     site: tuple[SitePki, CollectorProcess], auditor: CollectorClient
 ) -> None:
-    pki, collector = site
     gpu01 = connect(site, "node", "gpu01")
     events = make_events("gpu02", 1, 3)
     assert gpu01.post("/v1/events", {"node": "gpu02", "events": events})[0] == 403
@@ -161,7 +160,6 @@ def test_node_cannot_submit_another_nodes_events(
 
 def test_roles_are_enforced(site: tuple[SitePki, CollectorProcess],
                             auditor: CollectorClient) -> None:
-    pki, collector = site
     node = connect(site, "node", "gpu03")
     assert node.get("/v1/events", node="gpu03")[0] == 403
     service = connect(site, "service", "authd")
@@ -175,7 +173,7 @@ def test_roles_are_enforced(site: tuple[SitePki, CollectorProcess],
 def test_node_named_like_the_collector_cannot_write_its_chain(
     site: tuple[SitePki, CollectorProcess], auditor: CollectorClient
 ) -> None:
-    pki, collector = site
+    _, collector = site
     impostor = connect(site, "node", "collector")
     before = head(auditor, "collector")
     status, _ = impostor.post("/v1/events", {"node": "collector",
@@ -188,7 +186,6 @@ def test_node_named_like_the_collector_cannot_write_its_chain(
 def test_events_are_acked_only_up_to_the_stored_head(
     site: tuple[SitePki, CollectorProcess], auditor: CollectorClient
 ) -> None:
-    pki, collector = site
     node = connect(site, "node", "gpu10")
     events = make_events("gpu10", 1, 60)
     status, body = node.post("/v1/events", {"node": "gpu10", "events": events[:40]})
@@ -207,7 +204,6 @@ def test_events_are_acked_only_up_to_the_stored_head(
 
 def test_gap_is_recorded(site: tuple[SitePki, CollectorProcess],
                          auditor: CollectorClient) -> None:
-    pki, collector = site
     node = connect(site, "node", "gpu11")
     events = make_events("gpu11", 1, 10)
     assert node.post("/v1/events", {"node": "gpu11", "events": events[:3]})[0] == 200
@@ -250,7 +246,6 @@ def test_bad_bodies_get_4xx_and_store_nothing(
     site: tuple[SitePki, CollectorProcess], auditor: CollectorClient,
     label: str, body: bytes, status: int
 ) -> None:
-    pki, collector = site
     node = connect(site, "node", "gpu20")
     got, reply = node.request("POST", "/v1/events", body, {"Content-Type": "application/json"})
     assert got == status, (label, reply)
@@ -260,7 +255,6 @@ def test_bad_bodies_get_4xx_and_store_nothing(
 
 
 def test_wrong_content_type_is_refused(site: tuple[SitePki, CollectorProcess]) -> None:
-    pki, collector = site
     node = connect(site, "node", "gpu21")
     status, _ = node.request("POST", "/v1/events", b"{}", {"Content-Type": "text/plain"})
     assert status == 415
@@ -297,7 +291,6 @@ def test_rejections_are_recorded_but_rate_limited(tmp_path: Path) -> None:
 def test_garbage_never_stores_and_never_breaks_the_service(
     site: tuple[SitePki, CollectorProcess], auditor: CollectorClient, payload: Any
 ) -> None:
-    pki, collector = site
     client = _garbage_client(site)
     status, reply = client.post("/v1/events", {"node": "gpu30", "events": [payload]})
     assert 400 <= status < 500, reply
