@@ -173,7 +173,6 @@ def test_roles_are_enforced(site: tuple[SitePki, CollectorProcess],
 def test_node_named_like_the_collector_cannot_write_its_chain(
     site: tuple[SitePki, CollectorProcess], auditor: CollectorClient
 ) -> None:
-    _, collector = site
     impostor = connect(site, "node", "collector")
     before = head(auditor, "collector")
     status, _ = impostor.post("/v1/events", {"node": "collector",

@@ -3,35 +3,24 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from ztgpu.testing.postgres import PostgresServer, postgres_available
+from ztgpu.testing.postgres import (
+    PostgresServer,
+    child_pids,
+    postgres_available,
+    process_alive,
+)
 
 HAVE_ROOT = os.geteuid() == 0
 needs_postgres = pytest.mark.skipif(
     not (HAVE_ROOT and postgres_available()),
     reason="needs root and the PostgreSQL server binaries (run `make setup`)",
 )
-
-
-def _process_group(pgid: int) -> set[int]:
-    """Ids of live processes in process group *pgid* (from /proc)."""
-    members: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command name: state ppid pgrp ...
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.add(int(entry.name))
-    return members
 
 
 def _processes_mentioning(text: str) -> set[int]:
@@ -105,18 +94,38 @@ def test_stop_leaves_no_process_and_no_directory() -> None:
         with psycopg.connect(server.dsn) as conn:
             backend = conn.execute("SELECT pg_backend_pid()").fetchone()
             assert backend is not None
-            group = _process_group(pid)
-            # postmaster, its auxiliary processes and this backend
-            assert {pid, backend[0]} <= group
+            children = child_pids(pid)
+            # checkpointer, walwriter, ... and this session's backend
+            assert backend[0] in children
+            assert len(children) >= 3
             assert pid in _processes_mentioning(str(data_dir))
             # Runs as the postgres OS user, never as root.
             assert (Path("/proc") / str(pid)).stat().st_uid != 0
     finally:
         server.stop()
     assert not base.exists()
-    assert _process_group(pid) == set()
+    assert not process_alive(pid)
+    assert not any(process_alive(child) for child in children)
     assert _processes_mentioning(str(data_dir)) == set()
     server.stop()  # idempotent
+
+
+@needs_postgres
+def test_stop_kills_a_server_that_ignores_fast_shutdown(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ztgpu.testing import postgres
+
+    monkeypatch.setattr(postgres, "_STOP_TIMEOUT_S", 1.0)
+    server = PostgresServer()
+    server.start()
+    base, pid = server.base_dir, server.pid
+    children = child_pids(pid)
+    assert children
+    os.kill(pid, signal.SIGSTOP)  # a hung postmaster: SIGINT stays pending
+    server.stop()
+    assert not base.exists()
+    assert not process_alive(pid)
+    assert not any(process_alive(child) for child in children)
 
 
 def test_missing_binaries_name_make_setup(tmp_path: Path,

@@ -40,6 +40,7 @@ close.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -226,10 +227,8 @@ def _peer_problem(sock: ssl.SSLSocket, wait_s: float) -> str | None:
     except OSError as exc:
         return f"receiver ended the session: {exc}"
     finally:
-        try:
+        with contextlib.suppress(OSError):
             sock.settimeout(previous)
-        except OSError:
-            pass
     if not data:
         return "receiver closed the connection"
     return "receiver sent unexpected data"
@@ -263,7 +262,13 @@ class SyslogTlsSender:
 
     @property
     def connected(self) -> bool:
+        """True while a connection is open (it may still turn out to be stale)."""
         return self._sock is not None
+
+    @property
+    def tls_version(self) -> str | None:
+        """The open connection's TLS version (e.g. ``"TLSv1.3"``), or None."""
+        return None if self._sock is None else self._sock.version()
 
     def _connect(self) -> ssl.SSLSocket:
         try:
@@ -318,10 +323,8 @@ class SyslogTlsSender:
         """Close the connection (if any). Safe to call more than once."""
         sock, self._sock = self._sock, None
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
     def __enter__(self) -> SyslogTlsSender:
         return self
@@ -391,10 +394,8 @@ class JsonlWriter:
         """Close the file (if open). Safe to call more than once."""
         fd, self._fd = self._fd, None
         if fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
     def __enter__(self) -> JsonlWriter:
         return self

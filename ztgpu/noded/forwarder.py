@@ -70,6 +70,8 @@ _STALE_CONNECTION = (
     ConnectionResetError,
     ConnectionAbortedError,
     BrokenPipeError,
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
 )
 
 
@@ -459,15 +461,14 @@ class Forwarder:
                 self._close()
                 if reused and attempt == 1:
                     continue
-                raise _Transient(type(exc).__name__, f"{self._url}: {exc!r}") from exc
+                raise _Transient("unreachable", f"cannot reach the collector: {exc!r}") from exc
             except (OSError, http.client.HTTPException) as exc:
                 self._close()
-                raise _Transient(type(exc).__name__, f"{self._url}: {exc!r}") from exc
+                raise _Transient("unreachable", f"cannot reach the collector: {exc!r}") from exc
             if not complete or len(raw) > _MAX_REPLY_BYTES:
                 self._close()
                 if len(raw) > _MAX_REPLY_BYTES:
-                    raise _Transient("protocol", f"{self._url}: reply over {_MAX_REPLY_BYTES} "
-                                                 "bytes")
+                    raise _Transient("protocol", f"collector reply over {_MAX_REPLY_BYTES} bytes")
             with self._status_lock:
                 self._connected = True
             return response.status, *self._parse_reply(raw)

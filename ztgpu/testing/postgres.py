@@ -90,6 +90,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _proc_stat(entry: Path) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, ...)."""
+    try:
+        stat = (entry / "stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_alive(pid: int) -> bool:
+    """True while *pid* exists and is not a zombie."""
+    fields = _proc_stat(Path("/proc") / str(pid))
+    return fields is not None and fields[0] != "Z"
+
+
+def child_pids(parent: int) -> set[int]:
+    """Ids of the live (non-zombie) child processes of *parent*."""
+    children: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _proc_stat(entry)
+        if fields is not None and fields[0] != "Z" and int(fields[1]) == parent:
+            children.add(int(entry.name))
+    return children
+
+
 def _check_db_name(name: str) -> None:
     if not _DB_NAME.fullmatch(name) or len(name) > 63:
         raise ValueError(
@@ -140,7 +167,7 @@ class PostgresServer:
 
     @property
     def pid(self) -> int:
-        """The postmaster's process id (it leads its own process group)."""
+        """The postmaster's process id (its children are its backends and helpers)."""
         if self._proc is None:
             raise PostgresHarnessError("the PostgreSQL server is not started")
         return self._proc.pid
@@ -312,12 +339,24 @@ class PostgresServer:
             return
         except subprocess.TimeoutExpired:
             pass
-        # Still running after the deadline. The postmaster leads its own
-        # process group (not yet reaped, so the id is still ours): the
-        # whole group goes, backends included.
+        # Still running after the deadline. Every postgres child calls
+        # setsid(), so the postmaster's process group holds only itself:
+        # kill its children by parent id first (it is not reaped yet, so
+        # the id is still ours), then the postmaster, and wait until all
+        # of them are gone.
+        children = child_pids(proc.pid)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=_STOP_TIMEOUT_S)
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        while any(process_alive(child) for child in children):
+            if time.monotonic() > deadline:
+                raise PostgresHarnessError(
+                    f"postgres processes {sorted(children)} survived SIGKILL")
+            time.sleep(0.05)
 
     def __enter__(self) -> PostgresServer:
         self.start()
