@@ -96,7 +96,12 @@ def test_the_documented_codes_and_required_fields() -> None:
         "agent.start", "agent.stop", "agent.recovered", "job.grant", "job.release",
         "job.refused", "job.action", "isolation.verified", "isolation.violated",
         "enforcement.failed", "device.drift", "hook.error", "request.rejected",
+        "spool.full", "spool.drained", "collector.start", "collector.stop", "audit.gap",
+        "audit.chain_broken", "audit.rejected", "audit.refused",
     }  # fmt: skip
+    assert REGISTRY["audit.gap"].severity is Severity.CRITICAL
+    assert REGISTRY["audit.chain_broken"].severity is Severity.CRITICAL
+    assert REGISTRY["spool.full"].severity is Severity.CRITICAL
 
 
 # --- validate_fields ------------------------------------------------------
@@ -308,3 +313,67 @@ def test_missing_seq_or_hash_is_reported_not_raised() -> None:
     assert verify_chain(events).problem == "missing prev or hash"
     assert verify_chain([{"code": "x"}]) == verify_chain([{"seq": None}])
     assert not verify_chain([{"code": "x"}]).ok
+
+
+# ---- received events (collector side) ----------------------------------------
+
+def _received() -> dict[str, Any]:
+    from ztgpu.events import GENESIS_PREV, build_event
+
+    return build_event(REGISTRY["agent.stop"], "gpu01", 1, GENESIS_PREV,
+                       "2026-11-26T12:00:00.000000Z", {"reason": "x"})
+
+
+def test_check_envelope_accepts_a_built_event() -> None:
+    from ztgpu.events import check_envelope, event_hash
+
+    event = _received()
+    assert check_envelope(event) is None
+    assert event["hash"] == event_hash(event)
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"v": 2}, "schema version"),
+    ({"v": True}, "schema version"),
+    ({"code": "job.teleport"}, "unknown event code"),
+    ({"severity": "critical"}, "severity must be 'info'"),
+    ({"node": ""}, "node must be"),
+    ({"seq": 0}, "seq must be"),
+    ({"seq": 2**62}, "seq must be"),
+    ({"seq": True}, "seq must be"),
+    ({"ts": "2026-11-26 12:00:00"}, "ts must be"),
+    ({"prev": "XYZ"}, "prev must be"),
+    ({"hash": "0" * 63}, "hash must be"),
+    ({"reason": 5}, "reason"),
+    ({"Upper": 1}, "bad field name"),
+])
+def test_check_envelope_names_the_problem(change: dict[str, Any], problem: str) -> None:
+    from ztgpu.events import check_envelope
+
+    assert problem in (check_envelope({**_received(), **change}) or "")
+
+
+def test_check_envelope_of_non_objects() -> None:
+    from ztgpu.events import check_envelope
+
+    for value in (None, [], "x", 1):
+        assert check_envelope(value) == "event is not a JSON object"
+
+
+def test_checkpoint_message_is_domain_separated_and_stable() -> None:
+    from ztgpu.events import checkpoint_message
+
+    payload = {"node": "gpu01", "seq": 7, "hash": "ab" * 32, "ts": "2026-11-26T12:00:00Z",
+               "sig": "ignored"}
+    assert checkpoint_message(payload) == (
+        b'ztgpu-checkpoint-v1\n{"hash":"' + b"ab" * 32 +
+        b'","node":"gpu01","seq":7,"ts":"2026-11-26T12:00:00Z"}')
+    with pytest.raises(ValueError, match="lacks hash"):
+        checkpoint_message({"node": "gpu01", "seq": 7, "ts": "x"})
+
+
+def test_lone_surrogate_is_an_event_error() -> None:
+    from ztgpu.events import EventError, canonical_bytes
+
+    with pytest.raises(EventError, match="not JSON data"):
+        canonical_bytes({"reason": "\ud800"})

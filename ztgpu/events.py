@@ -303,19 +303,29 @@ def check_envelope(event: Any) -> str | None:
     return None
 
 
-CHECKPOINT_DOMAIN = b"ztgpu-checkpoint-v1\n"
+CHECKPOINT_PREFIX = b"ztgpu-checkpoint-v1\n"
+CHECKPOINT_FIELDS = ("node", "seq", "hash", "ts")
 
 
 def checkpoint_message(payload: Mapping[str, Any]) -> bytes:
-    """The bytes a node signs to vouch for its chain head.
+    """The exact bytes a node signs to vouch for its chain head (a checkpoint).
 
-    ``payload`` holds ``node``, ``seq``, ``hash`` and ``ts``; the message is a
-    fixed domain prefix plus their canonical JSON, so a checkpoint signature
-    can never be mistaken for a signature over anything else.
+    ``CHECKPOINT_PREFIX`` followed by the JSON object of the payload's
+    ``node``, ``seq``, ``hash`` and ``ts`` (other keys such as ``sig`` are left
+    out) with sorted keys, separators ``(",", ":")`` and ASCII escapes. The
+    fixed prefix means a checkpoint signature can never pass for a signature
+    over anything else. Raises ValueError if a field is missing or a value is
+    not JSON data.
     """
-    body = {key: payload[key] for key in ("node", "seq", "hash", "ts")}
-    return CHECKPOINT_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                          ensure_ascii=False).encode("utf-8")
+    missing = [key for key in CHECKPOINT_FIELDS if key not in payload]
+    if missing:
+        raise ValueError(f"checkpoint payload lacks {', '.join(missing)}")
+    body = {key: payload[key] for key in CHECKPOINT_FIELDS}
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except TypeError as exc:
+        raise ValueError(f"checkpoint payload is not JSON data: {exc}") from exc
+    return CHECKPOINT_PREFIX + text.encode("ascii")
 
 
 def format_timestamp(moment: datetime) -> str:

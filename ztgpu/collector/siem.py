@@ -35,7 +35,9 @@ client certificate. ``gtls`` is rsyslog's default TLS driver and does TLS
 1.3 with ECDSA here, so it is the one the suite documents; the ``ossl``
 driver (rsyslog-openssl) passes the same delivery test and reports a
 refused client certificate with an explicit TLS alert instead of a bare
-close.
+close. ``gtls`` also enforces ``x509/name`` in time for the verdict wait;
+``ossl``'s ``x509/name`` check in 8.2302 runs after the session tickets
+(so the sender cannot see it) and was erratic, so use ``gtls`` there.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ztgpu.errors import ConfigError, SpoolError
-from ztgpu.events import format_timestamp
+from ztgpu.events import checkpoint_message, format_timestamp
 from ztgpu.spool import Spool
 
 log = logging.getLogger("ztgpu.forwarder")
@@ -56,9 +56,7 @@ log = logging.getLogger("ztgpu.forwarder")
 EVENTS_PATH = "/v1/events"
 CHECKPOINTS_PATH = "/v1/checkpoints"
 #: Domain separation for checkpoint signatures: version 1 of the format.
-CHECKPOINT_PREFIX = b"ztgpu-checkpoint-v1\n"
 #: The fields a checkpoint signature covers (other keys, e.g. ``sig``, are not).
-CHECKPOINT_FIELDS = ("node", "seq", "hash", "ts")
 
 #: Longest wait for wake() while caught up (bounds the delay of a missed wake).
 _IDLE_WAIT_S = 1.0
@@ -73,26 +71,6 @@ _STALE_CONNECTION = (
     ssl.SSLEOFError,
     ssl.SSLZeroReturnError,
 )
-
-
-def checkpoint_message(payload: Mapping[str, Any]) -> bytes:
-    """The exact bytes a node signs for a checkpoint.
-
-    ``b"ztgpu-checkpoint-v1\\n"`` followed by the JSON object of the payload's
-    ``node``, ``seq``, ``hash`` and ``ts`` (other keys such as ``sig`` are left
-    out) with sorted keys, separators ``(",", ":")`` and ASCII escapes
-    (``json.dumps`` defaults). Raises ValueError if one of those fields is
-    missing or the values are not JSON data.
-    """
-    missing = [key for key in CHECKPOINT_FIELDS if key not in payload]
-    if missing:
-        raise ValueError(f"checkpoint payload lacks {', '.join(missing)}")
-    body = {key: payload[key] for key in CHECKPOINT_FIELDS}
-    try:
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except TypeError as exc:
-        raise ValueError(f"checkpoint payload is not JSON data: {exc}") from exc
-    return CHECKPOINT_PREFIX + text.encode("ascii")
 
 
 class _Transient(Exception):
@@ -362,8 +340,6 @@ class Forwarder:
         with self._status_lock:
             self._sent_batches += 1
             self._last_success_ts = format_timestamp(self._spool.clock.now())
-        with self._progress:
-            self._progress.notify_all()
         log.debug("collector acknowledged seq %d (sent %d..%d)", new, first, last)
         self._maybe_prune(new)
         if self._on_progress is not None:
@@ -371,6 +347,8 @@ class Forwarder:
                 self._on_progress()
             except Exception:  # the agent's callback must not stop forwarding
                 log.exception("audit forwarder: on_progress callback failed")
+        with self._progress:
+            self._progress.notify_all()
         return self._spool.head()[0] > new
 
     def _raise_for(self, status: int, text: str, what: str) -> None:
