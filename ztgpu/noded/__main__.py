@@ -10,10 +10,15 @@ import pwd
 import signal
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ztgpu.config import Config, load_config
-from ztgpu.errors import InputRejected, ZtgpuError
+from ztgpu.errors import ConfigError, InputRejected, ZtgpuError
+
+if TYPE_CHECKING:
+    from ztgpu.noded.forwarder import Forwarder
+    from ztgpu.spool import Spool
 
 
 def _allowed_uids(config: Config) -> set[int]:
@@ -26,12 +31,52 @@ def _allowed_uids(config: Config) -> set[int]:
     return uids
 
 
+class _WakingSink:
+    """The spool as the agent sees it: each new event wakes the forwarder."""
+
+    def __init__(self, spool: Spool, forwarder: Forwarder) -> None:
+        self.spool = spool
+        self.forwarder = forwarder
+
+    def append(self, code: str, **fields: Any) -> dict[str, Any]:
+        event = self.spool.append(code, **fields)
+        self.forwarder.wake()
+        return event
+
+
+def _start_forwarding(config: Config, spool: Spool,
+                      on_progress: Callable[[], object]) -> Forwarder | None:
+    """Start the forwarder if ``audit.collector_url`` is set; None otherwise."""
+    from ztgpu.noded.forwarder import Forwarder
+    from ztgpu.pki import client_context, sign
+
+    audit = config.audit
+    if audit.collector_url is None:
+        logging.getLogger("ztgpu.noded").warning(
+            "audit.collector_url is not set: audit events stay in the local spool only")
+        return None
+    if config.tls.cert is None or config.tls.key is None:
+        raise ConfigError("audit.collector_url needs tls.cert and tls.key (a node "
+                          f"certificate for {config.node_name!r}: ztgpu pki issue --role node)")
+    key = config.tls.key
+    forwarder = Forwarder(
+        spool, url=audit.collector_url,
+        context=client_context(config.tls.ca_cert, config.tls.cert, key),
+        batch_max=audit.batch_max_events, retry_min_s=audit.retry_min_s,
+        retry_max_s=audit.retry_max_s, timeout_s=audit.request_timeout_s,
+        keep_acked=audit.keep_acked_events, checkpoint_interval_s=audit.checkpoint_interval_s,
+        sign=lambda data: sign(key, data), on_progress=on_progress)
+    forwarder.start()
+    return forwarder
+
+
 def serve(config: Config, ready: threading.Event | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT. Returns the exit code."""
     # Heavy imports stay here, out of the thin clients' way.
     from ztgpu.gpu.devices import nvidia_major
     from ztgpu.gpu.select import open_backend
     from ztgpu.noded.agent import Agent
+    from ztgpu.noded.backlog import SpoolGuard
     from ztgpu.noded.server import AgentSocketServer, Peer
     from ztgpu.noded.state import StateStore
     from ztgpu.ratelimit import RejectLimiter
@@ -50,7 +95,23 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     state = StateStore(config.paths.state_dir / "state.db")
     slurm = CliSlurmClient(config.slurm.bin_dir, config.slurm.conf,
                            config.slurm.command_timeout_s)
-    agent = Agent(config, backend, spool, state, slurm, major=major.major)
+    guard = SpoolGuard(spool, config.audit.spool_max_events, config.audit.spool_full_action)
+    forwarder = _start_forwarding(config, spool, on_progress=guard.check)
+    agent = Agent(config, backend, spool if forwarder is None else _WakingSink(spool, forwarder),
+                  state, slurm, major=major.major)
+    if forwarder is not None:
+        # Without a collector nothing is ever acknowledged, so the bound
+        # applies only while forwarding.
+        guard.on_full = agent.on_spool_full
+        agent.guard = guard
+        fwd = forwarder
+
+        def audit_status() -> dict[str, Any]:
+            return {**fwd.status(), **spool.backlog(), "limit": guard.limit,
+                    "full": guard.full, "full_action": guard.action}
+
+        agent.audit_status = audit_status
+        guard.check()
     agent.start()
 
     def on_reject(uid: int, reason: str) -> None:
@@ -123,6 +184,9 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         agent.stop(stop_reason[0])
+        if forwarder is not None:
+            forwarder.flush(timeout=2.0)  # best effort: agent.stop should reach the collector
+            forwarder.stop()
         state.close()
         spool.close()
         backend.close()

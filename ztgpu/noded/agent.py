@@ -42,6 +42,7 @@ from ztgpu.errors import CgroupError, Denied, DeviceError, Fault, InputRejected,
 from ztgpu.gpu.backend import GpuBackend, GpuInfo, slurm_order
 from ztgpu.gpu.devices import gpu_device_path
 from ztgpu.noded import job_cgroups
+from ztgpu.noded.backlog import SpoolGuard
 from ztgpu.noded.state import JobRecord, StateStore
 from ztgpu.slurm_client import SlurmClient
 from ztgpu.slurm_env import check_user, parse_gpus, parse_job_id
@@ -112,6 +113,10 @@ class Agent:
         self.rest = self._rest_state()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: Set by the service when events are forwarded to a collector: the
+        #: bounded-spool guard, and a callable giving the forwarding status.
+        self.guard: SpoolGuard | None = None
+        self.audit_status: Callable[[], dict[str, Any]] | None = None
 
     # ---- setup --------------------------------------------------------
     def _rest_state(self) -> FileState:
@@ -208,6 +213,14 @@ class Agent:
         except InputRejected as exc:
             self._refuse("prolog", str(exc), job)
             raise
+        if self.guard is not None and self.guard.check():
+            # The node cannot account for new work: like a node that fails a
+            # health check, it takes no more jobs (Slurm drains it and
+            # requeues this one) until its audit backlog drains.
+            reason = self.guard.refusal()
+            self.spool.append("job.refused", job_id=job_id, uid=uid, user=user,
+                              outcome="refused", reason=reason)
+            raise Fault(reason)
         record = JobRecord(job_id=job_id, uid=uid, gid=gid, user=user,
                            minors=tuple(g.minor for g in gpus),
                            granted_at=self.clock().isoformat())
@@ -370,9 +383,22 @@ class Agent:
                      "confined": j.confined, "verified_cgroups": len(j.probed),
                      "violated": j.violated}
                     for j in self.jobs.values()]
+        audit: dict[str, Any] = {"forwarding": self.audit_status is not None}
+        if self.audit_status is not None:
+            audit.update(self.audit_status())
         return {"node": self.config.node_name, "backend": self.backend.name,
                 "simulated": self.backend.simulated,
-                "gpus": _gpu_fields(list(self.inventory)), "jobs": jobs}
+                "gpus": _gpu_fields(list(self.inventory)), "jobs": jobs, "audit": audit}
+
+    def on_spool_full(self) -> None:
+        """The guard's hook: with ``cancel_jobs``, end every running GPU job here."""
+        if self.config.audit.spool_full_action != "cancel_jobs":
+            return
+        with self.lock:
+            running = list(self.jobs)
+        for job_id in running:
+            self._act_on_job(job_id, "ztgpu: the node's audit spool is full; GPU work "
+                             "cannot be accounted for")
 
     # ---- confinement --------------------------------------------------
     def _denied_for(self, record: JobRecord) -> list[CharDevice]:
@@ -690,6 +716,8 @@ class Agent:
         while not self._stop.is_set():
             try:
                 self.sweep()
+                if self.guard is not None:
+                    self.guard.check()
                 if self.jobs:
                     self.verify(due_only=True)
                 now = time.monotonic()

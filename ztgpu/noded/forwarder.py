@@ -121,7 +121,7 @@ class Forwarder:
         keep_acked: int,
         checkpoint_interval_s: float,
         sign: Callable[[bytes], bytes] | None,
-        on_progress: Callable[[], None] | None = None,
+        on_progress: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], bool] | None = None,
     ) -> None:
