@@ -97,6 +97,72 @@ def _cmd_audit_verify_local(args: argparse.Namespace) -> int:
     return 1
 
 
+_CONNECTION_OPTIONS = ("collector", "cert", "key", "ca_cert")
+
+
+def _collector_settings(args: argparse.Namespace) -> Any:
+    """``ConnectionSettings`` from --collector/--cert/--key/--ca-cert over the config."""
+    from ztgpu.audit_client import ConnectionSettings
+    from ztgpu.config import config_path, load_config
+
+    return ConnectionSettings.resolve(
+        load_config(args.config), config_path(args.config), collector=args.collector,
+        cert=args.cert, key=args.key, ca_cert=args.ca_cert)
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    if args.local:
+        given = [f"--{name.replace('_', '-')}" for name in _CONNECTION_OPTIONS
+                 if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"--local verifies this node's spool; drop {', '.join(given)}")
+        return _cmd_audit_verify_local(args)
+    from ztgpu.audit_client import open_client, verify_collector
+    from ztgpu.pki import load_cert
+
+    settings = _collector_settings(args)
+    ca = load_cert(settings.ca_cert)
+    with open_client(settings) as client:
+        report = verify_collector(
+            client, ca, on_chain=lambda chain: print("\n".join(chain.lines()), flush=True))
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_audit_trail(args: argparse.Namespace) -> int:
+    from ztgpu.audit_client import EventQuery, open_client, write_trail
+
+    query = EventQuery.from_options(node=args.node, job=args.job, user=args.user,
+                                    code=args.code, since=args.since, until=args.until)
+    if query.is_empty():
+        raise UsageError("audit trail needs a filter: --job, --user, --node, --code, "
+                         "--since or --until")
+    with open_client(_collector_settings(args)) as client:
+        write_trail(client.events(query), args.format, sys.stdout)
+    return 0
+
+
+def _cmd_audit_export(args: argparse.Namespace) -> int:
+    from ztgpu.audit_client import EventQuery, export_jsonl, open_client
+
+    query = EventQuery.from_options(since=args.since, until=args.until)
+    output = Path(args.output) if args.output else None
+    with open_client(_collector_settings(args)) as client:
+        count = export_jsonl(client.events(query), output, sys.stdout.buffer)
+    where = f" to {output}" if output else ""
+    print(f"exported {count} event{'s' if count != 1 else ''}{where}", file=sys.stderr)
+    return 0
+
+
+def _add_collector_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "collector connection (defaults: audit.collector_url, tls.cert, tls.key, tls.ca_cert)")
+    group.add_argument("--collector", metavar="URL", help="https://HOST:PORT of ztgpu-collectord")
+    group.add_argument("--cert", metavar="FILE", help="auditor certificate (PEM)")
+    group.add_argument("--key", metavar="FILE", help="its private key (mode 0600)")
+    group.add_argument("--ca-cert", metavar="FILE", help="the site CA certificate")
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from ztgpu.config import load_config
     from ztgpu.node_client import call
@@ -117,7 +183,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "verified" if job["verified_cgroups"] else "pending")
         print(f"  job {job['job_id']}  user {job['user']}  gpus {job['gpus']}  "
               f"isolation {state}")
+    _print_audit_status(status.get("audit", {}))
     return 0
+
+
+def _print_audit_status(audit: dict[str, Any]) -> None:
+    if not audit.get("forwarding"):
+        print("audit: local spool only (audit.collector_url is not set)")
+        return
+    link = "connected" if audit.get("connected") else "NOT CONNECTED"
+    print(f"audit: forwarding to {audit.get('url')} ({link})")
+    age = audit.get("oldest_unacked_age_s")
+    print(f"  spool: {audit.get('unacked')} unacknowledged of limit {audit.get('limit')} "
+          f"(head seq {audit.get('head_seq')}, acknowledged {audit.get('acked_seq')})"
+          + (f", oldest waiting {age:.0f}s" if isinstance(age, int | float) else ""))
+    if audit.get("full"):
+        print(f"  SPOOL FULL: no new GPU grants on this node (action "
+              f"{audit.get('full_action')})")
+    if audit.get("last_error"):
+        print(f"  last error: {audit['last_error']}")
 
 
 def _cmd_node_verify(args: argparse.Namespace) -> int:
@@ -175,10 +259,30 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("-f", "--follow", action="store_true")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.set_defaults(func=_cmd_audit_tail)
-    verify = audit.add_parser("verify", help="recompute the hash chain")
-    verify.add_argument("--local", action="store_true", required=True,
-                        help="verify this node's spool")
-    verify.set_defaults(func=_cmd_audit_verify_local)
+    verify = audit.add_parser(
+        "verify", help="recompute the hash chains (every node's at the collector, or --local)")
+    verify.add_argument("--local", action="store_true", help="verify this node's spool")
+    _add_collector_options(verify)
+    verify.set_defaults(func=_cmd_audit_verify)
+    trail = audit.add_parser("trail", help="a job's (or filter's) timeline across all nodes")
+    trail.add_argument("--job", help="job id")
+    trail.add_argument("--user", help="user name")
+    trail.add_argument("--node", help="node name")
+    trail.add_argument("--code", help="event code, e.g. job.grant")
+    trail.add_argument("--since", metavar="TIME",
+                       help="from TIME (RFC 3339, a date, or ago: 30m, 12h, 7d)")
+    trail.add_argument("--until", metavar="TIME", help="before TIME (same forms)")
+    trail.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    _add_collector_options(trail)
+    trail.set_defaults(func=_cmd_audit_trail)
+    export = audit.add_parser("export", help="events of a time range as JSON Lines")
+    export.add_argument("--since", metavar="TIME",
+                        help="from TIME (RFC 3339, a date, or ago: 30m, 12h, 7d)")
+    export.add_argument("--until", metavar="TIME", help="before TIME (same forms)")
+    export.add_argument("-o", "--output", metavar="FILE",
+                        help="write FILE (mode 0640, replaced atomically); default stdout")
+    _add_collector_options(export)
+    export.set_defaults(func=_cmd_audit_export)
 
     status = sub.add_parser("status", help="what the node agent enforces now")
     status.add_argument("--node", action="store_true", required=True,

@@ -289,6 +289,8 @@ class CollectorConfig(_Strict):
     max_batch_events: int = Field(default=5000, ge=1, le=100_000)
     #: Largest page the query API returns.
     max_page_events: int = Field(default=10_000, ge=1, le=1_000_000)
+    #: Processes that parse, check and store incoming batches; 0 = one per CPU.
+    ingest_processes: int = Field(default=0, ge=0, le=256)
     #: Also append every stored event to this file as JSON Lines.
     jsonl_path: Path | None = None
     syslog: SyslogConfig = SyslogConfig()

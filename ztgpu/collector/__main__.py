@@ -61,10 +61,13 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
         return open_store(cc.store, own_node=cc.name, sqlite_path=cc.sqlite_path, dsn=dsn)
 
     writer, reader = make_store(), make_store()
+    store_args = {"kind": cc.store, "own_node": cc.name, "sqlite_path": cc.sqlite_path,
+                  "dsn": dsn}
     service = CollectorService(
         writer=writer, reader=reader, ca_cert_der=ca_der, server_context=context,
         max_body_bytes=cc.max_body_bytes, max_batch_events=cc.max_batch_events,
-        max_page_events=cc.max_page_events)
+        max_page_events=cc.max_page_events, store_args=store_args,
+        ingest_processes=cc.ingest_processes)
     writer.record("collector.start", version=__version__, store=cc.store)
 
     def ready(port: int) -> None:

@@ -22,7 +22,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -30,14 +29,19 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
 
-from ztgpu.collector.store import EventFilter, Incoming, IngestResult, Store
-from ztgpu.events import EventError, canonical_bytes, check_envelope, checkpoint_message
+from ztgpu.collector.ingest import IngestPool, Rejected
+from ztgpu.collector.store import EventFilter, Store
+from ztgpu.events import (
+    checkpoint_message,
+    parse_json,
+)
 from ztgpu.ratelimit import RejectLimiter
 
 log = logging.getLogger("ztgpu.collector")
@@ -51,19 +55,6 @@ _CHECKPOINT_KEYS = frozenset({"node", "seq", "hash", "ts", "sig"})
 _CHECKPOINT_SKEW_S = 600.0
 
 
-class Rejected(Exception):
-    """A request that gets a 4xx; ``kind`` picks the audit event recorded for it."""
-
-    def __init__(self, status: int, reason: str, kind: str = "rejected",
-                 seq: int | None = None, acked_seq: int | None = None) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.kind = kind
-        self.seq = seq
-        self.acked_seq = acked_seq
-
-
 @dataclass(frozen=True)
 class Peer:
     """Who sent a request: TLS identity and address."""
@@ -72,51 +63,6 @@ class Peer:
     name: str
     address: str
     cert_der: bytes
-
-
-def prepare_batch(node: str, payload: Any, max_events: int) -> list[Incoming]:
-    """Check a ``POST /v1/events`` body sent by node ``node``.
-
-    Returns the events as ``Incoming`` (seq ascending) or raises Rejected:
-    400 for malformed data, 403 for events of another node, 409
-    (kind ``chain``) when an event's hash does not recompute or consecutive
-    events in the batch do not link.
-    """
-    if not isinstance(payload, dict) or set(payload) != {"node", "events"}:
-        raise Rejected(400, 'body must be {"node": str, "events": [...]}')
-    if payload["node"] != node:
-        raise Rejected(403, f"certificate of node {node!r} cannot submit events of "
-                       f"{str(payload['node'])[:64]!r}", kind="refused")
-    events = payload["events"]
-    if not isinstance(events, list) or not events:
-        raise Rejected(400, "events must be a non-empty list")
-    if len(events) > max_events:
-        raise Rejected(413, f"at most {max_events} events per request")
-    items: list[Incoming] = []
-    for index, event in enumerate(events):
-        problem = check_envelope(event)
-        if problem:
-            raise Rejected(400, f"event {index}: {problem}"[:300])
-        if event["node"] != node:
-            raise Rejected(403, f"event {index} belongs to node {event['node'][:64]!r}",
-                           kind="refused")
-        try:
-            body = canonical_bytes(event)
-        except EventError as exc:
-            raise Rejected(400, f"event {index}: {exc}"[:300]) from None
-        if hashlib.sha256(body).hexdigest() != event["hash"]:
-            raise Rejected(409, f"seq {event['seq']}: hash does not match the event's "
-                           "content (altered in transit or at the source)",
-                           kind="chain", seq=event["seq"])
-        if items:
-            before = items[-1]
-            if event["seq"] <= before.seq:
-                raise Rejected(400, f"event {index}: seqs must increase within a batch")
-            if event["seq"] == before.seq + 1 and event["prev"] != before.hash:
-                raise Rejected(409, f"seq {event['seq']}: prev is not the hash of seq "
-                               f"{before.seq}", kind="chain", seq=event["seq"])
-        items.append(Incoming.from_event(event, body))
-    return items
 
 
 def parse_checkpoint(node: str, payload: Any) -> dict[str, Any]:
@@ -181,7 +127,7 @@ def decode_cursor(text: str) -> tuple[str, str, int]:
     """Inverse of ``encode_cursor``; Rejected(400) for anything else."""
     try:
         ts, node, seq = json.loads(base64.urlsafe_b64decode(text.encode()))
-    except (ValueError, TypeError, binascii.Error):
+    except (ValueError, TypeError, binascii.Error, RecursionError):
         raise Rejected(400, "after is not a cursor this service issued") from None
     if not (isinstance(ts, str) and isinstance(node, str) and isinstance(seq, int)):
         raise Rejected(400, "after is not a cursor this service issued")
@@ -199,7 +145,7 @@ def _int_param(query: Mapping[str, str], key: str, default: int, low: int, high:
 
 def _loads(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return parse_json(body)
     except (ValueError, RecursionError):
         raise Rejected(400, "body is not valid JSON") from None
 
@@ -210,6 +156,7 @@ class CollectorService:
     def __init__(self, *, writer: Store, reader: Store, ca_cert_der: bytes,
                  server_context: ssl.SSLContext, max_body_bytes: int,
                  max_batch_events: int, max_page_events: int,
+                 store_args: dict[str, Any], ingest_processes: int = 0,
                  handshake_timeout_s: float = 10.0) -> None:
         from cryptography import x509
 
@@ -223,6 +170,7 @@ class CollectorService:
         self.handshake_timeout_s = handshake_timeout_s
         self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="collector-write")
         self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="collector-read")
+        self._ingest = IngestPool(store_args, ingest_processes)
         self._limiter: RejectLimiter[str] = RejectLimiter(self._record_refusal)
         self._chain_limiter: RejectLimiter[str] = RejectLimiter(self._record_chain)
         self._bad_seq: dict[str, int] = {}
@@ -310,7 +258,9 @@ class CollectorService:
             raise Rejected(403, f"client certificate has no usable identity: {exc}",
                            kind="refused") from None
         if role is not None and identity.role != role:
-            raise Rejected(403, f"a {identity.role} certificate ({identity.name}) may not use "
+            article = "an" if identity.role[0] in "aeiou" else "a"
+            raise Rejected(403, f"{article} {identity.role} certificate ({identity.name}) may "
+                           "not use "
                            f"{request.method} {request.path}", kind="refused")
         return Peer(identity.role, identity.name, _peer_address(request), der)
 
@@ -326,13 +276,20 @@ class CollectorService:
         if peer.name == self.writer.own_node:
             raise Rejected(403, f"node name {peer.name!r} is reserved for the collector",
                            kind="refused")
+        if request.content_type != "application/json":
+            raise Rejected(415, "body must be application/json")
+        body = await request.read()
         try:
-            items = prepare_batch(peer.name, await self._body(request), self.max_batch_events)
-        except Rejected as exc:
-            if exc.kind == "chain":  # tell the node where its stored chain ends
-                exc.acked_seq = (await self._read(self.reader.heads)).get(peer.name, (0, ""))[0]
-            raise
-        result: IngestResult = await self._write(self.writer.ingest, peer.name, items)
+            result, refusal = await self._ingest.ingest(peer.name, body, self.max_batch_events)
+        except BrokenProcessPool:
+            return web.json_response({"error": "collector busy, retry"}, status=503)
+        if refusal is not None:
+            status, reason, kind, seq = refusal
+            acked = None
+            if kind == "chain":  # tell the node where its stored chain ends
+                acked = (await self._read(self.reader.heads)).get(peer.name, (0, ""))[0]
+            raise Rejected(status, reason, kind, seq, acked)
+        assert result is not None
         if not result.ok:
             raise Rejected(409, result.problem or "chain conflict", kind="chain",
                            seq=result.bad_seq, acked_seq=result.acked_seq)
@@ -378,7 +335,8 @@ class CollectorService:
     async def get_events(self, request: web.Request) -> web.Response:
         self.peer(request, "auditor")
         flt = parse_filter(request.query)
-        limit = _int_param(request.query, "limit", 1000, 1, self.max_page_events)
+        limit = _int_param(request.query, "limit", min(1000, self.max_page_events), 1,
+                           self.max_page_events)
         after = decode_cursor(request.query["after"]) if "after" in request.query else None
         events = await self._read(lambda: self.reader.query(flt, after=after, limit=limit))
         cursor = encode_cursor(events[-1]) if len(events) == limit else None
@@ -390,7 +348,8 @@ class CollectorService:
         if not _NAME.fullmatch(node):
             raise Rejected(400, "node must be a node name")
         after = _int_param(request.query, "after_seq", 0, 0, 2**62)
-        limit = _int_param(request.query, "limit", 1000, 1, self.max_page_events)
+        limit = _int_param(request.query, "limit", min(1000, self.max_page_events), 1,
+                           self.max_page_events)
         events = await self._read(self.reader.chain, node, after, limit)
         return web.json_response({"events": events})
 
@@ -427,6 +386,7 @@ class CollectorService:
                 await asyncio.gather(*self._pending_records, return_exceptions=True)
 
     def close(self) -> None:
+        self._ingest.close()
         self._write_pool.shutdown(wait=True)
         self._read_pool.shutdown(wait=True)
 

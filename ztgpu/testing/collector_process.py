@@ -10,6 +10,7 @@ collector's HTTP API over mutual TLS with a given certificate (stdlib
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -122,9 +123,10 @@ class CollectorProcess:
             return ""
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown code runs."""
+        """SIGKILL to the whole service (its checking processes too): no shutdown code runs."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
     def stop(self) -> int | None:
