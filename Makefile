@@ -58,6 +58,7 @@ demo: install
 
 bench: install
 	$(PY) bench/job_turnaround.py
+	$(PY) bench/collector_ingest.py
 
 clean:
 	rm -rf build dist *.egg-info $(TYPECHECK_TREE)

@@ -28,9 +28,8 @@ Every request has a deadline: ``timeout_s`` bounds the connect and each
 socket read or write of one request.
 
 The wire contract (``POST /v1/events``, ``POST /v1/checkpoints``) is
-described on ``Forwarder``; ``checkpoint_message`` defines the signed bytes
-of a checkpoint and depends on nothing but ``json`` so that the collector and
-the auditor can import it.
+described on ``Forwarder``; ``ztgpu.events.checkpoint_message`` defines the
+signed bytes of a checkpoint, shared with the collector and the auditor.
 """
 
 from __future__ import annotations
