@@ -112,41 +112,26 @@ def decode_row(body: str, digest: str) -> dict[str, Any]:
 
 _COLUMNS = "node, seq, ts, code, job_id, username, hash, prev, body"
 
-_SQLITE_SCHEMA = """
+# One schema for both back ends; only the integer types differ.
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    node TEXT NOT NULL, seq INTEGER NOT NULL, ts TEXT NOT NULL, code TEXT NOT NULL,
+    id {id_column},
+    node TEXT NOT NULL, seq {int} NOT NULL, ts TEXT NOT NULL, code TEXT NOT NULL,
     job_id TEXT, username TEXT, hash TEXT NOT NULL, prev TEXT NOT NULL, body TEXT NOT NULL,
     UNIQUE (node, seq)
 );
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts, node, seq);
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id) WHERE job_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_user ON events (username) WHERE username IS NOT NULL;
-CREATE TABLE IF NOT EXISTS heads (node TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS heads (node TEXT PRIMARY KEY, seq {int} NOT NULL, hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (
-    node TEXT NOT NULL, seq INTEGER NOT NULL, hash TEXT NOT NULL, ts TEXT NOT NULL,
+    node TEXT NOT NULL, seq {int} NOT NULL, hash TEXT NOT NULL, ts TEXT NOT NULL,
     sig TEXT NOT NULL, cert TEXT NOT NULL, received TEXT NOT NULL, PRIMARY KEY (node, seq)
 );
-CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
+CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value {int} NOT NULL)
 """
-
-_POSTGRES_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    id BIGSERIAL PRIMARY KEY,
-    node TEXT NOT NULL, seq BIGINT NOT NULL, ts TEXT NOT NULL, code TEXT NOT NULL,
-    job_id TEXT, username TEXT, hash TEXT NOT NULL, prev TEXT NOT NULL, body TEXT NOT NULL,
-    UNIQUE (node, seq)
-);
-CREATE INDEX IF NOT EXISTS events_ts ON events (ts, node, seq);
-CREATE INDEX IF NOT EXISTS events_job ON events (job_id) WHERE job_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS events_user ON events (username) WHERE username IS NOT NULL;
-CREATE TABLE IF NOT EXISTS heads (node TEXT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    node TEXT NOT NULL, seq BIGINT NOT NULL, hash TEXT NOT NULL, ts TEXT NOT NULL,
-    sig TEXT NOT NULL, cert TEXT NOT NULL, received TEXT NOT NULL, PRIMARY KEY (node, seq)
-);
-CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value BIGINT NOT NULL)
-"""
+_SQLITE_SCHEMA = _SCHEMA.format(id_column="INTEGER PRIMARY KEY", int="INTEGER")
+_POSTGRES_SCHEMA = _SCHEMA.format(id_column="BIGSERIAL PRIMARY KEY", int="BIGINT")
 
 
 class Store:
