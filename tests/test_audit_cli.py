@@ -30,6 +30,7 @@ import pytest
 from ztgpu import pki
 from ztgpu.audit_client import AuditClient, CollectorError, EventQuery, parse_time
 from ztgpu.cli import main
+from ztgpu.collector.store import Incoming, SqliteStore
 from ztgpu.errors import UsageError
 from ztgpu.events import canonical_bytes, checkpoint_message, event_hash, format_timestamp
 from ztgpu.spool import Spool
@@ -452,10 +453,24 @@ def test_verify_reports_recorded_gaps_apart_from_broken_links(
         site.post("gpu03", gpu03[:10])
         assert site.post("gpu03", gpu03[14:])["accepted"] == 6  # seqs 11-14 lost on the node
         site.post("gpu04", filler("gpu04", 8)[3:])  # the node pruned 1-3 before sending
-        # A node cannot excuse a deletion by forging an audit.gap in its own chain.
+        # A node cannot excuse a deletion by forging an audit.gap: the collector
+        # refuses such events from nodes, and verify ignores gap records that
+        # are not in a collector's own chain even if one got into the store.
         site.post("gpu06", filler("gpu06", 5))
-        site.post("gpu05", site.spool_events("gpu05", [(at(1), "audit.gap", {
-            "source_node": "gpu06", "expected_seq": 3, "received_seq": 4})]))
+        forged = site.spool_events("gpu05", [(at(1), "audit.gap", {
+            "source_node": "gpu06", "expected_seq": 3, "received_seq": 4})])
+        client = site.node_client("gpu05")
+        try:
+            status, _ = client.post("/v1/events", {"node": "gpu05", "events": forged})
+        finally:
+            client.close()
+        assert status == 403
+        store = SqliteStore(site.collector.base / "audit.db", "collector")
+        try:
+            assert store.ingest("gpu05", [Incoming.from_event(e, canonical_bytes(e))
+                                          for e in forged]).ok
+        finally:
+            store.close()
         with site.db() as db:
             db.execute("DELETE FROM events WHERE node = 'gpu06' AND seq = 3")
 

@@ -332,3 +332,17 @@ def test_sigterm_records_stop(tmp_path: Path) -> None:
     finally:
         client.close()
         collector.stop()
+
+
+@pytest.mark.parametrize("code", ["audit.gap", "collector.start"])
+def test_nodes_cannot_send_collector_only_events(
+    site: tuple[SitePki, CollectorProcess], auditor: CollectorClient, code: str
+) -> None:
+    node = connect(site, "node", "gpu40")
+    fields = ({"source_node": "gpu41", "expected_seq": 1, "received_seq": 9}
+              if code == "audit.gap" else {"version": "1", "store": "sqlite"})
+    forged = build_event(REGISTRY[code], "gpu40", 1, GENESIS_PREV,
+                         format_timestamp(datetime.now(UTC)), fields)
+    status, body = node.post("/v1/events", {"node": "gpu40", "events": [forged]})
+    assert status == 403 and code in body["error"]
+    assert head(auditor, "gpu40") == 0

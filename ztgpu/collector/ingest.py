@@ -29,6 +29,9 @@ log = logging.getLogger("ztgpu.collector")
 
 Refusal = tuple[int, str, str, int | None]
 
+#: Event categories that only a collector records.
+COLLECTOR_ONLY = ("collector.", "audit.")
+
 
 class Rejected(Exception):
     """A request that gets a 4xx; ``kind`` picks the audit event recorded for it."""
@@ -69,6 +72,11 @@ def prepare_batch(node: str, payload: Any, max_events: int) -> list[Incoming]:
             raise Rejected(400, f"event {index}: {problem}"[:300])
         if event["node"] != node:
             raise Rejected(403, f"event {index} belongs to node {event['node'][:64]!r}",
+                           kind="refused")
+        if event["code"].startswith(COLLECTOR_ONLY):
+            # Only a collector writes these (into its own chain); a node that
+            # sends one tries to forge a gap record or a collector's word.
+            raise Rejected(403, f"event {index}: a node may not send {event['code']!r} events",
                            kind="refused")
         digest = event.pop("hash")
         try:
