@@ -3,7 +3,8 @@
 Runs the same batch of trivial 1-GPU jobs (a job array) twice per round:
 once with no-op shell Prolog/Epilog (the baseline a site has without ztgpu)
 and once with the suite installed (Prolog, Epilog, TaskProlog and the node
-agent). Also times the installed hooks directly against the running agent.
+agent forwarding its audit events to a collector over mutual TLS). Also
+times the installed hooks directly against the running agent.
 
 Prints figures, never asserts on them. The last line is:
 
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ztgpu.testing.collector_process import audit_site
 from ztgpu.testing.slurm_cluster import ClusterSpec, SlurmTestCluster, slurm_cluster
 from ztgpu.testing.suite_cluster import suite_cluster
 
@@ -99,7 +102,9 @@ def main() -> int:
             for _ in range(args.rounds):
                 baseline.append(run_batch(cluster, args.jobs))
                 print(f"baseline round: {baseline[-1]:.2f}s", flush=True)
-        with suite_cluster() as suite:
+        node = socket.gethostname().split(".")[0]
+        # The suite as deployed: the agent forwards its spool to a collector.
+        with audit_site(node) as site, suite_cluster(**site.node_config) as suite:
             run_batch(suite.cluster, 4)
             for _ in range(args.rounds):
                 suite_times.append(run_batch(suite.cluster, args.jobs))
@@ -111,6 +116,9 @@ def main() -> int:
                                args.hook_runs)
             grants = len(suite.events("job.grant"))
             print(f"suite recorded {grants} job.grant events", flush=True)
+            status = suite.call("status")["audit"]
+            print(f"forwarded to the collector: acknowledged seq {status['acked_seq']} of "
+                  f"{status['head_seq']}", flush=True)
     finally:
         for hook in ("noop-prolog", "noop-epilog"):
             (noop_dir / hook).unlink(missing_ok=True)

@@ -17,13 +17,11 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ztgpu.testing import gpu_probe
-from ztgpu.testing.collector_process import CollectorProcess, SitePki
+from ztgpu.testing.collector_process import AuditSite, audit_site
 from ztgpu.testing.slurm_cluster import ClusterSpec, wait_for
 from ztgpu.testing.suite_cluster import SuiteCluster, suite_cluster
 
@@ -105,32 +103,16 @@ def run_demo(keep: bool = False) -> int:
         if not ok:
             failures.append(what)
 
-    central = Path(tempfile.mkdtemp(prefix="ztgpu-demo-audit-"))
-    try:
-        pki = SitePki(central / "pki")
-        collector = CollectorProcess(central / "collector", pki).start()
-    except BaseException:
-        shutil.rmtree(central, ignore_errors=True)
-        raise
     spec = ClusterSpec(constrain_devices=True)
     # The cluster names its one node after this host, as Slurm does.
-    node_cert, node_key = pki.issue("node", socket.gethostname().split(".")[0])
-    auditor_cert, auditor_key = pki.issue("auditor", "demo-auditor")
-    auditor = ["--collector", collector.url, "--cert", str(auditor_cert),
-               "--key", str(auditor_key), "--ca-cert", str(pki.ca_cert)]
-    audit = {"collector_url": collector.url, "checkpoint_interval_s": 2.0}
-    tls = {"ca_cert": str(pki.ca_cert), "cert": str(node_cert), "key": str(node_key)}
-    try:
-        return _run_cluster(spec, check, failures, keep, collector, auditor, audit, tls)
-    finally:
-        collector.stop()
-        shutil.rmtree(central, ignore_errors=True)
+    with audit_site(socket.gethostname().split(".")[0], checkpoint_interval_s=2.0) as site:
+        return _run_cluster(spec, check, failures, keep, site)
 
 
 def _run_cluster(spec: ClusterSpec, check: Callable[[bool, str], None], failures: list[str],
-                 keep: bool, collector: CollectorProcess, auditor: list[str],
-                 audit: dict[str, Any], tls: dict[str, Any]) -> int:
-    with suite_cluster(spec, audit=audit, tls=tls) as suite:
+                 keep: bool, site: AuditSite) -> int:
+    collector, auditor = site.collector, site.auditor_args
+    with suite_cluster(spec, **site.node_config) as suite:
         c = suite.cluster
         gpu_probe.install_probe(c.work_dir)
 

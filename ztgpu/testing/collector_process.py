@@ -14,11 +14,15 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -206,3 +210,42 @@ def wait_until_stored(client: CollectorClient, node: str, seq: int,
                                      for n in body["nodes"])
 
     wait_for(reached, timeout, f"node {node} to reach seq {seq} in the collector")
+
+
+@dataclass
+class AuditSite:
+    """A running collector plus what a node agent and an auditor need to use it."""
+
+    pki: SitePki
+    collector: CollectorProcess
+    #: Config sections (``audit``, ``tls``) for a node agent named ``node``.
+    node_config: dict[str, Any]
+    #: ``ztgpu audit ...`` options that connect with an auditor certificate.
+    auditor_args: list[str]
+
+
+@contextlib.contextmanager
+def audit_site(node: str, **audit: Any) -> Iterator[AuditSite]:
+    """A private PKI and collector in a temporary directory, removed afterwards.
+
+    ``audit`` overrides keys of the node's ``audit`` section.
+    """
+    base = Path(tempfile.mkdtemp(prefix="ztgpu-audit-"))
+    collector: CollectorProcess | None = None
+    try:
+        pki = SitePki(base / "pki")
+        collector = CollectorProcess(base / "collector", pki).start()
+        node_cert, node_key = pki.issue("node", node)
+        auditor_cert, auditor_key = pki.issue("auditor", "auditor")
+        yield AuditSite(
+            pki=pki, collector=collector,
+            node_config={
+                "audit": {"collector_url": collector.url, **audit},
+                "tls": {"ca_cert": str(pki.ca_cert), "cert": str(node_cert),
+                        "key": str(node_key)}},
+            auditor_args=["--collector", collector.url, "--cert", str(auditor_cert),
+                          "--key", str(auditor_key), "--ca-cert", str(pki.ca_cert)])
+    finally:
+        if collector is not None:
+            collector.stop()
+        shutil.rmtree(base, ignore_errors=True)
