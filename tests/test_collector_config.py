@@ -85,3 +85,13 @@ def test_collector_refuses_a_readable_key_or_dsn_file(tmp_path: Path) -> None:
     res = run_collector({"tls": tls, "collector": {"sqlite_path": str(tmp_path / "a.db")}},
                         tmp_path)
     assert res.returncode != 0 and str(key) in res.stderr
+
+
+def test_audit_tail_without_local_points_to_the_trail(capsys: pytest.CaptureFixture[str],
+                                                      tmp_path: Path) -> None:
+    from ztgpu.cli import main
+
+    config = tmp_path / "ztgpu.yaml"
+    config.write_text("{}\n")
+    assert main(["--config", str(config), "audit", "tail"]) == 2
+    assert "ztgpu audit trail" in capsys.readouterr().err

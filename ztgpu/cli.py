@@ -67,8 +67,8 @@ def _cmd_audit_tail(args: argparse.Namespace) -> int:
     from ztgpu.audit_view import format_event, format_json
 
     if not args.local:
-        raise UsageError("only --local is available on this node: the central collector "
-                         "is not configured")
+        raise UsageError("audit tail reads this node's spool: add --local; for the "
+                         "central view use `ztgpu audit trail` (e.g. --since 1h)")
     fmt = format_json if args.json else format_event
     with _open_local_spool(args) as spool:
         if args.job:
