@@ -221,3 +221,78 @@ def test_agent_sigkill_while_spooling_keeps_the_chain(site: tuple[Site, Any]) ->
     assert [e["seq"] for e in stored] == list(range(1, head + 1))
     assert verify_chain(stored).ok
     assert not made.own("audit.gap") and not made.own("audit.chain_broken")
+
+
+def test_cancel_jobs_action_ends_running_jobs_when_the_spool_fills() -> None:
+    base = Path(tempfile.mkdtemp(prefix="ztgpu-full-"))
+    base.chmod(0o755)
+    made = Site(base, spool_max_events=100, spool_full_action="cancel_jobs")
+    try:
+        with standalone_agent(base / "agent", node={"name": "gpu01"}, tls=made.tls,
+                              audit=made.audit) as agent:
+            assert agent.run_hook("prolog", job_env("77", gpus="1")).returncode == 0
+            job = 1000
+            while agent.call("status")["audit"]["unacked"] < 100:
+                run_jobs(agent, job, 1)
+                job += 1
+            agent.wait_event("spool.full")
+            action = agent.wait_event("job.action", job_id="77")
+            assert action["action"] == "cancel_job"
+            assert "audit spool is full" in action["reason"]
+    finally:
+        made.auditor.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_agent_refuses_to_forward_with_another_nodes_certificate() -> None:
+    base = Path(tempfile.mkdtemp(prefix="ztgpu-cert-"))
+    base.chmod(0o755)
+    made = Site(base, node="gpu02")  # certificate for gpu02, agent named gpu01
+    try:
+        with pytest.raises(Exception, match="exited at start") as info, \
+                standalone_agent(base / "agent", node={"name": "gpu01"}, tls=made.tls,
+                                 audit=made.audit):
+            pass
+        assert "node certificate for 'gpu01'" in str(info.value)
+    finally:
+        made.auditor.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_renewed_certificates_are_used_without_restarts(site: tuple[Site, Any]) -> None:
+    import base64
+    import socket
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from ztgpu.pki import load_cert, renew
+
+    made, agent = site
+    run_jobs(agent, 600, 1)
+    with local(agent) as spool:
+        wait_until_stored(made.auditor, "gpu01", spool.head()[0])
+    node_cert = Path(made.tls["cert"])
+    service_cert = next((made.base / "pki" / "certs" / "service").glob("*.crt"))
+    for cert in (node_cert, service_cert):
+        assert renew(made.pki.ca_dir, cert, cert.with_suffix(".key"), force=True)
+
+    # The collector serves its renewed certificate on the next handshake.
+    context = made.pki.context("auditor", "renewal-check")
+    host, port = made.collector.url.removeprefix("https://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as tls:
+        served = tls.getpeercert(binary_form=True)
+    assert served == load_cert(service_cert).public_bytes(Encoding.DER)
+
+    # The node switches to its renewed certificate by itself (a new
+    # connection): its next checkpoint is stored with that certificate.
+    run_jobs(agent, 601, 1)
+    new_node = load_cert(node_cert).public_bytes(Encoding.DER)
+
+    def signed_with_new_cert() -> bool:
+        status, body = made.auditor.get("/v1/checkpoints", node="gpu01")
+        return status == 200 and any(base64.b64decode(c["cert"]) == new_node
+                                     for c in body["checkpoints"])
+
+    wait_for(signed_with_new_cert, 30, "a checkpoint over a connection with the new cert")
+    assert agent.alive()

@@ -654,7 +654,8 @@ def test_checkpoint_is_signed_over_the_newest_acked_event(
         later = fill(spool, 5, start=30)
         fwd.wake()
         assert wait_for(lambda: len(collector.checkpoints) == 2)
-        assert fwd.status()["checkpoint_seq"] == 35
+        # The forwarder notes the checkpoint once it has read the reply.
+        assert wait_for(lambda: fwd.status()["checkpoint_seq"] == 35)
     assert set(checkpoint) == {"node", "seq", "hash", "ts", "sig"}
     assert checkpoint["node"] == NODE and checkpoint["seq"] == 30
     assert checkpoint["hash"] == events[-1]["hash"]

@@ -641,3 +641,22 @@ def test_cli_start_does_not_import_cryptography() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.strip() == "False"
+
+
+# ------------------------------------------------------------ renewal in place
+
+
+def test_reloading_context_follows_renewal_and_survives_half_written_files(site: Site) -> None:
+    cert, key = site.client
+    reloading = pki.ReloadingContext(lambda: pki.client_context(site.ca_cert, cert, key),
+                                     [cert, key, site.ca_cert])
+    first = reloading.get()
+    assert reloading.get() is first  # nothing changed: same context
+    assert pki.renew(site.ca, cert, key, force=True)
+    renewed = reloading.get()
+    assert renewed is not first
+    result = handshake(server_ctx(site), renewed)
+    assert result.peer == Identity("node", "gpu01") and result.client_error is None
+    # A key replaced by garbage (renewal half done): the last good context stays.
+    key.write_bytes(b"not a key")
+    assert reloading.get() is renewed

@@ -25,7 +25,7 @@ import pwd
 import re
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -594,3 +594,42 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class ReloadingContext:
+    """An SSL context that follows certificate renewal on disk.
+
+    ``get()`` returns a context built by ``build``; when the modification
+    time or size of any of ``files`` has changed since it was built (``ztgpu
+    pki renew`` replaced the certificate and key), the next ``get()`` builds
+    a new one, so long-running services pick up renewed certificates on
+    their next connection without a restart. If the new files cannot be
+    loaded (say the key was replaced but not yet the certificate), the
+    previous context is kept and the reload is retried on the next call.
+    """
+
+    def __init__(self, build: Callable[[], ssl.SSLContext], files: Sequence[Path]) -> None:
+        self._build = build
+        self._files = [Path(f) for f in files]
+        self._stamp = self._stamps()
+        self._context = build()
+
+    def _stamps(self) -> tuple[tuple[int, int], ...]:
+        out = []
+        for path in self._files:
+            try:
+                st = path.stat()
+                out.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append((-1, -1))
+        return tuple(out)
+
+    def get(self) -> ssl.SSLContext:
+        stamp = self._stamps()
+        if stamp != self._stamp:
+            try:
+                self._context = self._build()
+                self._stamp = stamp
+            except PkiError:
+                pass  # half-replaced files: keep the old context, try again later
+        return self._context

@@ -43,14 +43,16 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
     from ztgpu.collector.sinks import start_sinks
     from ztgpu.collector.store import Store, open_store
     from ztgpu.config import load_config
-    from ztgpu.pki import load_cert, server_context
+    from ztgpu.pki import ReloadingContext, load_cert, server_context
 
     config = load_config(config_file)
     cc = config.collector
     if config.tls.cert is None or config.tls.key is None:
         raise ConfigError("tls.cert and tls.key must name the collector's certificate and key "
                           "(ztgpu pki issue --role service --name <host>)")
-    context = server_context(config.tls.ca_cert, config.tls.cert, config.tls.key)
+    ca_cert, cert, key = config.tls.ca_cert, config.tls.cert, config.tls.key
+    # Renewed certificates are picked up by the next handshake, no restart needed.
+    context = ReloadingContext(lambda: server_context(ca_cert, cert, key), [cert, key, ca_cert])
     from cryptography.hazmat.primitives.serialization import Encoding
 
     ca_der = load_cert(config.tls.ca_cert).public_bytes(Encoding.DER)
@@ -64,7 +66,7 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
     store_args = {"kind": cc.store, "own_node": cc.name, "sqlite_path": cc.sqlite_path,
                   "dsn": dsn}
     service = CollectorService(
-        writer=writer, reader=reader, ca_cert_der=ca_der, server_context=context,
+        writer=writer, reader=reader, ca_cert_der=ca_der, server_context=context.get,
         max_body_bytes=cc.max_body_bytes, max_batch_events=cc.max_batch_events,
         max_page_events=cc.max_page_events, store_args=store_args,
         ingest_processes=cc.ingest_processes)

@@ -154,7 +154,7 @@ class CollectorService:
     """Request handlers plus the TLS acceptor; stores run on their own threads."""
 
     def __init__(self, *, writer: Store, reader: Store, ca_cert_der: bytes,
-                 server_context: ssl.SSLContext, max_body_bytes: int,
+                 server_context: Callable[[], ssl.SSLContext], max_body_bytes: int,
                  max_batch_events: int, max_page_events: int,
                  store_args: dict[str, Any], ingest_processes: int = 0,
                  handshake_timeout_s: float = 10.0) -> None:
@@ -421,7 +421,7 @@ class _TlsAcceptor(asyncio.Protocol):
         started = time.monotonic()
         try:
             tls = await asyncio.get_running_loop().start_tls(
-                transport, protocol, self.service.server_context, server_side=True,
+                transport, protocol, self.service.server_context(), server_side=True,
                 ssl_handshake_timeout=self.service.handshake_timeout_s)
         except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as exc:
             transport.abort()

@@ -48,7 +48,7 @@ def _start_forwarding(config: Config, spool: Spool,
                       on_progress: Callable[[], object]) -> Forwarder | None:
     """Start the forwarder if ``audit.collector_url`` is set; None otherwise."""
     from ztgpu.noded.forwarder import Forwarder
-    from ztgpu.pki import client_context, sign
+    from ztgpu.pki import ReloadingContext, client_context, identity_of, load_cert, sign
 
     audit = config.audit
     if audit.collector_url is None:
@@ -58,10 +58,17 @@ def _start_forwarding(config: Config, spool: Spool,
     if config.tls.cert is None or config.tls.key is None:
         raise ConfigError("audit.collector_url needs tls.cert and tls.key (a node "
                           f"certificate for {config.node_name!r}: ztgpu pki issue --role node)")
-    key = config.tls.key
+    cert, key, ca_cert = config.tls.cert, config.tls.key, config.tls.ca_cert
+    identity = identity_of(load_cert(cert))
+    if identity.role != "node" or identity.name != config.node_name:
+        # The collector would refuse every batch: say so now, not at spool-full time.
+        raise ConfigError(f"tls.cert {cert} is a {identity.role} certificate for "
+                          f"{identity.name!r}; forwarding needs a node certificate for "
+                          f"{config.node_name!r} (ztgpu pki issue --role node --name "
+                          f"{config.node_name})")
+    context = ReloadingContext(lambda: client_context(ca_cert, cert, key), [cert, key, ca_cert])
     forwarder = Forwarder(
-        spool, url=audit.collector_url,
-        context=client_context(config.tls.ca_cert, config.tls.cert, key),
+        spool, url=audit.collector_url, context=context.get,
         batch_max=audit.batch_max_events, retry_min_s=audit.retry_min_s,
         retry_max_s=audit.retry_max_s, timeout_s=audit.request_timeout_s,
         keep_acked=audit.keep_acked_events, checkpoint_interval_s=audit.checkpoint_interval_s,

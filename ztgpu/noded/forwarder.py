@@ -102,6 +102,10 @@ class Forwarder:
       over the newest acknowledged event. 200 answers ``{"ok": true}``; 409
       means the collector does not hold that seq yet.
 
+    ``context`` is the TLS client context, or a callable giving the one to
+    use for each new connection (``pki.ReloadingContext.get``: renewed
+    certificates are used without a restart).
+
     ``sleep(seconds)`` waits between retries and returns True when the thread
     should stop (default: wait on ``stop()``); ``clock`` is monotonic seconds
     for the retry and checkpoint schedule.
@@ -112,7 +116,7 @@ class Forwarder:
         spool: Spool,
         *,
         url: str,
-        context: ssl.SSLContext,
+        context: ssl.SSLContext | Callable[[], ssl.SSLContext],
         batch_max: int,
         retry_min_s: float,
         retry_max_s: float,
@@ -143,6 +147,7 @@ class Forwarder:
         self._port = port
         self._prefix = parts.path.rstrip("/")
         self._context = context
+        self._conn_context: ssl.SSLContext | None = None
         self._batch_max = batch_max
         self._retry_min_s = retry_min_s
         self._retry_max_s = retry_max_s
@@ -405,10 +410,17 @@ class Forwarder:
     # --- HTTP -------------------------------------------------------------------
 
     def _connection(self) -> http.client.HTTPSConnection:
+        context = (self._context if isinstance(self._context, ssl.SSLContext)
+                   else self._context())
+        if self._conn is not None and context is not self._conn_context:
+            # Renewed certificate: reconnect with it, so that the connection
+            # and the checkpoint signatures (made with the key on disk) agree.
+            self._conn.close()
+            self._conn = None
         if self._conn is None:
             self._conn = http.client.HTTPSConnection(
-                self._host, self._port, context=self._context, timeout=self._timeout_s
-            )
+                self._host, self._port, timeout=self._timeout_s, context=context)
+            self._conn_context = context
         return self._conn
 
     def _close(self) -> None:
