@@ -39,11 +39,12 @@ def read_secret_file(path: Path, what: str) -> str:
 def serve(config_file: str | None, port_file: Path | None = None) -> int:
     """Run the collector configured in ``config_file``; returns the exit code."""
     from ztgpu import __version__
-    from ztgpu.collector.service import CollectorService, run_until_stopped
+    from ztgpu.collector.service import CollectorService
     from ztgpu.collector.sinks import start_sinks
     from ztgpu.collector.store import Store, open_store
     from ztgpu.config import load_config
     from ztgpu.pki import ReloadingContext, load_cert, server_context
+    from ztgpu.tls_server import run_until_stopped
 
     config = load_config(config_file)
     cc = config.collector

@@ -21,12 +21,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import re
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -43,6 +41,7 @@ from ztgpu.events import (
     parse_json,
 )
 from ztgpu.ratelimit import RejectLimiter
+from ztgpu.tls_server import peer_address, peer_certificate, serve_tls
 
 log = logging.getLogger("ztgpu.collector")
 
@@ -224,7 +223,7 @@ class CollectorService:
     async def _errors(self, request: web.Request,
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                       ) -> web.StreamResponse:
-        peer = _peer_address(request)
+        peer = peer_address(request)
         try:
             return await handler(request)
         except Rejected as exc:
@@ -248,8 +247,7 @@ class CollectorService:
         """The TLS identity of the request's sender; Rejected(403) if not ``role``."""
         from ztgpu.pki import PkiError, identity_from_der
 
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        der = peer_certificate(request)
         if not der:
             raise Rejected(403, "no client certificate", kind="refused")
         try:
@@ -262,7 +260,7 @@ class CollectorService:
             raise Rejected(403, f"{article} {identity.role} certificate ({identity.name}) may "
                            "not use "
                            f"{request.method} {request.path}", kind="refused")
-        return Peer(identity.role, identity.name, _peer_address(request), der)
+        return Peer(identity.role, identity.name, peer_address(request), der)
 
     async def _body(self, request: web.Request) -> Any:
         if request.content_type != "application/json":
@@ -365,23 +363,11 @@ class CollectorService:
     async def serve(self, host: str, port: int, stop: asyncio.Event,
                     ready: Callable[[int], None] | None = None) -> None:
         """Listen until ``stop`` is set; calls ``ready(port)`` once listening."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await runner.setup()
-        loop = asyncio.get_running_loop()
-        factory = runner.server
-        assert factory is not None
-        server = await loop.create_server(
-            lambda: _TlsAcceptor(self, factory), host, port, reuse_address=True, backlog=512)
-        bound = server.sockets[0].getsockname()[1]
-        log.info("listening on %s:%d (TLS 1.3, client certificates required)", host, bound)
-        if ready is not None:
-            ready(bound)
         try:
-            await stop.wait()
+            await serve_tls(self.app, host, port, context=self.server_context, stop=stop,
+                            on_refused=lambda address, why: self.refuse("refused", address, why),
+                            ready=ready, handshake_timeout_s=self.handshake_timeout_s)
         finally:
-            server.close()
-            await runner.cleanup()
-            await server.wait_closed()
             if self._pending_records:
                 await asyncio.gather(*self._pending_records, return_exceptions=True)
 
@@ -389,83 +375,3 @@ class CollectorService:
         self._ingest.close()
         self._write_pool.shutdown(wait=True)
         self._read_pool.shutdown(wait=True)
-
-
-def _peer_address(request: web.Request) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return _format_address(peer)
-
-
-def _format_address(peer: Any) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return "unknown"
-
-
-class _TlsAcceptor(asyncio.Protocol):
-    """Accepts TCP, performs the TLS handshake itself, then hands over to aiohttp."""
-
-    def __init__(self, service: CollectorService, factory: Callable[[], Any]) -> None:
-        self.service = service
-        self.factory = factory
-        self.task: asyncio.Task[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
-        self.task = asyncio.get_running_loop().create_task(self._upgrade(transport))
-
-    async def _upgrade(self, transport: asyncio.Transport) -> None:
-        address = _format_address(transport.get_extra_info("peername"))
-        protocol = self.factory()
-        started = time.monotonic()
-        try:
-            tls = await asyncio.get_running_loop().start_tls(
-                transport, protocol, self.service.server_context(), server_side=True,
-                ssl_handshake_timeout=self.service.handshake_timeout_s)
-        except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as exc:
-            transport.abort()
-            self.service.refuse("refused", address, f"TLS handshake failed: {_tls_reason(exc)}")
-            return
-        if tls is None:
-            transport.abort()
-            return
-        log.debug("TLS from %s in %.1f ms", address, (time.monotonic() - started) * 1000)
-        protocol.connection_made(tls)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-
-
-def _tls_reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"client certificate rejected: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or str(exc)
-        hints = {
-            "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no client certificate",
-            "UNSUPPORTED_PROTOCOL": "client does not offer TLS 1.3",
-            "TLSV1_ALERT_PROTOCOL_VERSION": "client does not offer TLS 1.3",
-            "WRONG_VERSION_NUMBER": "not a TLS 1.3 client",
-            "HTTP_REQUEST": "plain HTTP sent to the TLS port",
-        }
-        return hints.get(str(reason), str(reason).lower().replace("_", " "))
-    if isinstance(exc, TimeoutError):
-        return "handshake timed out"
-    return f"connection closed during handshake ({type(exc).__name__})"
-
-
-def run_until_stopped(coro_factory: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run the service until SIGTERM/SIGINT."""
-    import signal
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await coro_factory(stop)
-
-    asyncio.run(main())
