@@ -25,17 +25,13 @@ Guarantees:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ztgpu.errors import Fault
 from ztgpu.events import (
     GENESIS_PREV,
     build_event,
@@ -44,10 +40,13 @@ from ztgpu.events import (
     validate_fields,
 )
 from ztgpu.spool import Clock, SystemClock
-
-
-class StoreError(Fault):
-    """The store could not be opened, read or written."""
+from ztgpu.sqldb import (
+    Database,
+    PostgresDatabase,
+    SqliteDatabase,
+    StoreError,
+    open_database,
+)
 
 
 class Incoming(NamedTuple):
@@ -112,7 +111,7 @@ def decode_row(body: str, digest: str) -> dict[str, Any]:
 
 _COLUMNS = "node, seq, ts, code, job_id, username, hash, prev, body"
 
-# One schema for both back ends; only the integer types differ.
+# One schema for both back ends (``ztgpu.sqldb`` fills in the integer types).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id {id_column},
@@ -130,8 +129,6 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 );
 CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value {int} NOT NULL)
 """
-_SQLITE_SCHEMA = _SCHEMA.format(id_column="INTEGER PRIMARY KEY", int="INTEGER")
-_POSTGRES_SCHEMA = _SCHEMA.format(id_column="BIGSERIAL PRIMARY KEY", int="BIGINT")
 
 
 class Store:
@@ -142,40 +139,34 @@ class Store:
     Store objects so that queries do not wait for ingestion).
     """
 
-    placeholder = "?"
-
-    def __init__(self, own_node: str, clock: Clock | None = None) -> None:
+    def __init__(self, db: Database, own_node: str, clock: Clock | None = None) -> None:
+        self.db = db
+        db.create_schema(_SCHEMA)
         self.own_node = own_node
         self._clock = clock or SystemClock()
         self._lock = threading.Lock()
 
-    # -- back-end hooks ---------------------------------------------------
-    def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        raise NotImplementedError
-
-    def _insert_events(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        raise NotImplementedError
-        yield  # pragma: no cover
-
-    def _lock_head(self, node: str) -> tuple[int, str]:
-        raise NotImplementedError
-
-    def _upsert_head(self, node: str, seq: int, digest: str) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def _q(self, sql: str) -> str:
-        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
-
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            return self._execute(self._q(sql), params)
+            return self.db.execute(sql, params)
+
+    def _lock_head(self, node: str) -> tuple[int, str]:
+        """The node's head, locked until the transaction ends (created if new)."""
+        self.db.execute("INSERT INTO heads (node, seq, hash) VALUES (?, 0, ?) "
+                        "ON CONFLICT (node) DO NOTHING", (node, GENESIS_PREV))
+        rows = self.db.execute("SELECT seq, hash FROM heads WHERE node = ?"  # noqa: S608
+                               + self.db.for_update, (node,))
+        return int(rows[0][0]), str(rows[0][1])
+
+    def _upsert_head(self, node: str, seq: int, digest: str) -> None:
+        self.db.execute("UPDATE heads SET seq = ?, hash = ? WHERE node = ?", (seq, digest, node))
+
+    def _insert_events(self, rows: Sequence[Sequence[Any]]) -> None:
+        self.db.insert_rows("events", _COLUMNS, rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
 
     # -- ingestion --------------------------------------------------------
     def ingest(self, node: str, items: Sequence[Incoming]) -> IngestResult:
@@ -185,7 +176,7 @@ class Store:
         ``bad_seq``; nothing of it was stored.
         """
         try:
-            with self._lock, self._transaction():
+            with self._lock, self.db.transaction():
                 return self._ingest_locked(node, items)
         except _Conflict as conflict:
             return conflict.result
@@ -241,15 +232,15 @@ class Store:
         low = items[0].seq
         if low > head_seq:
             return {}
-        rows = self._execute(
-            self._q("SELECT seq, hash FROM events WHERE node = ? AND seq >= ? AND seq <= ?"),
+        rows = self.db.execute(
+            ("SELECT seq, hash FROM events WHERE node = ? AND seq >= ? AND seq <= ?"),
             (node, low, min(head_seq, items[-1].seq)),
         )
         return {int(seq): str(digest) for seq, digest in rows}
 
     def record(self, code: str, **fields: Any) -> dict[str, Any]:
         """Append one event to the collector's own chain, durably."""
-        with self._lock, self._transaction():
+        with self._lock, self.db.transaction():
             return self._append_own_locked([(code, fields)])[-1]
 
     def _append_own_locked(
@@ -279,14 +270,14 @@ class Store:
         at that seq has another hash (nothing is stored then). Re-sending the
         same checkpoint is harmless.
         """
-        with self._lock, self._transaction():
-            rows = self._execute(self._q("SELECT hash FROM events WHERE node = ? AND seq = ?"),
+        with self._lock, self.db.transaction():
+            rows = self.db.execute(("SELECT hash FROM events WHERE node = ? AND seq = ?"),
                                  (node, seq))
             if not rows:
                 return "unknown"
             if rows[0][0] != digest:
                 return "mismatch"
-            self._execute(self._q(
+            self.db.execute((
                 "INSERT INTO checkpoints (node, seq, hash, ts, sig, cert, received) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node, seq) DO NOTHING"),
                 (node, seq, digest, ts, sig, cert, format_timestamp(self._clock.now())))
@@ -358,8 +349,8 @@ class Store:
         return int(rows[0][0]) if rows else 0
 
     def set_cursor(self, name: str, value: int) -> None:
-        with self._lock, self._transaction():
-            self._execute(self._q("INSERT INTO cursors (name, value) VALUES (?, ?) "
+        with self._lock, self.db.transaction():
+            self.db.execute(("INSERT INTO cursors (name, value) VALUES (?, ?) "
                                   "ON CONFLICT (name) DO UPDATE SET value = excluded.value"),
                           (name, value))
 
@@ -377,143 +368,18 @@ class SqliteStore(Store):
     """The default store: one SQLite file in WAL mode, fsync on every commit."""
 
     def __init__(self, path: Path, own_node: str, clock: Clock | None = None) -> None:
-        super().__init__(own_node, clock)
         self.path = path
-        try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            os.close(fd)
-            self._conn = sqlite3.connect(path, timeout=30, isolation_level=None,
-                                         check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            # Fewer, larger WAL checkpoints and a bigger page cache for the
-            # indexes: ingestion writes batches of ~1000 rows.
-            self._conn.execute("PRAGMA wal_autocheckpoint=10000")
-            self._conn.execute("PRAGMA cache_size=-65536")
-            for statement in _SQLITE_SCHEMA.split(";"):
-                self._conn.execute(statement)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the collector store {path}: {exc}") from exc
-
-    def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        try:
-            return self._conn.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(f"collector store {self.path}: {exc}") from exc
-
-    def _insert_events(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        try:
-            self._conn.executemany(
-                f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-                rows)
-        except sqlite3.Error as exc:
-            raise StoreError(f"collector store {self.path}: insert failed: {exc}") from exc
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self._execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
-            raise
-
-    def _lock_head(self, node: str) -> tuple[int, str]:
-        rows = self._execute("SELECT seq, hash FROM heads WHERE node = ?", (node,))
-        return (int(rows[0][0]), str(rows[0][1])) if rows else (0, GENESIS_PREV)
-
-    def _upsert_head(self, node: str, seq: int, digest: str) -> None:
-        self._execute("INSERT INTO heads (node, seq, hash) VALUES (?, ?, ?) ON CONFLICT (node) "
-                      "DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-                      (node, seq, digest))
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        super().__init__(SqliteDatabase(path), own_node, clock)
 
 
 class PostgresStore(Store):
     """PostgreSQL (psycopg 3) store; several collectors may share one database."""
 
-    placeholder = "%s"
-
     def __init__(self, dsn: str, own_node: str, clock: Clock | None = None) -> None:
-        super().__init__(own_node, clock)
-        import psycopg
-
-        self._psycopg = psycopg
-        try:
-            self._conn = psycopg.connect(dsn, autocommit=True)
-            with self._conn.transaction():
-                # Serialise schema creation between collectors starting together.
-                self._conn.execute("SELECT pg_advisory_xact_lock(4242001)")
-                for statement in _POSTGRES_SCHEMA.split(";"):
-                    self._conn.execute(statement)
-        except psycopg.Error as exc:
-            # The DSN may hold a password: name only the failure.
-            raise StoreError(f"cannot open the PostgreSQL store: {_pg_reason(exc)}") from None
-
-    def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        try:
-            cursor = self._conn.execute(sql, params)
-            return cursor.fetchall() if cursor.description is not None else []
-        except self._psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL store: {_pg_reason(exc)}") from None
-
-    def _insert_events(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        try:
-            with self._conn.cursor() as cursor, cursor.copy(
-                f"COPY events ({_COLUMNS}) FROM STDIN"
-            ) as copy:
-                for row in rows:
-                    copy.write_row(row)
-        except self._psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL store: insert failed: {_pg_reason(exc)}") from None
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        try:
-            with self._conn.transaction():
-                yield
-        except self._psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL store: {_pg_reason(exc)}") from None
-
-    def _lock_head(self, node: str) -> tuple[int, str]:
-        sql = "SELECT seq, hash FROM heads WHERE node = %s FOR UPDATE"
-        rows = self._execute(sql, (node,))
-        if not rows:
-            self._execute("INSERT INTO heads (node, seq, hash) VALUES (%s, 0, %s) "
-                          "ON CONFLICT (node) DO NOTHING", (node, GENESIS_PREV))
-            rows = self._execute(sql, (node,))
-        return int(rows[0][0]), str(rows[0][1])
-
-    def _upsert_head(self, node: str, seq: int, digest: str) -> None:
-        self._execute("UPDATE heads SET seq = %s, hash = %s WHERE node = %s", (seq, digest, node))
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-
-def _pg_reason(exc: BaseException) -> str:
-    diag = getattr(exc, "diag", None)
-    primary = getattr(diag, "message_primary", None) if diag is not None else None
-    return str(primary or type(exc).__name__)
+        super().__init__(PostgresDatabase(dsn), own_node, clock)
 
 
 def open_store(kind: str, *, own_node: str, sqlite_path: Path | None = None,
                dsn: str | None = None, clock: Clock | None = None) -> Store:
     """Open the configured store (``kind`` "sqlite" or "postgres")."""
-    if kind == "sqlite":
-        if sqlite_path is None:
-            raise StoreError("sqlite store needs a path")
-        return SqliteStore(sqlite_path, own_node, clock)
-    if kind == "postgres":
-        if not dsn:
-            raise StoreError("postgres store needs a connection string")
-        return PostgresStore(dsn, own_node, clock)
-    raise StoreError(f"unknown store kind {kind!r}")
-
+    return Store(open_database(kind, sqlite_path=sqlite_path, dsn=dsn), own_node, clock)
