@@ -314,6 +314,69 @@ class CollectorConfig(_Strict):
         return self
 
 
+class AuthdConfig(_Strict):
+    #: Name of this authd in its own audit events.
+    name: str = "authd"
+    listen_host: str = "0.0.0.0"  # noqa: S104 - the service is reached over the network
+    listen_port: int = Field(default=8444, ge=1, le=65535)
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    sqlite_path: Path = Path("/var/lib/ztgpu-authd/authd.db")
+    postgres_dsn_file: Path | None = None
+    #: Key-encryption key file (0600): TOTP secrets and grant-signing keys
+    #: are stored encrypted under it.
+    kek_file: Path = Path("/etc/ztgpu/authd/kek")
+    policy_file: Path = Path("/etc/ztgpu/policy.yaml")
+    #: munged's socket used to check login credentials; None = munge's default.
+    munge_socket: Path | None = None
+    #: Failed TOTP codes in a row that lock an account, and for how long.
+    login_max_failures: int = Field(default=5, ge=1, le=100)
+    login_lockout_s: float = Field(default=900.0, ge=1, le=86400)
+    #: An admin action needs an MFA login at most this old.
+    admin_mfa_max_age_s: float = Field(default=900.0, ge=30, le=86400)
+    #: A grant lives at least the job's time limit; jobs without one get this.
+    default_grant_s: float = Field(default=86400.0, ge=60, le=30 * 86400)
+    max_body_bytes: int = Field(default=65536, ge=1024, le=4 * 1024 * 1024)
+
+    @field_validator("sqlite_path", "postgres_dsn_file", "kek_file", "policy_file",
+                     "munge_socket", mode="before")
+    @classmethod
+    def _to_path(cls, value: Any) -> Any:
+        return _absolute(Path(value)) if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.fullmatch(value):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_store(self) -> AuthdConfig:
+        if self.store == "postgres" and self.postgres_dsn_file is None:
+            raise ValueError("store 'postgres' needs postgres_dsn_file")
+        return self
+
+
+class AuthConfig(_Strict):
+    #: https://host:port of ztgpu-authd. Set, the node agent grants a job its
+    #: GPUs only with a valid signed grant from authd.
+    authd_url: str | None = None
+    #: authd unreachable when a job starts: ``deny`` (no GPU, job ended, node
+    #: stays up) or ``allow`` (grant by Slurm's allocation alone, recorded).
+    unreachable_action: Literal["deny", "allow"] = "deny"
+    request_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    #: How often the agent asks authd for new revocations.
+    revocation_poll_s: float = Field(default=1.0, ge=0.1, le=60)
+
+    @field_validator("authd_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https://[A-Za-z0-9.\-\[\]:]+(:[0-9]{1,5})?/?",
+                                                  value):
+            raise ValueError("must be https://host[:port] (TLS is mandatory)")
+        return value.rstrip("/") if value else value
+
+
 class Config(_Strict):
     node: NodeConfig = NodeConfig()
     paths: PathsConfig = PathsConfig()
@@ -326,6 +389,8 @@ class Config(_Strict):
     tls: TlsConfig = TlsConfig()
     audit: AuditConfig = AuditConfig()
     collector: CollectorConfig = CollectorConfig()
+    auth: AuthConfig = AuthConfig()
+    authd: AuthdConfig = AuthdConfig()
 
     @property
     def node_name(self) -> str:
