@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ztgpu.testing.agent_process import StandaloneAgent, standalone_agent
+from ztgpu.testing.munge import MungeDaemon, munged_available
 from ztgpu.testing.postgres import PostgresServer, postgres_available
 
 HAVE_ROOT = os.geteuid() == 0
@@ -61,3 +62,16 @@ def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
         yield dsn
     finally:
         postgres_server.drop_database(name)
+
+
+# ---- a private munged (ztgpu.testing.munge) --------------------------------
+
+@pytest.fixture(scope="module")
+def munge_daemon() -> Iterator[MungeDaemon]:
+    """A real munged with a key of its own in a private directory, per test module."""
+    if not HAVE_ROOT:
+        pytest.skip("needs root (the private munged runs as root on a root-owned key)")
+    if not munged_available():
+        pytest.skip("munged, munge or unmunge missing (run `make setup`)")
+    with MungeDaemon() as daemon:
+        yield daemon

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ztgpu.collector.__main__ import read_secret_file
-from ztgpu.config import parse_config
+from ztgpu.config import parse_config, read_secret_file
 from ztgpu.errors import ConfigError
 from ztgpu.testing.collector_process import SitePki
 

@@ -97,7 +97,10 @@ def test_the_documented_codes_and_required_fields() -> None:
         "job.refused", "job.action", "isolation.verified", "isolation.violated",
         "enforcement.failed", "device.drift", "hook.error", "request.rejected",
         "spool.full", "spool.drained", "collector.start", "collector.stop", "audit.gap",
-        "audit.chain_broken", "audit.rejected", "audit.refused",
+        "audit.chain_broken", "audit.rejected", "audit.refused", "auth.enrolled",
+        "auth.login", "auth.locked", "auth.decision", "auth.grant", "auth.released",
+        "auth.revoked", "auth.jit", "auth.keys_rotated", "auth.policy_loaded", "auth.refused",
+        "auth.start", "auth.stop",
     }  # fmt: skip
     assert REGISTRY["audit.gap"].severity is Severity.CRITICAL
     assert REGISTRY["audit.chain_broken"].severity is Severity.CRITICAL

@@ -484,3 +484,25 @@ def dump_effective(config: Config) -> str:
     data = config.model_dump(mode="json")
     data["node"]["name"] = config.node_name
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """Read a one-line secret from a file only its owner can read.
+
+    Raises ConfigError naming the file (never its content) if it is missing,
+    empty, or readable by group or others.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot open: {exc.strerror}") from None
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            raise ConfigError(f"{what} {path}: must not be readable by group or others "
+                              "(chmod 600)")
+        data = os.read(fd, 65536).decode("utf-8", "replace").strip()
+    finally:
+        os.close(fd)
+    if not data:
+        raise ConfigError(f"{what} {path}: is empty")
+    return data

@@ -228,14 +228,22 @@ def load_cert(path: Path) -> x509.Certificate:
         raise PkiError(f"{path} is not a valid certificate") from exc
 
 
-def server_context(ca_cert: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    """A TLS 1.3-only server context that requires a client certificate from the CA.
+def server_context(ca_cert: Path, cert: Path, key: Path, *,
+                   client_cert: bool = True) -> ssl.SSLContext:
+    """A TLS 1.3-only server context; by default it requires a client certificate from the CA.
+
+    With ``client_cert=False`` a client may connect without one, but a
+    certificate it presents must still chain to the CA.
 
     Raises ``PkiError`` if the key file grants group/other access or any
     file cannot be loaded (including a key that does not match ``cert``).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _configure(context, Path(ca_cert), Path(cert), Path(key))
+    if not client_cert:
+        # Users' `ztgpu login` has no certificate (munge proves who they
+        # are); a certificate that is presented must still verify.
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 

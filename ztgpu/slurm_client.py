@@ -63,3 +63,19 @@ class CliSlurmClient:
             self._run(["scontrol", "update", f"JobId={job_id}", f"AdminComment={comment}"])
         finally:
             self._run(["scancel", job_id])
+
+    def hold(self, job_id: str, reason: str) -> None:
+        """Hold a pending job with a reason its user can read (AdminComment)."""
+        if not _JOB_ID.fullmatch(job_id):
+            raise SlurmError(f"refusing to hold malformed job id {job_id!r}")
+        comment = re.sub(r"[^\w .,:;()/+=`-]", "_", reason)[:200]
+        self._run(["scontrol", "hold", job_id])
+        self._run(["scontrol", "update", f"JobId={job_id}", f"AdminComment={comment}"])
+
+    def release(self, job_id: str) -> None:
+        """Release a job this suite held, clearing its AdminComment."""
+        if not _JOB_ID.fullmatch(job_id):
+            raise SlurmError(f"refusing to release malformed job id {job_id!r}")
+        self._run(["scontrol", "update", f"JobId={job_id}", "AdminComment="])
+        self._run(["scontrol", "release", job_id])
+

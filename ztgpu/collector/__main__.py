@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -14,35 +13,13 @@ from ztgpu.errors import ConfigError, ZtgpuError
 log = logging.getLogger("ztgpu.collector")
 
 
-def read_secret_file(path: Path, what: str) -> str:
-    """Read a one-line secret from a file only its owner can read.
-
-    Raises ConfigError naming the file (never its content) if it is missing,
-    empty, or readable by group or others.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot open: {exc.strerror}") from None
-    try:
-        if os.fstat(fd).st_mode & 0o077:
-            raise ConfigError(f"{what} {path}: must not be readable by group or others "
-                              "(chmod 600)")
-        data = os.read(fd, 65536).decode("utf-8", "replace").strip()
-    finally:
-        os.close(fd)
-    if not data:
-        raise ConfigError(f"{what} {path}: is empty")
-    return data
-
-
 def serve(config_file: str | None, port_file: Path | None = None) -> int:
     """Run the collector configured in ``config_file``; returns the exit code."""
     from ztgpu import __version__
     from ztgpu.collector.service import CollectorService
     from ztgpu.collector.sinks import start_sinks
     from ztgpu.collector.store import Store, open_store
-    from ztgpu.config import load_config
+    from ztgpu.config import load_config, read_secret_file
     from ztgpu.pki import ReloadingContext, load_cert, server_context
     from ztgpu.tls_server import run_until_stopped
 
