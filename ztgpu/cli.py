@@ -164,6 +164,10 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    if not args.node:
+        from ztgpu.auth_cli import mfa_status
+
+        return mfa_status(args)
     from ztgpu.config import load_config
     from ztgpu.node_client import call
 
@@ -249,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ztgpu.pki_cli import add_pki_parser
     add_pki_parser(sub)
+    from ztgpu.policy_cli import add_policy_parser
+    add_policy_parser(sub)
+    from ztgpu.auth_cli import add_auth_parsers
+    add_auth_parsers(sub)
 
     audit = sub.add_parser("audit", help="audit events").add_subparsers(
         dest="audit_command", required=True)
@@ -284,9 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_collector_options(export)
     export.set_defaults(func=_cmd_audit_export)
 
-    status = sub.add_parser("status", help="what the node agent enforces now")
-    status.add_argument("--node", action="store_true", required=True,
-                        help="ask this node's agent")
+    status = sub.add_parser("status", help="your MFA session and jobs waiting for it; "
+                            "with --node, what this node's agent enforces")
+    status.add_argument("--node", action="store_true", help="ask this node's agent")
+    status.add_argument("--authd", metavar="URL", help="authd URL (default: auth.authd_url)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_cmd_status)
 

@@ -1,0 +1,334 @@
+"""ztgpu-authd as a real process: munge identity, TOTP logins, policy, grants, revocation."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import needs_root
+
+from ztgpu.auth_client import AuthdClient, AuthdRefused
+from ztgpu.authd.authority import ADMIN, LOGIN, STATUS
+from ztgpu.grants import GrantError, verify_grant
+from ztgpu.pki import client_context
+from ztgpu.testing.authd_process import AuthdProcess, secret_from_uri
+from ztgpu.testing.collector_process import SitePki
+from ztgpu.testing.munge import MungeDaemon
+from ztgpu.totp import code_at
+
+pytestmark = needs_root
+
+GPUS = [{"index": 0, "uuid": "GPU-aaaa0000", "minor": 2},
+        {"index": 1, "uuid": "GPU-bbbb1111", "minor": 0}]
+
+
+class Site:
+    """authd plus the clients a test needs; root is the bootstrap admin."""
+
+    def __init__(self, base: Path, munge: MungeDaemon, **kwargs: Any) -> None:
+        self.pki = SitePki(base / "pki")
+        self.authd = AuthdProcess(base / "authd", self.pki, munge.socket, **kwargs)
+        self.clients: list[AuthdClient] = []
+        self.secrets: dict[str, bytes] = {}
+        self.last_step: dict[str, int] = {}
+
+    def user_client(self) -> AuthdClient:
+        return self._track(AuthdClient(self.authd.url,
+                                       client_context(self.pki.ca_cert, None, None)))
+
+    def cert_client(self, role: str, name: str) -> AuthdClient:
+        return self._track(AuthdClient(self.authd.url, self.pki.context(role, name)))
+
+    def _track(self, client: AuthdClient) -> AuthdClient:
+        self.clients.append(client)
+        return client
+
+    def enroll_local(self, user: str) -> None:
+        res = self.authd.ztgpu("admin", "enroll", user, "--local")
+        assert res.returncode == 0, res.stderr
+        uri = re.search(r"otpauth://\S+", res.stdout)
+        assert uri is not None
+        self.secrets[user] = secret_from_uri(uri.group(0))
+
+    def fresh_code(self, user: str) -> str:
+        """A valid code this user has not used yet: now's, or the next step's (the ±1
+        step window accepts it), so tests never wait for the clock."""
+        now = datetime.now(UTC)
+        for ahead in (0, 30):
+            moment = now + timedelta(seconds=ahead)
+            step = int(moment.timestamp()) // 30
+            if step > self.last_step.get(user, -1):
+                self.last_step[user] = step
+                return code_at(self.secrets[user], moment)
+        time.sleep(30 - now.timestamp() % 30 + 0.1)
+        return self.fresh_code(user)
+
+    def login(self, user: str | None, code: str | None = None) -> Any:
+        name = user or "root"
+        body = {"credential": self.authd.credential_as(user, LOGIN),
+                "code": code or self.fresh_code(name)}
+        return self.user_client().request("POST", "/v1/login", body)
+
+    def admin(self, path: str, **body: Any) -> Any:
+        return self.user_client().request(
+            "POST", path, {"credential": self.authd.credential_as(None, ADMIN), **body})
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.authd.stop()
+
+
+@pytest.fixture
+def site(tmp_path: Path, munge_daemon: MungeDaemon) -> Iterator[Site]:
+    made = Site(tmp_path, munge_daemon)
+    made.enroll_local("root")
+    made.authd.start()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def job(user: str = "nobody", job_id: str = "42", gpus: int = 2, **extra: Any) -> dict[str, Any]:
+    import pwd
+
+    return {"job_id": job_id, "uid": pwd.getpwnam(user).pw_uid, "user": user,
+            "partition": "gpu", "account": None, "gpus_count": gpus, "time_limit_s": 3600,
+            **extra}
+
+
+def enroll_nobody(site: Site) -> None:
+    site.login(None)  # root's own fresh MFA for the admin action
+    reply = site.admin("/v1/admin/enroll", user="nobody")
+    site.secrets["nobody"] = secret_from_uri(reply["otpauth_uri"])
+
+
+def test_login_opens_a_session_and_a_code_works_once(site: Site) -> None:
+    enroll_nobody(site)
+    code = site.fresh_code("nobody")
+    reply = site.login("nobody", code)
+    assert reply["user"] == "nobody"
+    expires = datetime.strptime(reply["expires"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert timedelta(hours=11.9) < expires - datetime.now(UTC) <= timedelta(hours=12)
+    with pytest.raises(AuthdRefused, match="wrong or already used"):
+        site.login("nobody", code)  # replayed code
+    status = site.user_client().request(
+        "POST", "/v1/status", {"credential": site.authd.credential_as("nobody", STATUS)})
+    assert status["session_expires"] == reply["expires"]
+
+
+def test_repeated_wrong_codes_lock_the_account(site: Site) -> None:
+    enroll_nobody(site)
+    good = site.fresh_code("nobody")
+    wrong = f"{(int(good) + 1) % 1_000_000:06d}"
+    for _ in range(5):
+        with pytest.raises(AuthdRefused) as info:
+            site.login("nobody", wrong)
+        assert info.value.code == "failed"
+    with pytest.raises(AuthdRefused) as info:
+        site.login("nobody", good)
+    assert info.value.code == "locked" and "locked" in str(info.value)
+
+
+def test_munge_credentials_prove_identity_and_purpose(site: Site) -> None:
+    enroll_nobody(site)
+    client = site.user_client()
+    # A credential made for another purpose is refused.
+    with pytest.raises(AuthdRefused, match="another purpose"):
+        client.request("POST", "/v1/login", {
+            "credential": site.authd.credential_as("nobody", STATUS),
+            "code": site.fresh_code("nobody")})
+    # A replayed credential is refused by munged.
+    cred = site.authd.credential_as("nobody", LOGIN)
+    with pytest.raises(AuthdRefused):
+        client.request("POST", "/v1/login", {"credential": cred, "code": "000000"})
+    with pytest.raises(AuthdRefused, match="replayed"):
+        client.request("POST", "/v1/login", {"credential": cred, "code": "000000"})
+    # Garbage credentials and bodies are refused with 4xx, the service keeps serving.
+    for body in ({"credential": "MUNGE:abc:", "code": "123456"}, {"credential": 5},
+                 {"code": "123456"}, {"credential": "x" * 20000, "code": "1"}):
+        with pytest.raises(AuthdRefused):
+            client.request("POST", "/v1/login", body)
+
+
+def test_gate_and_grant_follow_the_mfa_session(site: Site) -> None:
+    enroll_nobody(site)
+    gate = site.cert_client("service", "slurmctld")
+    decision = gate.request("POST", "/v1/gate", job())
+    assert (decision["allow"], decision["code"]) == (False, "mfa_required")
+    assert "ztgpu login" in decision["reason"]
+    node = site.cert_client("node", "gpu01")
+    with pytest.raises(AuthdRefused) as info:
+        node.request("POST", "/v1/grant", {**job(), "node": "gpu01", "gpus": GPUS})
+    assert info.value.code == "mfa_required"
+
+    site.login("nobody")
+    assert gate.request("POST", "/v1/gate", job())["allow"] is True
+    reply = node.request("POST", "/v1/grant", {**job(), "node": "gpu01", "gpus": GPUS})
+    keys = node.request("GET", "/v1/jwks")
+    import pwd
+
+    claims = verify_grant(reply["token"], keys, job_id="42", uid=pwd.getpwnam("nobody").pw_uid,
+                          node="gpu01", gpus=[{"index": g["index"], "uuid": g["uuid"]}
+                                              for g in GPUS])
+    assert claims["exp"] - time.time() >= 3600  # at least the job's time limit
+    with pytest.raises(GrantError) as bad:
+        verify_grant(reply["token"], keys, job_id="42", uid=65534, node="gpu02", gpus=None)
+    assert bad.value.code == "wrong_node"
+
+
+def test_grants_are_bound_to_the_asking_node_and_the_policy(site: Site) -> None:
+    enroll_nobody(site)
+    site.login("nobody")
+    node = site.cert_client("node", "gpu01")
+    with pytest.raises(AuthdRefused) as info:
+        node.request("POST", "/v1/grant", {**job(), "node": "gpu02", "gpus": GPUS})
+    assert info.value.status == 403 and "gpu02" in str(info.value)
+    too_many = [{"index": i, "uuid": f"GPU-{i}", "minor": i} for i in range(5)]
+    with pytest.raises(AuthdRefused) as info:
+        node.request("POST", "/v1/grant", {**job(gpus=5), "node": "gpu01", "gpus": too_many})
+    assert info.value.code == "too_many_gpus_job"
+    with pytest.raises(AuthdRefused) as info:  # uid that is not the user's
+        node.request("POST", "/v1/grant", {**job(), "uid": 0, "node": "gpu01", "gpus": GPUS})
+    assert info.value.code == "uid_mismatch"
+    # Roles: a researcher without a certificate, a service certificate.
+    with pytest.raises(AuthdRefused):
+        site.user_client().request("POST", "/v1/grant", {**job(), "node": "gpu01",
+                                                         "gpus": GPUS})
+    with pytest.raises(AuthdRefused):
+        site.cert_client("service", "x").request("POST", "/v1/grant",
+                                                  {**job(), "node": "gpu01", "gpus": GPUS})
+
+
+def test_admin_actions_need_role_and_fresh_mfa(site: Site) -> None:
+    with pytest.raises(AuthdRefused) as info:  # root has no session yet
+        site.admin("/v1/admin/enroll", user="nobody")
+    assert info.value.code == "mfa_required"
+    enroll_nobody(site)
+    site.login("nobody")
+    client = site.user_client()
+    with pytest.raises(AuthdRefused) as info:  # nobody is not an admin
+        client.request("POST", "/v1/admin/revoke", {
+            "credential": site.authd.credential_as("nobody", ADMIN), "user": "root",
+            "reason": "x"})
+    assert info.value.code == "not_admin"
+
+
+def test_revocation_ends_sessions_and_is_published_to_nodes(site: Site) -> None:
+    enroll_nobody(site)
+    site.login("nobody")
+    node = site.cert_client("node", "gpu01")
+    before = node.request("GET", "/v1/revocations", query={"after": 0})["revocations"]
+    site.admin("/v1/admin/revoke", user="nobody", reason="laptop stolen")
+    after = node.request("GET", "/v1/revocations", query={"after": 0})["revocations"]
+    assert [r["user"] for r in after[len(before):]] == ["nobody"]
+    assert after[-1]["reason"] == "laptop stolen"
+    decision = site.cert_client("service", "slurmctld").request("POST", "/v1/gate", job())
+    assert decision["allow"] is False
+    with pytest.raises(AuthdRefused) as info:
+        site.login("nobody")
+    assert info.value.code == "not_enrolled"
+
+
+def test_key_rotation_keeps_old_grants_valid(site: Site) -> None:
+    import pwd
+
+    enroll_nobody(site)
+    site.login("nobody")
+    node = site.cert_client("node", "gpu01")
+    old = node.request("POST", "/v1/grant", {**job(), "node": "gpu01", "gpus": GPUS})["token"]
+    kid = site.admin("/v1/admin/keys/rotate")["kid"]
+    new = node.request("POST", "/v1/grant", {**job(job_id="43"), "node": "gpu01",
+                                             "gpus": GPUS})["token"]
+    keys = node.request("GET", "/v1/jwks")
+    uid = pwd.getpwnam("nobody").pw_uid
+    bound = [{"index": g["index"], "uuid": g["uuid"]} for g in GPUS]
+    verify_grant(old, keys, job_id="42", uid=uid, node="gpu01", gpus=bound)
+    verify_grant(new, keys, job_id="43", uid=uid, node="gpu01", gpus=bound)
+    import jwt
+
+    assert jwt.get_unverified_header(new)["kid"] == kid != jwt.get_unverified_header(old)["kid"]
+
+
+def test_jit_grant_expires_and_cannot_be_self_approved(site: Site) -> None:
+    enroll_nobody(site)
+    site.login(None)
+    reply = site.admin("/v1/admin/jit", user="nobody", node="gpu01", ttl_s=3600,
+                       reason="debug a hung job")
+    assert reply["user"] == "nobody" and reply["node"] == "gpu01"
+    listed = site.cert_client("node", "gpu01").request("GET", "/v1/jit",
+                                                       query={"user": "nobody"})["jit"]
+    assert [j["id"] for j in listed] == [reply["id"]]
+    other = site.cert_client("node", "gpu02").request("GET", "/v1/jit", query={"user": "nobody"})
+    assert other["jit"] == []
+    with pytest.raises(AuthdRefused) as info:
+        site.admin("/v1/admin/jit", user="root", node="gpu01", ttl_s=3600, reason="me")
+    assert info.value.code == "self_approval"
+
+
+def test_cli_login_and_status(site: Site) -> None:
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    enroll_nobody(site)
+    # What a login node has: the authd URL, the site CA and munge. World-readable.
+    home = Path(tempfile.mkdtemp(prefix="ztgpu-login-"))
+    try:
+        home.chmod(0o755)
+        shutil.copy(site.pki.ca_cert, home / "ca.crt")
+        config = home / "ztgpu.yaml"
+        config.write_text(yaml.safe_dump({
+            "auth": {"authd_url": site.authd.url}, "tls": {"ca_cert": str(home / "ca.crt")},
+            "authd": {"munge_socket": str(site.authd.munge_socket)}}))
+        ztgpu = str(Path(sys.executable).with_name("ztgpu"))
+
+        def as_nobody(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["runuser", "-u", "nobody", "--", ztgpu, "--config",
+                                   str(config), *args], input=stdin, capture_output=True,
+                                  text=True, timeout=30, check=False)
+
+        res = as_nobody("status")
+        assert res.returncode == 0 and "no MFA session; run `ztgpu login`" in res.stdout
+        res = as_nobody("login", "--code-stdin", stdin=site.fresh_code("nobody") + "\n")
+        assert res.returncode == 0, res.stderr
+        assert "MFA session for nobody valid until" in res.stdout
+        res = as_nobody("status")
+        assert res.returncode == 0 and "nobody: MFA session valid until" in res.stdout
+        res = as_nobody("login", "--code-stdin", stdin="12345\n")
+        assert res.returncode == 2 and "6 digits" in res.stderr
+        now_code = int(code_at(site.secrets["nobody"], datetime.now(UTC)))
+        res = as_nobody("login", "--code-stdin", stdin=f"{(now_code + 500_000) % 10**6:06d}\n")
+        assert res.returncode == 1 and "wrong or already used code" in res.stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_decisions_and_secrets_are_recorded_without_secrets(site: Site) -> None:
+    from ztgpu.spool import Spool
+
+    enroll_nobody(site)
+    site.login("nobody")
+    spool = Spool.open(site.authd.base / "spool" / "authd-events.db", "authd")
+    try:
+        events = spool.read(limit=1000)
+    finally:
+        spool.close()
+    codes = [e["code"] for e in events]
+    for code in ("auth.start", "auth.policy_loaded", "auth.enrolled", "auth.login"):
+        assert code in codes
+    text = (site.authd.base / "authd.db").read_bytes()
+    import base64
+
+    for secret in site.secrets.values():
+        assert base64.b32encode(secret).rstrip(b"=") not in text
+        assert secret not in text

@@ -1,0 +1,199 @@
+"""`ztgpu login`, `ztgpu status` (MFA part) and `ztgpu admin ...` (authd clients).
+
+Heavy modules (cryptography, the HTTP client) are imported inside the
+handlers so that `ztgpu --help` and the node commands stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import re
+import sys
+from typing import Any
+
+from ztgpu.errors import UsageError
+
+_DURATION = re.compile(r"([0-9]+)([smhd])")
+
+
+def parse_ttl(text: str) -> float:
+    """``90s``, ``30m``, ``1h``, ``2d`` -> seconds; UsageError otherwise."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise UsageError(f"--ttl {text!r}: use a number and a unit, e.g. 30m, 1h, 2d")
+    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from ztgpu.config import load_config
+
+    return load_config(args.config)
+
+
+def _read_code(args: argparse.Namespace) -> str:
+    if args.code_stdin:
+        code = sys.stdin.readline().strip()
+    else:
+        code = getpass.getpass("MFA code (from your authenticator app): ").strip()
+    if not re.fullmatch(r"[0-9]{6}", code):
+        raise UsageError("the code is the 6 digits your authenticator app shows")
+    return code
+
+
+def _cmd_login(args: argparse.Namespace) -> int:
+    from ztgpu.auth_client import credential, user_client
+    from ztgpu.authd.authority import LOGIN
+
+    config = _config(args)
+    code = _read_code(args)
+    with user_client(config, args.authd) as client:
+        reply = client.request("POST", "/v1/login",
+                               {"credential": credential(config, LOGIN), "code": code})
+    print(f"MFA session for {reply['user']} valid until {reply['expires']}")
+    return 0
+
+
+def mfa_status(args: argparse.Namespace) -> int:
+    """`ztgpu status`: the caller's MFA session and jobs waiting for it."""
+    from ztgpu.auth_client import credential, user_client
+    from ztgpu.authd.authority import STATUS
+
+    config = _config(args)
+    with user_client(config, getattr(args, "authd", None)) as client:
+        reply = client.request("POST", "/v1/status",
+                               {"credential": credential(config, STATUS)})
+    if args.json:
+        import json
+
+        print(json.dumps(reply, indent=2))
+        return 0
+    expires = reply.get("session_expires")
+    if expires:
+        print(f"{reply['user']}: MFA session valid until {expires}")
+    else:
+        print(f"{reply['user']}: no MFA session; run `ztgpu login`")
+    for job in reply.get("held_jobs", []):
+        print(f"  job {job['job_id']} waits for MFA since {job['since']}: {job['reason']}")
+    return 0
+
+
+def _admin_request(args: argparse.Namespace, path: str, body: dict[str, Any]) -> Any:
+    from ztgpu.auth_client import credential, user_client
+    from ztgpu.authd.authority import ADMIN
+
+    config = _config(args)
+    with user_client(config, args.authd) as client:
+        return client.request("POST", path, {"credential": credential(config, ADMIN), **body})
+
+
+def _print_enrolment(user: str, uri: str) -> None:
+    from ztgpu.totp import qr_text
+
+    print(f"Enrolled {user}. Scan this code with an authenticator app (or enter the URI):")
+    print(qr_text(uri))
+    print(uri)
+    print("Show it only to the user; it is not stored in clear anywhere.")
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    if args.local:
+        # Bootstrap on the authd host: the first admin cannot have an MFA
+        # session yet. Needs the KEK and the store, i.e. authd's own account.
+        from ztgpu.authd.__main__ import open_authority
+
+        authority, store, spool = open_authority(_config(args), with_holder=False)
+        try:
+            uri = authority.enroll(args.user, by=f"local:{getpass.getuser()}")
+        finally:
+            store.close()
+            spool.close()
+    else:
+        uri = _admin_request(args, "/v1/admin/enroll", {"user": args.user})["otpauth_uri"]
+    _print_enrolment(args.user, uri)
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    reply = _admin_request(args, "/v1/admin/revoke", {"user": args.user,
+                                                      "reason": args.reason})
+    print(f"revoked {reply['user']} (revocation {reply['revocation']}); nodes end the "
+          "user's jobs within seconds")
+    return 0
+
+
+def _cmd_keys_rotate(args: argparse.Namespace) -> int:
+    reply = _admin_request(args, "/v1/admin/keys/rotate", {})
+    print(f"new grant-signing key {reply['kid']}; grants signed with older keys stay valid "
+          "until they expire")
+    return 0
+
+
+def _cmd_jit_grant(args: argparse.Namespace) -> int:
+    reply = _admin_request(args, "/v1/admin/jit", {
+        "user": args.user, "node": args.node, "ttl_s": parse_ttl(args.ttl),
+        "reason": args.reason})
+    print(f"JIT access {reply['id']}: {reply['user']} on {reply['node']} until "
+          f"{reply['expires']}")
+    return 0
+
+
+def _cmd_kek_rotate(args: argparse.Namespace) -> int:
+    from ztgpu.authd.store import AuthStore
+    from ztgpu.config import read_secret_file
+    from ztgpu.kek import KeyRing
+    from ztgpu.sqldb import open_database
+
+    ac = _config(args).authd
+    new_kid = KeyRing.rotate(ac.kek_file)
+    ring = KeyRing.load(ac.kek_file)
+    dsn = (read_secret_file(ac.postgres_dsn_file, "authd.postgres_dsn_file")
+           if ac.store == "postgres" and ac.postgres_dsn_file is not None else None)
+    store = AuthStore(open_database(ac.store, sqlite_path=ac.sqlite_path, dsn=dsn))
+    try:
+        count = store.rewrap_secrets(
+            lambda sealed, aad: ring.seal(ring.open(sealed, aad), aad)
+            if ring.needs_rewrap(sealed) else sealed)
+    finally:
+        store.close()
+    print(f"new key-encryption key {new_kid}; re-encrypted {count} secrets. Older keys stay "
+          f"in {ac.kek_file} until you retire them.")
+    return 0
+
+
+def add_auth_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `login` and `admin` on the `ztgpu` command line."""
+    login = sub.add_parser("login", help="open an MFA session (one a day is enough)")
+    login.add_argument("--authd", metavar="URL", help="authd URL (default: auth.authd_url)")
+    login.add_argument("--code-stdin", action="store_true",
+                       help="read the code from standard input (for scripts)")
+    login.set_defaults(func=_cmd_login)
+
+    admin = sub.add_parser("admin", help="authd administration (needs a fresh MFA login)")
+    admin.add_argument("--authd", metavar="URL", help="authd URL (default: auth.authd_url)")
+    asub = admin.add_subparsers(dest="admin_command", required=True)
+    enroll = asub.add_parser("enroll", help="create a user's TOTP secret and show its QR code")
+    enroll.add_argument("user")
+    enroll.add_argument("--local", action="store_true",
+                        help="on the authd host, without MFA: bootstrap the first admin")
+    enroll.set_defaults(func=_cmd_enroll)
+    revoke = asub.add_parser("revoke", help="end a user's sessions and running GPU jobs")
+    revoke.add_argument("--user", required=True)
+    revoke.add_argument("--reason", required=True)
+    revoke.set_defaults(func=_cmd_revoke)
+    keys = asub.add_parser("keys", help="grant-signing keys").add_subparsers(
+        dest="keys_command", required=True)
+    keys.add_parser("rotate", help="start signing grants with a new key").set_defaults(
+        func=_cmd_keys_rotate)
+    jit = asub.add_parser("jit", help="just-in-time admin access").add_subparsers(
+        dest="jit_command", required=True)
+    jit_grant = jit.add_parser("grant", help="let a user onto a node for a while")
+    jit_grant.add_argument("--user", required=True)
+    jit_grant.add_argument("--node", required=True)
+    jit_grant.add_argument("--ttl", required=True, help="e.g. 30m, 1h (at most 1d)")
+    jit_grant.add_argument("--reason", required=True)
+    jit_grant.set_defaults(func=_cmd_jit_grant)
+    kek = asub.add_parser("kek", help="the key-encryption key (on the authd host)"
+                          ).add_subparsers(dest="kek_command", required=True)
+    kek.add_parser("rotate", help="add a new KEK and re-encrypt every secret").set_defaults(
+        func=_cmd_kek_rotate)

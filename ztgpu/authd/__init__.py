@@ -1,0 +1,1 @@
+"""ztgpu-authd: MFA sessions, central policy, signed per-job grants, revocation."""

@@ -1,0 +1,98 @@
+"""``ztgpu-authd``: the central decision point (MFA, policy, grants, revocation)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from ztgpu.config import Config, load_config, read_secret_file
+from ztgpu.errors import ConfigError, ZtgpuError
+
+log = logging.getLogger("ztgpu.authd")
+
+
+def open_authority(config: Config, *, with_holder: bool = True) -> tuple[Any, Any, Any]:
+    """(authority, store, spool) for ``config``; the caller closes store and spool."""
+    from ztgpu.authd.authority import Authority
+    from ztgpu.authd.holder import SlurmJobHolder
+    from ztgpu.authd.store import AuthStore
+    from ztgpu.kek import KeyRing
+    from ztgpu.slurm_client import CliSlurmClient
+    from ztgpu.spool import Spool
+    from ztgpu.sqldb import open_database
+
+    ac = config.authd
+    keyring = KeyRing.load(ac.kek_file)
+    dsn = (read_secret_file(ac.postgres_dsn_file, "authd.postgres_dsn_file")
+           if ac.store == "postgres" and ac.postgres_dsn_file is not None else None)
+    store = AuthStore(open_database(ac.store, sqlite_path=ac.sqlite_path, dsn=dsn))
+    spool = Spool.open(config.paths.spool_dir / "authd-events.db", ac.name)
+    holder = (SlurmJobHolder(CliSlurmClient(config.slurm.bin_dir, config.slurm.conf,
+                                            config.slurm.command_timeout_s))
+              if with_holder else None)
+    authority = Authority(store=store, keyring=keyring, config=ac, events=spool, holder=holder)
+    authority.policy()  # refuse to start with a bad policy file
+    return authority, store, spool
+
+
+def serve(config_file: str | None, port_file: Path | None = None) -> int:
+    from ztgpu import __version__
+    from ztgpu.authd.service import AuthService
+    from ztgpu.pki import ReloadingContext, server_context
+    from ztgpu.tls_server import run_until_stopped
+
+    config = load_config(config_file)
+    ac = config.authd
+    ca_cert, cert, key = config.tls.ca_cert, config.tls.cert, config.tls.key
+    if cert is None or key is None:
+        raise ConfigError("tls.cert and tls.key must name authd's certificate and key "
+                          "(ztgpu pki issue --role service --name <host>)")
+    context = ReloadingContext(lambda: server_context(ca_cert, cert, key, client_cert=False),
+                               [cert, key, ca_cert])
+    authority, store, spool = open_authority(config)
+    service = AuthService(authority, server_context=context.get,
+                          max_body_bytes=ac.max_body_bytes)
+    spool.append("auth.start", version=__version__, store=ac.store, outcome="ok")
+
+    def ready(port: int) -> None:
+        if port_file is not None:
+            tmp = port_file.with_suffix(".tmp")
+            tmp.write_text(f"{port}\n")
+            tmp.replace(port_file)
+
+    async def run(stop: asyncio.Event) -> None:
+        await service.serve(ac.listen_host, ac.listen_port, stop, ready)
+
+    try:
+        run_until_stopped(run)
+    finally:
+        service.close()
+        spool.append("auth.stop", reason="signal", outcome="ok")
+        store.close()
+        spool.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ztgpu-authd", description=__doc__)
+    parser.add_argument("--config", help="config file (default: $ZTGPU_CONFIG or "
+                        "/etc/ztgpu/ztgpu.yaml)")
+    parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return serve(args.config, args.port_file)
+    except ZtgpuError as exc:
+        print(f"ztgpu-authd: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

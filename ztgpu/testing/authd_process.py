@@ -1,0 +1,155 @@
+"""Test harness: a real ``ztgpu-authd`` process with its own KEK, policy and store.
+
+It talks to a private munged (``ztgpu.testing.munge.MungeDaemon``) and uses
+a ``SitePki`` for its certificate. ``credential_as(user, purpose)`` makes a
+munge credential as another local user (``runuser``), which is how the tests
+prove that authd learns the caller's uid from munge and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ztgpu.testing.collector_process import SitePki, free_port
+from ztgpu.testing.slurm_cluster import wait_for
+
+DEFAULT_POLICY = """\
+version: 1
+defaults:
+  mfa_max_age_h: 12
+  max_gpus_per_job: 4
+  max_gpus_per_user_per_node: 4
+admins:
+  - user: root
+    roles: [enroll, revoke, keys, jit_approve, policy, audit]
+rules:
+  - name: everyone
+    users: ["*"]
+    allow: true
+default: deny
+"""
+
+
+class AuthdProcess:
+    """One ``ztgpu-authd`` child process; ``config_path`` also serves the CLI."""
+
+    def __init__(self, base: Path, pki: SitePki, munge_socket: Path, *,
+                 policy: str = DEFAULT_POLICY, store: str = "sqlite", dsn: str | None = None,
+                 authd: dict[str, Any] | None = None) -> None:
+        from ztgpu.kek import KeyRing
+
+        self.base = base
+        self.pki = pki
+        self.munge_socket = munge_socket
+        base.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.kek = base / "kek"
+        KeyRing.create(self.kek)
+        self.policy_path = base / "policy.yaml"
+        self.policy_path.write_text(policy)
+        cert, key = pki.issue("service", "authd", dns_names=["localhost"],
+                              ip_addresses=["127.0.0.1"])
+        section: dict[str, Any] = {
+            "listen_host": "127.0.0.1", "listen_port": self.port, "store": store,
+            "sqlite_path": str(base / "authd.db"), "kek_file": str(self.kek),
+            "policy_file": str(self.policy_path), "munge_socket": str(munge_socket),
+        }
+        if dsn is not None:
+            dsn_file = base / "postgres.dsn"
+            fd = os.open(dsn_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(dsn + "\n")
+            section["postgres_dsn_file"] = str(dsn_file)
+        section.update(authd or {})
+        self.config_path = base / "ztgpu.yaml"
+        self.config_path.write_text(yaml.safe_dump({
+            "tls": {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)},
+            "auth": {"authd_url": self.url},
+            "paths": {"spool_dir": str(base / "spool")},
+            "slurm": {"bin_dir": str(base / "no-slurm-here")},
+            "authd": section,
+        }))
+        self.log_path = base / "authd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> AuthdProcess:
+        port_file = self.base / "port"
+        port_file.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ztgpu.authd", "--config", str(self.config_path),
+                 "--port-file", str(port_file)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log.close()
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"authd exited with {proc.returncode}:\n{self.log()}")
+            return port_file.exists()
+
+        wait_for(ready, timeout, "authd to listen")
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def ztgpu(self, *args: str, user: str | None = None, stdin: str = "",
+              timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run the ``ztgpu`` CLI against this authd, as ``user`` (default: the caller)."""
+        ztgpu = str(Path(sys.executable).with_name("ztgpu"))
+        argv = [ztgpu, "--config", str(self.config_path), *args]
+        if user is not None:
+            argv = ["runuser", "-u", user, "--", *argv]
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+
+    def credential_as(self, user: str | None, purpose: bytes) -> str:
+        """A munge credential for ``purpose`` made by local ``user`` (None: this process)."""
+        argv = ["munge", "-S", str(self.munge_socket)]
+        if user is not None:
+            argv = ["runuser", "-u", user, "--", *argv]
+        res = subprocess.run(argv, input=purpose, capture_output=True, timeout=10, check=True)
+        return res.stdout.decode().strip()
+
+    def __enter__(self) -> AuthdProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def secret_from_uri(uri: str) -> bytes:
+    """The TOTP secret inside an otpauth URI (tests compute codes from it)."""
+    import base64
+    from urllib.parse import parse_qs, urlsplit
+
+    encoded = parse_qs(urlsplit(uri).query)["secret"][0]
+    return base64.b32decode(encoded + "=" * (-len(encoded) % 8))
