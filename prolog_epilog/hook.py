@@ -52,7 +52,8 @@ def run_hook(hook: str, socket_path: str, env: Mapping[str, str],
         return EXIT_OK
     try:
         send_checked(socket_path, hook, timeout, job_id=job.job_id, uid=job.uid,
-                     user=job.user, gpus=job.gpus)
+                     user=job.user, gpus=job.gpus, partition=job.partition,
+                     account=job.account)
     except AgentUnreachable as exc:
         _say(hook, f"node unsafe: {exc}; start it with 'systemctl start ztgpu-noded'")
         return EXIT_NODE_UNSAFE

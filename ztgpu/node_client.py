@@ -107,7 +107,8 @@ def call(socket_path: str, op: str, timeout: float = DEFAULT_TIMEOUT_S,
 
 def send_checked(socket_path: str, op: str, timeout: float, *, job_id: str | None = None,
                  uid: int | None = None, user: str | None = None,
-                 gpus: tuple[int, ...] | None = None) -> None:
+                 gpus: tuple[int, ...] | None = None, partition: str | None = None,
+                 account: str | None = None) -> None:
     """The hooks' fast path: like :func:`call` for requests whose fields were
     already validated (``op`` and ``job_id`` digits/identifiers, ``user`` a
     plain user name, numbers), so they need no escaping. Success is read off
@@ -118,6 +119,9 @@ def send_checked(socket_path: str, op: str, timeout: float, *, job_id: str | Non
     if job_id is not None:
         job = [f'"job_id":"{job_id}"', f'"uid":{int(uid or 0)}', f'"user":"{user}"',
                f'"gpus":[{",".join(str(int(g)) for g in gpus or ())}]']
+        # partition/account passed slurm_env.parse_word: no escaping needed.
+        job += [f'"{k}":"{v}"' for k, v in (("partition", partition), ("account", account))
+                if v is not None]
         fields.append('"job":{' + ",".join(job) + "}")
     raw = _exchange(socket_path, ("{" + ",".join(fields) + "}\n").encode(), timeout)
     if not raw.startswith(_OK_PREFIX):

@@ -42,16 +42,20 @@ def _is_digits(value: str, max_len: int = 10) -> bool:
 class JobEnv:
     """What a node hook knows about a job, checked. Immutable by convention."""
 
-    __slots__ = ("gid", "gpus", "job_id", "uid", "user")
+    __slots__ = ("account", "gid", "gpus", "job_id", "partition", "uid", "user")
 
     def __init__(self, job_id: str, uid: int, user: str, gid: int,
-                 gpus: tuple[int, ...]) -> None:
+                 gpus: tuple[int, ...], partition: str | None = None,
+                 account: str | None = None) -> None:
         self.job_id = job_id
         self.uid = uid
         self.user = user
         self.gid = gid
         #: Slurm GPU (gres) indices on this node, ascending, no duplicates.
         self.gpus = gpus
+        #: Partition and account, when Slurm gave plain names (for the policy).
+        self.partition = partition
+        self.account = account
 
     def _key(self) -> tuple[str, int, str, int, tuple[int, ...]]:
         return (self.job_id, self.uid, self.user, self.gid, self.gpus)
@@ -133,4 +137,20 @@ def parse_job_env(env: Mapping[str, str]) -> JobEnv:
     uid = parse_uid(env.get("SLURM_JOB_UID"))
     gid = check_user(env.get("SLURM_JOB_USER"), uid)
     gpus = parse_gpus(env.get("SLURM_JOB_GPUS"))
-    return JobEnv(job_id=job_id, uid=uid, user=env["SLURM_JOB_USER"], gid=gid, gpus=gpus)
+    return JobEnv(job_id=job_id, uid=uid, user=env["SLURM_JOB_USER"], gid=gid, gpus=gpus,
+                  partition=parse_word(env.get("SLURM_JOB_PARTITION")),
+                  account=parse_word(env.get("SLURM_JOB_ACCOUNT")))
+
+
+_WORD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def parse_word(value: object) -> str | None:
+    """A partition or account name (1-64 of ``[A-Za-z0-9_.-]``), else None.
+
+    These only inform the policy, so a missing or odd value is dropped
+    rather than refusing the job (the policy then sees no partition).
+    """
+    if isinstance(value, str) and 0 < len(value) <= 64 and _WORD_CHARS.issuperset(value):
+        return value
+    return None

@@ -17,7 +17,9 @@ from ztgpu.config import Config, load_config
 from ztgpu.errors import ConfigError, InputRejected, ZtgpuError
 
 if TYPE_CHECKING:
+    from ztgpu.noded.agent import Agent
     from ztgpu.noded.forwarder import Forwarder
+    from ztgpu.noded.grant_check import RevocationWatcher
     from ztgpu.spool import Spool
 
 
@@ -77,6 +79,31 @@ def _start_forwarding(config: Config, spool: Spool,
     return forwarder
 
 
+def _start_grant_checks(config: Config, agent: Agent) -> RevocationWatcher | None:
+    """With ``auth.authd_url``: every grant needs authd's signed grant; watch revocations."""
+    from ztgpu.noded.grant_check import GrantChecker, RevocationWatcher
+    from ztgpu.pki import ReloadingContext, client_context
+
+    auth = config.auth
+    if auth.authd_url is None:
+        logging.getLogger("ztgpu.noded").warning(
+            "auth.authd_url is not set: GPUs are granted by Slurm's allocation alone, "
+            "without MFA-backed grants")
+        return None
+    cert, key, ca_cert = config.tls.cert, config.tls.key, config.tls.ca_cert
+    if cert is None or key is None:
+        raise ConfigError("auth.authd_url needs tls.cert and tls.key (this node's "
+                          "certificate)")
+    context = ReloadingContext(lambda: client_context(ca_cert, cert, key), [cert, key, ca_cert])
+    checker = GrantChecker(auth.authd_url, context.get, config.node_name,
+                           timeout_s=auth.request_timeout_s,
+                           unreachable_action=auth.unreachable_action)
+    agent.grant_checker = checker
+    watcher = RevocationWatcher(checker, agent.revoke_user, auth.revocation_poll_s)
+    watcher.start()
+    return watcher
+
+
 def serve(config: Config, ready: threading.Event | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT. Returns the exit code."""
     # Heavy imports stay here, out of the thin clients' way.
@@ -106,6 +133,7 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     forwarder = _start_forwarding(config, spool, on_progress=guard.check)
     agent = Agent(config, backend, spool if forwarder is None else _WakingSink(spool, forwarder),
                   state, slurm, major=major.major)
+    watcher = _start_grant_checks(config, agent)
     if forwarder is not None:
         # Without a collector nothing is ever acknowledged, so the bound
         # applies only while forwarding.
@@ -191,6 +219,8 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         agent.stop(stop_reason[0])
+        if watcher is not None:
+            watcher.stop()
         if forwarder is not None:
             forwarder.flush(timeout=2.0)  # best effort: agent.stop should reach the collector
             forwarder.stop()

@@ -43,9 +43,10 @@ from ztgpu.gpu.backend import GpuBackend, GpuInfo, slurm_order
 from ztgpu.gpu.devices import gpu_device_path
 from ztgpu.noded import job_cgroups
 from ztgpu.noded.backlog import SpoolGuard
+from ztgpu.noded.grant_check import GrantChecker, GrantRefused
 from ztgpu.noded.state import JobRecord, StateStore
 from ztgpu.slurm_client import SlurmClient
-from ztgpu.slurm_env import check_user, parse_gpus, parse_job_id
+from ztgpu.slurm_env import check_user, parse_gpus, parse_job_id, parse_word
 
 log = logging.getLogger("ztgpu.noded")
 
@@ -80,6 +81,15 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return "unknown"
+
+
+def _parse_time(text: str) -> datetime | None:
+    """An RFC 3339 / ISO time as an aware datetime (None if unreadable)."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _gpu_fields(gpus: list[GpuInfo]) -> list[dict[str, Any]]:
@@ -117,6 +127,10 @@ class Agent:
         #: bounded-spool guard, and a callable giving the forwarding status.
         self.guard: SpoolGuard | None = None
         self.audit_status: Callable[[], dict[str, Any]] | None = None
+        #: Set when authd is configured: every grant needs a signed grant.
+        self.grant_checker: GrantChecker | None = None
+        #: Jobs whose user's access was revoked: no GPU, whatever Slurm allocated.
+        self.revoked_jobs: set[str] = set()
 
     # ---- setup --------------------------------------------------------
     def _rest_state(self) -> FileState:
@@ -169,7 +183,7 @@ class Agent:
 
     def _expected_state(self, minor: int) -> tuple[FileState, JobRecord | None]:
         for live in self.jobs.values():
-            if minor in live.record.minors:
+            if minor in live.record.minors and live.record.job_id not in self.revoked_jobs:
                 return self._held_state(live.record), live.record
         return self.rest, None
 
@@ -213,6 +227,8 @@ class Agent:
         except InputRejected as exc:
             self._refuse("prolog", str(exc), job)
             raise
+        if self.grant_checker is not None:
+            self._check_grant(job, job_id, uid, user, gpus)
         if self.guard is not None and self.guard.check():
             # The node cannot account for new work: like a node that fails a
             # health check, it takes no more jobs (Slurm drains it and
@@ -262,6 +278,70 @@ class Agent:
                               gpus=_gpu_fields(gpus), outcome="granted", reason="")
         return {"job_id": job_id, "gpus": _gpu_fields(gpus)}
 
+    def _check_grant(self, job: Any, job_id: str, uid: int, user: str,
+                     gpus: list[GpuInfo]) -> None:
+        """Refuse the job (recorded, cancelled, node stays up) without a valid grant."""
+        assert self.grant_checker is not None
+        with self.lock:
+            held = sum(len(j.record.minors) for j in self.jobs.values()
+                       if j.record.uid == uid and j.record.job_id != job_id)
+        try:
+            token = self.grant_checker.check(
+                job_id=job_id, uid=uid, user=user, gpus=_gpu_fields(gpus),
+                partition=parse_word(job.get("partition")),
+                account=parse_word(job.get("account")), held_on_node=held)
+        except GrantRefused as exc:
+            self._refuse("prolog", str(exc), job)
+            raise InputRejected(str(exc)) from None
+        if token is None:
+            self.spool.append("job.action", job_id=job_id, uid=uid, user=user,
+                              action="grant_without_authd", outcome="allowed",
+                              reason="authd unreachable; auth.unreachable_action is allow")
+
+    def revoke_user(self, user: str, reason: str, at: str) -> list[str]:
+        """Take the GPUs of ``user``'s jobs granted before ``at``, prove it, end the jobs."""
+        cutoff = _parse_time(at)
+
+        def granted_before(record: JobRecord) -> bool:
+            granted = _parse_time(record.granted_at)
+            return cutoff is None or granted is None or granted <= cutoff
+
+        with self.lock:
+            targets = [live for live in self.jobs.values()
+                       if live.record.user == user and granted_before(live.record)
+                       and live.record.job_id not in self.revoked_jobs]
+            for live in targets:
+                self.revoked_jobs.add(live.record.job_id)
+        for live in targets:
+            self._revoke_job(live, reason)
+        return [live.record.job_id for live in targets]
+
+    def _revoke_job(self, live: LiveJob, reason: str) -> None:
+        record = live.record
+        own = [CharDevice(self.major, m) for m in record.minors]
+        with self.work_lock:
+            for minor in record.minors:
+                gpu = self.by_minor.get(minor)
+                if gpu is not None:
+                    try:
+                        apply_state(self.device_path(gpu), self.major, minor, self.rest)
+                    except DeviceError as exc:
+                        log.error("revoking job %s: %s", record.job_id, exc)
+            cgroups = set(live.hardened)
+            mine = self.devices.path(f"{self.own_cgroup}/job_{record.job_id}")
+            if mine.exists():
+                cgroups.add(mine)
+            for cgroup in cgroups:
+                with contextlib.suppress(CgroupError):
+                    self.devices.deny(cgroup, own)
+        self.spool.append("job.action", job_id=record.job_id, uid=record.uid,
+                          user=record.user, action="revoke", outcome="access_removed",
+                          reason=f"access revoked: {reason}"[:300])
+        for cgroup in list(live.probed):
+            live.probed[cgroup] = 0.0  # probe again now, against "no GPU at all"
+        self.verify(record.job_id)
+        self._act_on_job(record.job_id, f"access revoked: {reason}")
+
     def epilog(self, job: Any) -> dict[str, Any]:
         """Take the job's GPUs back. Raises Fault if a device could not be restored.
 
@@ -308,6 +388,7 @@ class Agent:
         record = live.record
         held = [self.by_minor[m] for m in record.minors if m in self.by_minor]
         problems = self._undo_grant(live)
+        self.revoked_jobs.discard(record.job_id)
         self.spool.append("job.release", job_id=record.job_id, uid=record.uid,
                           user=record.user, gpus=_gpu_fields(held),
                           outcome="failed" if problems else "released",
@@ -402,8 +483,9 @@ class Agent:
 
     # ---- confinement --------------------------------------------------
     def _denied_for(self, record: JobRecord) -> list[CharDevice]:
+        revoked = record.job_id in self.revoked_jobs
         return [CharDevice(self.major, g.minor) for g in self.inventory
-                if g.minor not in record.minors]
+                if revoked or g.minor not in record.minors]
 
     def _prepare_own_cgroup(self, record: JobRecord) -> None:
         if not self.devices.available():
@@ -579,11 +661,12 @@ class Agent:
         """
         problems = []
         user, cgroup_only = outcome.get("user", {}), outcome.get("cgroup_only", {})
+        allocated = set() if record.job_id in self.revoked_jobs else set(record.minors)
         for gpu in self.inventory:
             path = str(self.device_path(gpu))
             got = user.get(path, "missing")
             layer = cgroup_only.get(path, "missing")
-            if gpu.minor in record.minors:
+            if gpu.minor in allocated:
                 if got != "open":
                     problems.append(f"allocated GPU {gpu.index} (minor {gpu.minor}) gave {got}")
                 continue
