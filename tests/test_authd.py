@@ -31,6 +31,8 @@ class Site:
     """authd plus the clients a test needs; root is the bootstrap admin."""
 
     def __init__(self, base: Path, munge: MungeDaemon, **kwargs: Any) -> None:
+        self.store = kwargs.get("store", "sqlite")
+        self.dsn = kwargs.get("dsn")
         self.pki = SitePki(base / "pki")
         self.authd = AuthdProcess(base / "authd", self.pki, munge.socket, **kwargs)
         self.clients: list[AuthdClient] = []
@@ -84,9 +86,12 @@ class Site:
         self.authd.stop()
 
 
-@pytest.fixture
-def site(tmp_path: Path, munge_daemon: MungeDaemon) -> Iterator[Site]:
-    made = Site(tmp_path, munge_daemon)
+@pytest.fixture(params=["sqlite", "postgres"])
+def site(tmp_path: Path, munge_daemon: MungeDaemon,
+         request: pytest.FixtureRequest) -> Iterator[Site]:
+    """A running authd with root enrolled; on SQLite and on a real PostgreSQL server."""
+    dsn = request.getfixturevalue("postgres_dsn") if request.param == "postgres" else None
+    made = Site(tmp_path, munge_daemon, store=request.param, dsn=dsn)
     made.enroll_local("root")
     made.authd.start()
     try:
@@ -326,9 +331,68 @@ def test_decisions_and_secrets_are_recorded_without_secrets(site: Site) -> None:
     codes = [e["code"] for e in events]
     for code in ("auth.start", "auth.policy_loaded", "auth.enrolled", "auth.login"):
         assert code in codes
-    text = (site.authd.base / "authd.db").read_bytes()
     import base64
 
+    from ztgpu.sqldb import open_database
+
+    db = open_database(site.store, sqlite_path=site.authd.base / "authd.db", dsn=site.dsn)
+    try:
+        stored = [row[0] for row in db.execute("SELECT secret FROM users")]
+        stored += [row[0] for row in db.execute("SELECT private FROM signing_keys")]
+    finally:
+        db.close()
+    assert len(stored) >= 3 and all(value.startswith("v1.") for value in stored)  # sealed
+    blob = "".join(stored).encode()
+    if site.store == "sqlite":
+        blob += (site.authd.base / "authd.db").read_bytes()
     for secret in site.secrets.values():
-        assert base64.b32encode(secret).rstrip(b"=") not in text
-        assert secret not in text
+        assert base64.b32encode(secret).rstrip(b"=") not in blob
+        assert secret not in blob
+
+
+def _authd_events(site: Site, code: str) -> list[dict[str, Any]]:
+    from ztgpu.spool import Spool
+
+    spool = Spool.open(site.authd.base / "spool" / "authd-events.db", "authd")
+    try:
+        return spool.read(limit=10_000, code=code)
+    finally:
+        spool.close()
+
+
+def test_kek_rotation_reencrypts_every_secret_and_logins_still_work(site: Site) -> None:
+    from ztgpu.kek import KeyRing
+
+    enroll_nobody(site)
+    old_kid = KeyRing.load(site.authd.kek).current_kid
+    res = site.authd.ztgpu("admin", "kek", "rotate")
+    assert res.returncode == 0, res.stderr
+    ring = KeyRing.load(site.authd.kek)
+    assert ring.current_kid != old_kid and old_kid in ring.kids
+    assert "re-encrypted 3 secrets" in res.stdout  # root's and nobody's TOTP, one signing key
+    KeyRing.retire(site.authd.kek, old_kid)  # nothing needs the old key any more
+    site.login("nobody")
+    node = site.cert_client("node", "gpu01")
+    assert node.request("POST", "/v1/grant", {**job(), "node": "gpu01", "gpus": GPUS})["token"]
+
+
+def test_policy_changes_are_recorded_and_a_broken_edit_keeps_the_last_good_one(
+        site: Site) -> None:
+    from ztgpu.policy import load_policy
+
+    enroll_nobody(site)
+    site.login("nobody")
+    gate = site.cert_client("service", "slurmctld")
+    assert gate.request("POST", "/v1/gate", job())["allow"] is True
+    first = {e["policy_hash"] for e in _authd_events(site, "auth.policy_loaded")}
+    text = site.authd.policy_path.read_text().replace("max_gpus_per_job: 4",
+                                                      "max_gpus_per_job: 1")
+    site.authd.policy_path.write_text(text)
+    decision = gate.request("POST", "/v1/gate", job())
+    assert (decision["allow"], decision["code"]) == (False, "too_many_gpus_job")
+    hashes = [e["policy_hash"] for e in _authd_events(site, "auth.policy_loaded")]
+    assert load_policy(site.authd.policy_path).content_hash in hashes
+    assert set(hashes) - first
+    site.authd.policy_path.write_text("version: 1\nrules: [oops\n")
+    decision = gate.request("POST", "/v1/gate", job())
+    assert decision["code"] == "too_many_gpus_job"  # still the last good policy

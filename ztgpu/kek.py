@@ -31,6 +31,7 @@ import re
 import secrets
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -386,3 +387,37 @@ def _owner_ids(owner: str | None) -> tuple[int, int] | None:
     except KeyError as exc:
         raise KekError(f"unknown user {owner!r}") from exc
     return entry.pw_uid, entry.pw_gid
+
+
+class KeyRingFile:
+    """The key ring of a KEK file, reloaded whenever the file changes.
+
+    A running service keeps working across ``ztgpu admin kek rotate`` and
+    ``retire``: the next seal uses the new current key, and secrets already
+    re-sealed under it open. Thread-safe.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._ring: KeyRing | None = None
+        self.ring()  # fail now, not at the first secret, if the file is unusable
+
+    def ring(self) -> KeyRing:
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        with self._lock:
+            if self._ring is None or stamp != self._stamp:
+                self._ring = KeyRing.load(self.path)
+                self._stamp = stamp
+            return self._ring
+
+    def seal(self, plaintext: bytes, aad: bytes) -> str:
+        return self.ring().seal(plaintext, aad)
+
+    def open(self, sealed: str, aad: bytes) -> bytes:
+        return self.ring().open(sealed, aad)

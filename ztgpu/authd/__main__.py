@@ -20,13 +20,13 @@ def open_authority(config: Config, *, with_holder: bool = True) -> tuple[Any, An
     from ztgpu.authd.authority import Authority
     from ztgpu.authd.holder import SlurmJobHolder
     from ztgpu.authd.store import AuthStore
-    from ztgpu.kek import KeyRing
+    from ztgpu.kek import KeyRingFile
     from ztgpu.slurm_client import CliSlurmClient
     from ztgpu.spool import Spool
     from ztgpu.sqldb import open_database
 
     ac = config.authd
-    keyring = KeyRing.load(ac.kek_file)
+    keyring = KeyRingFile(ac.kek_file)
     dsn = (read_secret_file(ac.postgres_dsn_file, "authd.postgres_dsn_file")
            if ac.store == "postgres" and ac.postgres_dsn_file is not None else None)
     store = AuthStore(open_database(ac.store, sqlite_path=ac.sqlite_path, dsn=dsn))
