@@ -161,6 +161,16 @@ def _cmd_kek_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kek_init(args: argparse.Namespace) -> int:
+    from ztgpu.kek import KeyRing
+
+    path = _config(args).authd.kek_file
+    ring = KeyRing.create(path, owner=args.owner)
+    print(f"created key-encryption key {ring.current_kid} in {path} (mode 0600"
+          + (f", owner {args.owner})" if args.owner else ")"))
+    return 0
+
+
 def add_auth_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `login` and `admin` on the `ztgpu` command line."""
     login = sub.add_parser("login", help="open an MFA session (one a day is enough)")
@@ -197,3 +207,6 @@ def add_auth_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                           ).add_subparsers(dest="kek_command", required=True)
     kek.add_parser("rotate", help="add a new KEK and re-encrypt every secret").set_defaults(
         func=_cmd_kek_rotate)
+    kek_init = kek.add_parser("init", help="create authd.kek_file with a first key")
+    kek_init.add_argument("--owner", help="the user authd runs as (the file is 0600)")
+    kek_init.set_defaults(func=_cmd_kek_init)
