@@ -396,3 +396,30 @@ def test_policy_changes_are_recorded_and_a_broken_edit_keeps_the_last_good_one(
     site.authd.policy_path.write_text("version: 1\nrules: [oops\n")
     decision = gate.request("POST", "/v1/gate", job())
     assert decision["code"] == "too_many_gpus_job"  # still the last good policy
+
+
+def test_authd_decisions_reach_the_collector(tmp_path: Path, munge_daemon: MungeDaemon) -> None:
+    from ztgpu.testing.collector_process import CollectorClient, CollectorProcess
+
+    made = Site(tmp_path, munge_daemon)
+    collector = CollectorProcess(tmp_path / "collector", made.pki).start()
+    made.authd = AuthdProcess(tmp_path / "authd2", made.pki, munge_daemon.socket,
+                              sections={"audit": {"collector_url": collector.url,
+                                                  "retry_min_s": 0.2}})
+    auditor = CollectorClient(collector.url, made.pki.context("auditor", "a"))
+    try:
+        made.enroll_local("root")
+        made.authd.start()
+        made.login(None)
+        from ztgpu.testing.slurm_cluster import wait_for
+
+        def logged_in() -> bool:
+            status, body = auditor.get("/v1/events", node="authd", code="auth.login")
+            return status == 200 and any(e["user"] == "root" and e["outcome"] == "ok"
+                                         for e in body["events"])
+
+        wait_for(logged_in, 20, "authd's login event at the collector")
+    finally:
+        auditor.close()
+        made.close()
+        collector.stop()

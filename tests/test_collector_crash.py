@@ -11,7 +11,7 @@ import pytest
 
 from ztgpu.collector.store import open_store
 from ztgpu.events import verify_chain
-from ztgpu.noded.forwarder import Forwarder
+from ztgpu.forwarder import Forwarder
 from ztgpu.pki import client_context, sign
 from ztgpu.spool import Spool
 from ztgpu.testing.collector_process import CollectorProcess, SitePki

@@ -162,8 +162,11 @@ def test_roles_are_enforced(site: tuple[SitePki, CollectorProcess],
                             auditor: CollectorClient) -> None:
     node = connect(site, "node", "gpu03")
     assert node.get("/v1/events", node="gpu03")[0] == 403
+    # A service (authd) may send its own chain, but nothing under another name.
     service = connect(site, "service", "authd")
     assert service.post("/v1/events", {"node": "authd", "events": make_events("authd", 1, 1)}
+                        )[0] == 200
+    assert service.post("/v1/events", {"node": "gpu03", "events": make_events("gpu03", 1, 1)}
                         )[0] == 403
     assert auditor.post("/v1/events", {"node": "audit1", "events": []})[0] == 403
     assert auditor.request("DELETE", "/v1/events")[0] == 405

@@ -35,7 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ztgpu.events import GENESIS_PREV, checkpoint_message, event_hash
 from ztgpu.noded import forwarder as forwarder_module
-from ztgpu.noded.forwarder import Forwarder
+from ztgpu.forwarder import Forwarder
 from ztgpu.spool import Spool
 
 NODE = "gpu01"

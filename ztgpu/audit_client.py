@@ -762,7 +762,7 @@ def check_checkpoint(cp: Mapping[str, Any], node: str, ca: x509.Certificate) -> 
     issued by ``ca`` and valid at the checkpoint's ``ts``, signed
     ``checkpoint_message`` of its node, seq, hash and ts.
     """
-    from ztgpu.pki import PkiError, verify_signature
+    from ztgpu.pki import PkiError, identity_from_der, verify_signature
 
     if cp.get("node") != node or not _is_seq(cp.get("seq")) or not isinstance(
             cp.get("hash"), str):
@@ -776,7 +776,11 @@ def check_checkpoint(cp: Mapping[str, Any], node: str, ca: x509.Certificate) -> 
     except (binascii.Error, ValueError):
         return "cert or sig is not valid base64"
     try:
-        verify_signature(cert_der, ca, checkpoint_message(cp), sig, at=when, role="node",
+        # Nodes sign their chains; services (authd) sign their own.
+        role = identity_from_der(cert_der).role
+        if role not in ("node", "service"):
+            return f"signed by a {role} certificate, not a node or service"
+        verify_signature(cert_der, ca, checkpoint_message(cp), sig, at=when, role=role,
                          name=node)
     except PkiError as exc:
         return f"signature does not hold: {exc}"

@@ -56,6 +56,11 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
     authority, store, spool = open_authority(config)
     service = AuthService(authority, server_context=context.get,
                           max_body_bytes=ac.max_body_bytes)
+    from ztgpu.forwarder import start_forwarder
+
+    # authd's decisions go to the collector like a node's events, under its
+    # own certificate (role service, named authd.name).
+    forwarder = start_forwarder(config, spool, role="service", name=ac.name)
     spool.append("auth.start", version=__version__, store=ac.store, outcome="ok")
 
     def ready(port: int) -> None:
@@ -72,6 +77,9 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
     finally:
         service.close()
         spool.append("auth.stop", reason="signal", outcome="ok")
+        if forwarder is not None:
+            forwarder.flush(timeout=2.0)
+            forwarder.stop()
         store.close()
         spool.close()
     return 0

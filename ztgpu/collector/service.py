@@ -52,6 +52,8 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z")
 _CHECKPOINT_KEYS = frozenset({"node", "seq", "hash", "ts", "sig"})
 _CHECKPOINT_SKEW_S = 600.0
+#: Who may send events: nodes, and services (authd) for their own chain.
+_SENDERS = ("node", "service")
 
 
 @dataclass(frozen=True)
@@ -243,8 +245,9 @@ class CollectorService:
             return web.json_response({"error": f"body larger than {self.max_body_bytes} "
                                       "bytes"}, status=413)
 
-    def peer(self, request: web.Request, role: str | None = None) -> Peer:
-        """The TLS identity of the request's sender; Rejected(403) if not ``role``."""
+    def peer(self, request: web.Request, role: str | tuple[str, ...] | None = None) -> Peer:
+        """The TLS identity of the request's sender; Rejected(403) unless its role is
+        ``role`` (or one of them)."""
         from ztgpu.pki import PkiError, identity_from_der
 
         der = peer_certificate(request)
@@ -255,7 +258,8 @@ class CollectorService:
         except PkiError as exc:
             raise Rejected(403, f"client certificate has no usable identity: {exc}",
                            kind="refused") from None
-        if role is not None and identity.role != role:
+        allowed = (role,) if isinstance(role, str) else role
+        if allowed is not None and identity.role not in allowed:
             article = "an" if identity.role[0] in "aeiou" else "a"
             raise Rejected(403, f"{article} {identity.role} certificate ({identity.name}) may "
                            "not use "
@@ -270,7 +274,7 @@ class CollectorService:
 
     # -- node routes ------------------------------------------------------
     async def post_events(self, request: web.Request) -> web.Response:
-        peer = self.peer(request, "node")
+        peer = self.peer(request, _SENDERS)
         if peer.name == self.writer.own_node:
             raise Rejected(403, f"node name {peer.name!r} is reserved for the collector",
                            kind="refused")
@@ -302,7 +306,7 @@ class CollectorService:
     async def post_checkpoint(self, request: web.Request) -> web.Response:
         from ztgpu.pki import PkiError, verify_signature
 
-        peer = self.peer(request, "node")
+        peer = self.peer(request, _SENDERS)
         cp = parse_checkpoint(peer.name, await self._body(request))
         when = datetime.strptime(cp["ts"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
         if abs((datetime.now(UTC) - when).total_seconds()) > _CHECKPOINT_SKEW_S:
@@ -311,7 +315,7 @@ class CollectorService:
         payload = {k: cp[k] for k in ("node", "seq", "hash", "ts")}
         try:
             verify_signature(peer.cert_der, self.ca, checkpoint_message(payload), cp["sig"],
-                             at=when, role="node", name=peer.name)
+                             at=when, role=peer.role, name=peer.name)
         except PkiError as exc:
             raise Rejected(400, f"checkpoint signature: {exc}") from None
         outcome = await self._write(

@@ -10,15 +10,14 @@ import pwd
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ztgpu.config import Config, load_config
 from ztgpu.errors import ConfigError, InputRejected, ZtgpuError
 
 if TYPE_CHECKING:
+    from ztgpu.forwarder import Forwarder
     from ztgpu.noded.agent import Agent
-    from ztgpu.noded.forwarder import Forwarder
     from ztgpu.noded.grant_check import RevocationWatcher
     from ztgpu.spool import Spool
 
@@ -44,39 +43,6 @@ class _WakingSink:
         event = self.spool.append(code, **fields)
         self.forwarder.wake()
         return event
-
-
-def _start_forwarding(config: Config, spool: Spool,
-                      on_progress: Callable[[], object]) -> Forwarder | None:
-    """Start the forwarder if ``audit.collector_url`` is set; None otherwise."""
-    from ztgpu.noded.forwarder import Forwarder
-    from ztgpu.pki import ReloadingContext, client_context, identity_of, load_cert, sign
-
-    audit = config.audit
-    if audit.collector_url is None:
-        logging.getLogger("ztgpu.noded").warning(
-            "audit.collector_url is not set: audit events stay in the local spool only")
-        return None
-    if config.tls.cert is None or config.tls.key is None:
-        raise ConfigError("audit.collector_url needs tls.cert and tls.key (a node "
-                          f"certificate for {config.node_name!r}: ztgpu pki issue --role node)")
-    cert, key, ca_cert = config.tls.cert, config.tls.key, config.tls.ca_cert
-    identity = identity_of(load_cert(cert))
-    if identity.role != "node" or identity.name != config.node_name:
-        # The collector would refuse every batch: say so now, not at spool-full time.
-        raise ConfigError(f"tls.cert {cert} is a {identity.role} certificate for "
-                          f"{identity.name!r}; forwarding needs a node certificate for "
-                          f"{config.node_name!r} (ztgpu pki issue --role node --name "
-                          f"{config.node_name})")
-    context = ReloadingContext(lambda: client_context(ca_cert, cert, key), [cert, key, ca_cert])
-    forwarder = Forwarder(
-        spool, url=audit.collector_url, context=context.get,
-        batch_max=audit.batch_max_events, retry_min_s=audit.retry_min_s,
-        retry_max_s=audit.retry_max_s, timeout_s=audit.request_timeout_s,
-        keep_acked=audit.keep_acked_events, checkpoint_interval_s=audit.checkpoint_interval_s,
-        sign=lambda data: sign(key, data), on_progress=on_progress)
-    forwarder.start()
-    return forwarder
 
 
 def _start_grant_checks(config: Config, agent: Agent) -> RevocationWatcher | None:
@@ -107,6 +73,7 @@ def _start_grant_checks(config: Config, agent: Agent) -> RevocationWatcher | Non
 def serve(config: Config, ready: threading.Event | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT. Returns the exit code."""
     # Heavy imports stay here, out of the thin clients' way.
+    from ztgpu.forwarder import start_forwarder
     from ztgpu.gpu.devices import nvidia_major
     from ztgpu.gpu.select import open_backend
     from ztgpu.noded.agent import Agent
@@ -130,7 +97,8 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     slurm = CliSlurmClient(config.slurm.bin_dir, config.slurm.conf,
                            config.slurm.command_timeout_s)
     guard = SpoolGuard(spool, config.audit.spool_max_events, config.audit.spool_full_action)
-    forwarder = _start_forwarding(config, spool, on_progress=guard.check)
+    forwarder = start_forwarder(config, spool, role="node", name=config.node_name,
+                                on_progress=guard.check)
     agent = Agent(config, backend, spool if forwarder is None else _WakingSink(spool, forwarder),
                   state, slurm, major=major.major)
     watcher = _start_grant_checks(config, agent)

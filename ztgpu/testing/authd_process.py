@@ -43,7 +43,8 @@ class AuthdProcess:
 
     def __init__(self, base: Path, pki: SitePki, munge_socket: Path, *,
                  policy: str = DEFAULT_POLICY, store: str = "sqlite", dsn: str | None = None,
-                 authd: dict[str, Any] | None = None) -> None:
+                 authd: dict[str, Any] | None = None,
+                 sections: dict[str, dict[str, Any]] | None = None) -> None:
         from ztgpu.kek import KeyRing
 
         self.base = base
@@ -71,13 +72,16 @@ class AuthdProcess:
             section["postgres_dsn_file"] = str(dsn_file)
         section.update(authd or {})
         self.config_path = base / "ztgpu.yaml"
-        self.config_path.write_text(yaml.safe_dump({
+        config: dict[str, dict[str, Any]] = {
             "tls": {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)},
             "auth": {"authd_url": self.url},
             "paths": {"spool_dir": str(base / "spool")},
             "slurm": {"bin_dir": str(base / "no-slurm-here")},
             "authd": section,
-        }))
+        }
+        for name, values in (sections or {}).items():
+            config.setdefault(name, {}).update(values)
+        self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = base / "authd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

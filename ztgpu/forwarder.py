@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from ztgpu.config import Config
 from ztgpu.errors import ConfigError, SpoolError
 from ztgpu.events import checkpoint_message, format_timestamp
 from ztgpu.spool import Spool
@@ -473,3 +474,40 @@ class Forwarder:
             return {}, raw[:200].decode("utf-8", "replace")
         error = reply.get("error")
         return reply, str(error) if error is not None else raw[:200].decode("utf-8", "replace")
+
+
+def start_forwarder(config: Config, spool: Spool, *, role: str, name: str,
+                    on_progress: Callable[[], object] | None = None) -> Forwarder | None:
+    """Start forwarding ``spool`` if ``audit.collector_url`` is set; None otherwise.
+
+    ``tls.cert`` must be a certificate of ``role`` named ``name`` (the
+    spool's node name): the collector accepts a chain only from its own
+    certificate, so a mismatch is refused here, at start, not at spool-full
+    time.
+    """
+    from ztgpu.pki import ReloadingContext, client_context, identity_of, load_cert, sign
+
+    audit = config.audit
+    if audit.collector_url is None:
+        log.warning("audit.collector_url is not set: audit events stay in the local spool")
+        return None
+    cert, key, ca_cert = config.tls.cert, config.tls.key, config.tls.ca_cert
+    if cert is None or key is None:
+        raise ConfigError(f"audit.collector_url needs tls.cert and tls.key (a {role} "
+                          f"certificate for {name!r}: ztgpu pki issue --role {role} "
+                          f"--name {name})")
+    identity = identity_of(load_cert(cert))
+    if identity.role != role or identity.name != name:
+        raise ConfigError(f"tls.cert {cert} is a {identity.role} certificate for "
+                          f"{identity.name!r}; forwarding needs a {role} certificate for "
+                          f"{name!r} (ztgpu pki issue --role {role} --name {name})")
+    context = ReloadingContext(lambda: client_context(ca_cert, cert, key), [cert, key, ca_cert])
+    forwarder = Forwarder(
+        spool, url=audit.collector_url, context=context.get,
+        batch_max=audit.batch_max_events, retry_min_s=audit.retry_min_s,
+        retry_max_s=audit.retry_max_s, timeout_s=audit.request_timeout_s,
+        keep_acked=audit.keep_acked_events, checkpoint_interval_s=audit.checkpoint_interval_s,
+        sign=lambda data: sign(key, data), on_progress=on_progress)
+    forwarder.start()
+    return forwarder
+
