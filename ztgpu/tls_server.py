@@ -16,6 +16,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -139,3 +140,41 @@ def run_until_stopped(coro_factory: Callable[[asyncio.Event], Awaitable[None]]) 
         await coro_factory(stop)
 
     asyncio.run(main())
+
+
+def port_file_writer(port_file: Path | None) -> Callable[[int], None]:
+    """A ``ready(port)`` callback that writes the listening port to ``port_file``."""
+
+    def ready(port: int) -> None:
+        if port_file is not None:
+            tmp = port_file.with_suffix(".tmp")
+            tmp.write_text(f"{port}\n")
+            tmp.replace(port_file)
+
+    return ready
+
+
+def service_main(prog: str, description: str | None,
+                 serve: Callable[[str | None, Path | None], int],
+                 argv: list[str] | None = None) -> int:
+    """The command line every ztgpu service shares: --config, --log-level."""
+    import argparse
+    import sys
+
+    from ztgpu.errors import ZtgpuError
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="config file (default: $ZTGPU_CONFIG or "
+                        "/etc/ztgpu/ztgpu.yaml)")
+    parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return serve(args.config, args.port_file)
+    except ZtgpuError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ztgpu.config import Config, load_config, read_secret_file
-from ztgpu.errors import ConfigError, ZtgpuError
+from ztgpu.errors import ConfigError
 
 log = logging.getLogger("ztgpu.authd")
 
@@ -43,7 +42,7 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
     from ztgpu import __version__
     from ztgpu.authd.service import AuthService
     from ztgpu.pki import ReloadingContext, server_context
-    from ztgpu.tls_server import run_until_stopped
+    from ztgpu.tls_server import port_file_writer, run_until_stopped
 
     config = load_config(config_file)
     ac = config.authd
@@ -63,11 +62,7 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
     forwarder = start_forwarder(config, spool, role="service", name=ac.name)
     spool.append("auth.start", version=__version__, store=ac.store, outcome="ok")
 
-    def ready(port: int) -> None:
-        if port_file is not None:
-            tmp = port_file.with_suffix(".tmp")
-            tmp.write_text(f"{port}\n")
-            tmp.replace(port_file)
+    ready = port_file_writer(port_file)
 
     async def run(stop: asyncio.Event) -> None:
         await service.serve(ac.listen_host, ac.listen_port, stop, ready)
@@ -86,21 +81,9 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ztgpu-authd", description=__doc__)
-    parser.add_argument("--config", help="config file (default: $ZTGPU_CONFIG or "
-                        "/etc/ztgpu/ztgpu.yaml)")
-    parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        return serve(args.config, args.port_file)
-    except ZtgpuError as exc:
-        print(f"ztgpu-authd: {exc}", file=sys.stderr)
-        return exc.exit_code
+    from ztgpu.tls_server import service_main
 
+    return service_main("ztgpu-authd", __doc__, serve, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

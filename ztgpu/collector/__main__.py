@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
 from pathlib import Path
 
-from ztgpu.errors import ConfigError, ZtgpuError
+from ztgpu.errors import ConfigError
 
 log = logging.getLogger("ztgpu.collector")
 
@@ -21,7 +20,7 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
     from ztgpu.collector.store import Store, open_store
     from ztgpu.config import load_config, read_secret_file
     from ztgpu.pki import ReloadingContext, load_cert, server_context
-    from ztgpu.tls_server import run_until_stopped
+    from ztgpu.tls_server import port_file_writer, run_until_stopped
 
     config = load_config(config_file)
     cc = config.collector
@@ -50,11 +49,7 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
         ingest_processes=cc.ingest_processes)
     writer.record("collector.start", version=__version__, store=cc.store)
 
-    def ready(port: int) -> None:
-        if port_file is not None:
-            tmp = port_file.with_suffix(".tmp")
-            tmp.write_text(f"{port}\n")
-            tmp.replace(port_file)
+    ready = port_file_writer(port_file)
 
     async def run(stop: asyncio.Event) -> None:
         sinks = start_sinks(config, make_store)
@@ -75,21 +70,9 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ztgpu-collectord", description=__doc__)
-    parser.add_argument("--config", help="config file (default: $ZTGPU_CONFIG or "
-                        "/etc/ztgpu/ztgpu.yaml)")
-    parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        return serve(args.config, args.port_file)
-    except ZtgpuError as exc:
-        print(f"ztgpu-collectord: {exc}", file=sys.stderr)
-        return exc.exit_code
+    from ztgpu.tls_server import service_main
 
+    return service_main("ztgpu-collectord", __doc__, serve, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,9 +8,7 @@ prove that authd learns the caller's uid from munge and nothing else.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 import yaml
 
 from ztgpu.testing.collector_process import SitePki, free_port
-from ztgpu.testing.slurm_cluster import wait_for
+from ztgpu.testing.service_process import ServiceProcess
 
 DEFAULT_POLICY = """\
 version: 1
@@ -38,8 +36,11 @@ default: deny
 """
 
 
-class AuthdProcess:
+class AuthdProcess(ServiceProcess):
     """One ``ztgpu-authd`` child process; ``config_path`` also serves the CLI."""
+
+    module = "ztgpu.authd"
+    what = "authd"
 
     def __init__(self, base: Path, pki: SitePki, munge_socket: Path, *,
                  policy: str = DEFAULT_POLICY, store: str = "sqlite", dsn: str | None = None,
@@ -82,48 +83,7 @@ class AuthdProcess:
         for name, values in (sections or {}).items():
             config.setdefault(name, {}).update(values)
         self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = base / "authd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 20.0) -> AuthdProcess:
-        port_file = self.base / "port"
-        port_file.unlink(missing_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ztgpu.authd", "--config", str(self.config_path),
-                 "--port-file", str(port_file)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            log.close()
-        proc = self.proc
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"authd exited with {proc.returncode}:\n{self.log()}")
-            return port_file.exists()
-
-        wait_for(ready, timeout, "authd to listen")
-        return self
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        super().__init__(base, self.config_path, base / "authd.log")
 
     def ztgpu(self, *args: str, user: str | None = None, stdin: str = "",
               timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -142,12 +102,6 @@ class AuthdProcess:
             argv = ["runuser", "-u", user, "--", *argv]
         res = subprocess.run(argv, input=purpose, capture_output=True, timeout=10, check=True)
         return res.stdout.decode().strip()
-
-    def __enter__(self) -> AuthdProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def secret_from_uri(uri: str) -> bytes:

@@ -15,11 +15,8 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +26,7 @@ from urllib.parse import urlencode
 
 import yaml
 
+from ztgpu.testing.service_process import ServiceProcess
 from ztgpu.testing.slurm_cluster import wait_for
 
 
@@ -67,8 +65,11 @@ def free_port() -> int:
         return port
 
 
-class CollectorProcess:
+class CollectorProcess(ServiceProcess):
     """One ``ztgpu-collectord`` child process with its own config and store."""
+
+    module = "ztgpu.collector"
+    what = "the collector"
 
     def __init__(self, base: Path, pki: SitePki, *, store: str = "sqlite",
                  dsn: str | None = None, collector: dict[str, Any] | None = None,
@@ -96,61 +97,7 @@ class CollectorProcess:
             "tls": {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)},
             "collector": section,
         }))
-        self.log_path = base / "collectord.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 20.0) -> CollectorProcess:
-        port_file = self.base / "port"
-        port_file.unlink(missing_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ztgpu.collector", "--config", str(self.config_path),
-                 "--port-file", str(port_file)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            log.close()
-        proc = self.proc
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"collector exited with {proc.returncode}:\n{self.log()}")
-            return port_file.exists()
-
-        wait_for(ready, timeout, "the collector to listen")
-        return self
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def kill(self) -> None:
-        """SIGKILL to the whole service (its checking processes too): no shutdown code runs."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> int | None:
-        """SIGTERM and wait; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-    def __enter__(self) -> CollectorProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(base, self.config_path, base / "collectord.log")
 
 
 class CollectorClient:
