@@ -59,6 +59,8 @@ demo: install
 bench: install
 	$(PY) bench/job_turnaround.py
 	$(PY) bench/collector_ingest.py
+	$(PY) bench/pdp_latency.py
+	$(PY) bench/revocation.py
 
 clean:
 	rm -rf build dist *.egg-info $(TYPECHECK_TREE)

@@ -24,16 +24,23 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 def _cmd_install(args: argparse.Namespace) -> int:
     from ztgpu.config import load_config
-    from ztgpu.hooks_install import hook_path, write_hooks
-    from ztgpu.slurm_conf import install, suite_changes
+    from ztgpu.hooks_install import gate_path, hook_path, render_gate, write_gate, write_hooks
+    from ztgpu.slurm_conf import gate_changes, install, suite_changes
 
     config = load_config(args.config)
     changes = suite_changes(hook_path("prolog", config), hook_path("epilog", config),
                             hook_path("task_prolog", config))
+    if args.gate:
+        # The job gate is opt-in; check its config before anything is written.
+        render_gate(config, Path(args.slurm_conf))
+        changes += gate_changes(gate_path(config))
     # Plan first: a slurm.conf that cannot be read or changed safely stops
     # the install before any hook is written.
     result = install(Path(args.slurm_conf), changes, dry_run=True)
-    for path, changed in write_hooks(config, dry_run=args.dry_run):
+    written = write_hooks(config, dry_run=args.dry_run)
+    if args.gate:
+        written.append(write_gate(config, Path(args.slurm_conf), dry_run=args.dry_run))
+    for path, changed in written:
         verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
         print(f"{verb}: {path}")
     if not args.dry_run:
@@ -49,6 +56,8 @@ def _cmd_install(args: argparse.Namespace) -> int:
     else:
         print(f"updated: {args.slurm_conf} (backup: {result.backup})")
         print("restart slurmd (and slurmctld) for Prolog/Epilog changes to take effect")
+        if args.gate:
+            print("restart slurmctld for the job gate (PrologSlurmctld) to take effect")
     return 0
 
 
@@ -249,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     inst = sub.add_parser("install", help="install the node hooks into slurm.conf")
     inst.add_argument("--slurm-conf", required=True, help="path of slurm.conf to update")
     inst.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
+    inst.add_argument("--gate", action="store_true",
+                      help="also install the job gate (PrologSlurmctld asking authd before a "
+                      "GPU job starts; needs auth.authd_url, tls.cert, tls.key)")
     inst.set_defaults(func=_cmd_install)
 
     from ztgpu.pki_cli import add_pki_parser

@@ -5,6 +5,11 @@ processing: nothing from the environment or .pth files can change what it
 imports) that puts the suite's install location first on ``sys.path`` and
 calls :func:`ztgpu.prolog_epilog.hook.main` with the agent socket baked in,
 so the hot path reads no config file and imports no YAML.
+
+The optional job gate (``ztgpu install --gate``) is written the same way:
+a PrologSlurmctld wrapper calling :func:`ztgpu.slurm_plugins.gate.main`
+with authd's URL, the controller's TLS files, the Slurm commands and the
+unreachable action baked in.
 """
 
 from __future__ import annotations
@@ -17,12 +22,19 @@ from pathlib import Path
 
 import ztgpu
 from ztgpu.config import Config
+from ztgpu.errors import ConfigError
 
 HOOKS = ("prolog", "epilog", "task_prolog")
+#: File name of the job gate (PrologSlurmctld) in ``paths.hooks_dir``.
+GATE = "prolog_slurmctld"
+
+
+def _site() -> str:
+    return str(Path(ztgpu.__file__).resolve().parents[1])
 
 
 def render(hook: str, config: Config, python: str = sys.executable) -> str:
-    site = str(Path(ztgpu.__file__).resolve().parents[1])
+    site = _site()
     return (
         f"#!{python} -IS\n"
         f"# ztgpu node {hook}: written by `ztgpu install`; rerun it instead of editing.\n"
@@ -46,21 +58,83 @@ def write_hooks(config: Config, *, dry_run: bool) -> list[tuple[Path, bool]]:
     results = []
     for hook in HOOKS:
         path = hook_path(hook, config)
-        text = render(hook, config)
-        try:
-            st = os.lstat(path)
-            changed = (path.read_text() != text or stat.S_IMODE(st.st_mode) != 0o755
-                       or st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode))
-        except FileNotFoundError:
-            changed = True
-        if changed and not dry_run:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{hook}.")
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o755)  # noqa: S103 - an executable Slurm runs as root
-            os.replace(tmp, path)
-        results.append((path, changed))
+        results.append((path, _write_executable(path, render(hook, config), dry_run=dry_run)))
     return results
+
+
+def gate_path(config: Config) -> Path:
+    return config.paths.hooks_dir / GATE
+
+
+def gate_settings(config: Config, slurm_conf: Path | None) -> dict[str, object]:
+    """The arguments baked into the gate wrapper, from the config.
+
+    ``slurm_conf`` is the file slurmctld reads (``slurm.conf`` in the config
+    wins when set): the PrologSlurmctld environment has no SLURM_CONF.
+    Raises ConfigError naming the keys the gate needs but the config lacks.
+    """
+    missing = [name for name, value in (("auth.authd_url", config.auth.authd_url),
+                                        ("tls.cert", config.tls.cert),
+                                        ("tls.key", config.tls.key)) if value is None]
+    if missing:
+        raise ConfigError(
+            f"the job gate needs {', '.join(missing)} set in the config (authd's URL and "
+            "the controller's service certificate, e.g. from "
+            "`ztgpu pki issue --role service --name slurmctld`)")
+    conf = config.slurm.conf or (Path(os.path.abspath(slurm_conf)) if slurm_conf else None)
+    return {
+        "authd_url": config.auth.authd_url,
+        "ca_cert": str(config.tls.ca_cert),
+        "cert": str(config.tls.cert),
+        "key": str(config.tls.key),
+        "squeue": str(config.slurm.bin_dir / "squeue"),
+        "scontrol": str(config.slurm.bin_dir / "scontrol"),
+        "slurm_conf": str(conf) if conf is not None else None,
+        "timeout_s": config.auth.request_timeout_s,
+        "unreachable": config.auth.unreachable_action,
+    }
+
+
+def render_gate(config: Config, slurm_conf: Path | None,
+                python: str = sys.executable) -> str:
+    """The PrologSlurmctld wrapper's text. Raises ConfigError as gate_settings does."""
+    args = "".join(f"    {name}={value!r},\n"
+                   for name, value in gate_settings(config, slurm_conf).items())
+    return (
+        f"#!{python} -IS\n"
+        "# ztgpu job gate (PrologSlurmctld): written by `ztgpu install --gate`; rerun it\n"
+        "# instead of editing. Runs as SlurmUser, which must be able to read the key.\n"
+        "import sys\n"
+        f"sys.path.insert(0, {_site()!r})\n"
+        "from ztgpu.slurm_plugins.gate import main\n"
+        "sys.exit(main(\n"
+        f"{args}"
+        "))\n"
+    )
+
+
+def write_gate(config: Config, slurm_conf: Path | None, *,
+               dry_run: bool) -> tuple[Path, bool]:
+    """Write the gate wrapper (0755, atomically); returns (path, changed)."""
+    path = gate_path(config)
+    return path, _write_executable(path, render_gate(config, slurm_conf), dry_run=dry_run)
+
+
+def _write_executable(path: Path, text: str, *, dry_run: bool) -> bool:
+    """Make ``path`` a root-owned 0755 file holding ``text``; returns whether it changed."""
+    try:
+        st = os.lstat(path)
+        changed = (path.read_text() != text or stat.S_IMODE(st.st_mode) != 0o755
+                   or st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode))
+    except FileNotFoundError:
+        changed = True
+    if changed and not dry_run:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)  # noqa: S103 - an executable Slurm runs as root
+        os.replace(tmp, path)
+    return changed

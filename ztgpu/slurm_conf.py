@@ -38,6 +38,7 @@ __all__ = [
     "InstallResult",
     "Plan",
     "SlurmConfChange",
+    "gate_changes",
     "install",
     "plan",
     "suite_changes",
@@ -143,12 +144,7 @@ def suite_changes(prolog: Path, epilog: Path,
     if task_prolog is not None:
         hooks.append(("task prolog", task_prolog))
     for name, path in hooks:
-        text = str(path)
-        if not path.is_absolute() or _UNWRITABLE_RE.search(text) or text != text.strip():
-            raise UsageError(
-                f"{name} path {text!r} must be absolute and free of '#', '\\', '\"' "
-                "and control characters"
-            )
+        _check_hook_path(name, path)
     task: tuple[SlurmConfChange, ...] = ()
     if task_prolog is not None:
         # TaskProlog runs in every task, as the user, before the user's
@@ -175,6 +171,27 @@ def suite_changes(prolog: Path, epilog: Path,
         # so 60 s is a backstop. An admin's existing value is kept.
         SlurmConfChange("PrologEpilogTimeout", "60", only_if_absent=True),
     )
+
+
+def gate_changes(gate: Path) -> tuple[SlurmConfChange, ...]:
+    """The slurm.conf setting of the optional job gate (``ztgpu install --gate``).
+
+    Set exactly, like the node hooks: a site PrologSlurmctld it replaces is
+    reported as a warning. slurmctld must be restarted to pick it up
+    (``scontrol reconfigure`` is not enough).
+    Raises :class:`~ztgpu.errors.UsageError` as :func:`suite_changes` does.
+    """
+    _check_hook_path("job gate", gate)
+    return (SlurmConfChange("PrologSlurmctld", str(gate)),)
+
+
+def _check_hook_path(name: str, path: Path) -> None:
+    text = str(path)
+    if not path.is_absolute() or _UNWRITABLE_RE.search(text) or text != text.strip():
+        raise UsageError(
+            f"{name} path {text!r} must be absolute and free of '#', '\\', '\"' "
+            "and control characters"
+        )
 
 
 # --------------------------------------------------------------------------
