@@ -78,4 +78,7 @@ class CliSlurmClient:
             raise SlurmError(f"refusing to release malformed job id {job_id!r}")
         self._run(["scontrol", "update", f"JobId={job_id}", "AdminComment="])
         self._run(["scontrol", "release", job_id])
+        # A job requeued by a failed PrologSlurmctld waits ~2 minutes
+        # (BeginTime) after a release; a login should start it now.
+        self._run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
