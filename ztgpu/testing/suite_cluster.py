@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,18 +80,31 @@ class SuiteCluster(AgentProcess):
 
 @contextlib.contextmanager
 def suite_cluster(spec: ClusterSpec | None = None, *, start_agent: bool = True,
+                  prepare: Callable[[SlurmTestCluster], dict[str, Any]] | None = None,
+                  installed: Callable[[SuiteCluster], None] | None = None,
                   **overrides: Any) -> Iterator[SuiteCluster]:
-    """A private cluster with the suite installed and its agent running."""
+    """A private cluster with the suite installed and its agent running.
+
+    ``prepare(cluster)`` runs once the cluster's directories exist and before
+    anything is installed; the config sections it returns are merged into
+    the agent's config. ``installed(suite)`` runs after ``ztgpu install`` and
+    before the Slurm daemons start (e.g. to add a PrologSlurmctld).
+    """
     holder: dict[str, SuiteCluster] = {}
 
     def install(cluster: SlurmTestCluster) -> None:
         base = cluster.root / "ztgpu"
         base.mkdir(mode=0o755)
+        extra = prepare(cluster) if prepare is not None else {}
         config = agent_config(cluster, base, **overrides)
+        for section, values in extra.items():
+            config.setdefault(section, {}).update(values)
         path = base / "ztgpu.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         suite = SuiteCluster(base=base, config=config, config_path=path, cluster=cluster)
         suite.ztgpu("install", "--slurm-conf", str(cluster.slurm_conf))
+        if installed is not None:
+            installed(suite)
         if start_agent:
             suite.start_agent()
         holder["suite"] = suite
