@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ztgpu.events import GENESIS_PREV, checkpoint_message, event_hash
-from ztgpu.noded import forwarder as forwarder_module
 from ztgpu.forwarder import Forwarder
+from ztgpu.noded import forwarder as forwarder_module
 from ztgpu.spool import Spool
 
 NODE = "gpu01"
