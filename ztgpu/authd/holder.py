@@ -57,6 +57,8 @@ class SlurmJobHolder:
                 log.info("%s job %s", action, job_id)
                 return
             except SlurmError as exc:
+                if not last:
+                    log.warning("could not %s job %s yet (retrying): %s", action, job_id, exc)
                 last = str(exc)
             time.sleep(self.retry_s)
         log.error("could not %s job %s: %s", action, job_id, last)

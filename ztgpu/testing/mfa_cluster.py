@@ -95,7 +95,8 @@ def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
 
         def prepare(cluster: SlurmTestCluster) -> dict[str, Any]:
             authd = AuthdProcess(base / "authd", pki, munge.socket, policy=policy,
-                                 sections={"slurm": {"conf": str(cluster.slurm_conf)}})
+                                 sections={"slurm": {"conf": str(cluster.slurm_conf),
+                                                     "bin_dir": "/usr/bin"}})
             res = authd.ztgpu("admin", "enroll", "root", "--local")
             if res.returncode != 0:
                 raise RuntimeError(f"bootstrap enrolment failed: {res.stderr}")

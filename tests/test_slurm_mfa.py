@@ -1,0 +1,78 @@
+"""MFA-backed job identity on the real private Slurm cluster.
+
+The job gate holds a GPU job without MFA (no node drains) with a reason the
+user can read, `ztgpu login` releases it, the node agent grants only with
+authd's signed grant, and a revocation takes a running job's GPUs away
+(proven by the agent's probe) and ends it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import needs_slurm
+
+from ztgpu.testing import gpu_probe
+from ztgpu.testing.mfa_cluster import MfaCluster, held_reason, mfa_cluster
+from ztgpu.testing.slurm_cluster import wait_for
+
+pytestmark = needs_slurm
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[MfaCluster]:
+    with mfa_cluster() as made:
+        made.enroll("ztalice")
+        yield made
+
+
+def test_job_without_mfa_is_held_with_a_reason_and_released_by_login(site: MfaCluster) -> None:
+    cluster = site.suite.cluster
+    job = cluster.sbatch("ztalice", "#!/bin/sh\nsleep 1\n", gpus=1)
+
+    def held() -> bool:
+        reason, comment = held_reason(cluster, job)
+        return reason == "JobHeldAdmin" and "ztgpu login" in comment
+
+    wait_for(held, 60, "the job to be held for MFA")
+    assert cluster.node_state() in ("idle", "mixed", "allocated")  # never drained
+    assert not site.suite.events("job.grant", job)
+    status = site.ztgpu_as("ztalice", "status")
+    assert status.returncode == 0 and f"job {job} waits for MFA" in status.stdout
+
+    res = site.login("ztalice")
+    assert res.returncode == 0, res.stderr
+    state = cluster.wait_job(job, ["COMPLETED", "FAILED", "CANCELLED"], timeout=90)
+    assert state["JobState"] == "COMPLETED"
+    grant = site.suite.wait_event("job.grant", job)
+    assert grant["user"] == "ztalice"
+    assert cluster.node_state() != "drained"
+
+
+def test_revocation_removes_gpu_access_proven_by_probe_and_ends_the_job(
+        site: MfaCluster) -> None:
+    cluster = site.suite.cluster
+    assert site.login("ztalice").returncode == 0
+    gpu_probe.install_probe(cluster.work_dir)
+    job = cluster.sbatch("ztalice", gpu_probe.job_script(cluster.work_dir, cluster.dev_dir,
+                                                          True), gpus=1)
+    cluster.wait_job(job, ["RUNNING"], timeout=60)
+    site.suite.wait_event("isolation.verified", job)
+    started = time.monotonic()
+    res = site.admin("revoke", "--user", "ztalice", "--reason", "lost laptop")
+    assert res.returncode == 0, res.stderr
+    action = site.suite.wait_event("job.action", job, timeout=10)
+    elapsed = time.monotonic() - started
+    revoked = [e for e in site.suite.events("job.action", job) if e["action"] == "revoke"]
+    assert revoked, site.suite.events("job.action", job)
+    assert action is not None and elapsed < 5
+    # The agent probed again: from inside the job, no GPU opens any more.
+    probes = [e for e in site.suite.events("isolation.verified", job)
+              if all(v != "open" for k, v in e["probe"].get("user", {}).items()
+                     if k.startswith("nvidia") and k != "nvidiactl")]
+    assert probes, "no probe showed the job without GPU access"
+    state = cluster.wait_job(job, ["CANCELLED", "FAILED", "COMPLETED"], timeout=30)
+    assert state["JobState"] == "CANCELLED"
+    assert cluster.node_state() != "drained"
