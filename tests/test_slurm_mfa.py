@@ -73,6 +73,9 @@ def test_revocation_removes_gpu_access_proven_by_probe_and_ends_the_job(
               if all(v != "open" for k, v in e["probe"].get("user", {}).items()
                      if k.startswith("nvidia") and k != "nvidiactl")]
     assert probes, "no probe showed the job without GPU access"
+    # Both layers: the devices cgroup alone refuses the job's own GPU too.
+    granted = [f"nvidia{g['minor']}" for g in site.suite.wait_event("job.grant", job)["gpus"]]
+    assert all(probes[-1]["probe"]["cgroup_only"][name] == "EPERM" for name in granted)
     state = cluster.wait_job(job, ["CANCELLED", "FAILED", "COMPLETED"], timeout=30)
     assert state["JobState"] == "CANCELLED"
     assert cluster.node_state() != "drained"

@@ -106,7 +106,9 @@ def run_demo(keep: bool = False) -> int:
     spec = ClusterSpec(constrain_devices=True)
     # The cluster names its one node after this host, as Slurm does.
     with audit_site(socket.gethostname().split(".")[0], checkpoint_interval_s=2.0) as site:
-        return _run_cluster(spec, check, failures, keep, site)
+        _run_cluster(spec, check, failures, keep, site)
+    _run_mfa(check)
+    return _summary(failures)
 
 
 def _run_cluster(spec: ClusterSpec, check: Callable[[bool, str], None], failures: list[str],
@@ -229,7 +231,77 @@ def _run_cluster(spec: ClusterSpec, check: Callable[[bool, str], None], failures
         if keep:
             _say(f"  (--keep: cluster left at {c.root} until you press Enter)")
             input()
+    return 0
 
+
+def _run_mfa(check: Callable[[bool, str], None]) -> None:
+    """Part 2: MFA-backed job identity (authd, the job gate, grants, revocation)."""
+    import time
+
+    from ztgpu.testing.mfa_cluster import held_reason, mfa_cluster
+
+    _section(9, "MFA-backed job identity: a second cluster with ztgpu-authd")
+    _say("  authd on the controller decides; the job gate (PrologSlurmctld) asks it before")
+    _say("  a GPU job starts, and the node agent asks it for a signed grant per job.")
+    with mfa_cluster(ClusterSpec(constrain_devices=True)) as site:
+        c = site.suite.cluster
+        site.enroll("ztalice")
+        _say("  $ ztgpu admin enroll ztalice    (by root, after root's own MFA login)")
+        from ztgpu.totp import otpauth_uri, qr_text
+
+        uri = otpauth_uri(site.secrets["ztalice"], "ztalice")
+        for line in qr_text(uri).splitlines():
+            _say(f"    {line}")
+        _say(f"    {uri}")
+        _say("  (the demo computes ztalice's codes from this secret, as her phone would)")
+
+        _section(10, "A GPU job without MFA waits in the queue; the node stays up")
+        job = c.sbatch("ztalice", "#!/bin/sh\nsleep 1\n", gpus=1)
+        _say(f"  sbatch --gres=gpu:1 as ztalice -> job {job}")
+        wait_for(lambda: held_reason(c, job)[0] == "JobHeldAdmin", 60, "the MFA hold")
+        reason, comment = held_reason(c, job)
+        _say(f"  scontrol show job {job}: Reason={reason}")
+        _say(f"    AdminComment={comment}")
+        for line in site.ztgpu_as("ztalice", "status").stdout.splitlines():
+            _say(f"  $ ztgpu status (as ztalice): {line.strip()}")
+        check("ztgpu login" in comment and c.node_state() == "idle",
+              "the job is held with a reason its user can read; the node is not drained")
+
+        _section(11, "ztgpu login releases it")
+        res = site.login("ztalice")
+        _say(f"  $ ztgpu login (as ztalice, code from the demo secret): {res.stdout.strip()}")
+        state = c.wait_job(job, ["COMPLETED", "FAILED", "CANCELLED"], timeout=90)
+        grant = site.suite.wait_event("job.grant", job)
+        _say(f"  job {job}: {state['JobState']}; the agent verified authd's signed grant and "
+             f"gave GPUs {[g['index'] for g in grant['gpus']]}")
+        check(state["JobState"] == "COMPLETED", "after login the job ran, without an admin")
+
+        _section(12, "Revocation: a running job loses its GPU and ends")
+        gpu_probe.install_probe(c.work_dir)
+        running = c.sbatch("ztalice", gpu_probe.job_script(c.work_dir, c.dev_dir, True), gpus=1)
+        c.wait_job(running, ["RUNNING"], timeout=60)
+        site.suite.wait_event("isolation.verified", running)
+        _say(f"  job {running} runs and was verified; $ ztgpu admin revoke --user ztalice")
+        started = time.monotonic()
+        site.admin("revoke", "--user", "ztalice", "--reason", "demo: laptop stolen")
+        wait_for(lambda: any(e["action"] == "revoke"
+                             for e in site.suite.events("job.action", running)), 10,
+                 "the revocation to reach the node")
+        took = time.monotonic() - started
+        probes = site.suite.events("isolation.verified", running)
+        last = probes[-1]["probe"].get("user", {}) if probes else {}
+        _say(f"  the agent took the GPU back {took:.1f} s after the revoke; its probe from "
+             "inside the job now sees:")
+        for name in sorted(last):
+            _say(f"      {name:<10} {MEANING.get(last[name], last[name])}")
+        state = c.wait_job(running, ["CANCELLED", "FAILED", "COMPLETED"], timeout=30)
+        _say(f"  job {running}: {state['JobState']}")
+        check(took < 5 and state["JobState"] == "CANCELLED" and
+              all(v != "open" for k, v in last.items() if k != "nvidiactl"),
+              "revocation removed GPU access within 5 s (proven by the probe) and ended the job")
+
+
+def _summary(failures: list[str]) -> int:
     _say()
     _say("=" * WIDTH)
     if failures:
@@ -243,6 +315,9 @@ def _run_cluster(spec: ClusterSpec, check: Callable[[bool, str], None], failures
     _say("    agent proved the cgroup alone holds by probing from inside each job;")
     _say("  * a user with no job opened nothing; a reset device mode was caught and undone;")
     _say("  * every grant, probe, drift and release was recorded in a verified hash chain,")
-    _say("    forwarded over mutual TLS to a collector, and verified there by an auditor.")
+    _say("    forwarded over mutual TLS to a collector, and verified there by an auditor;")
+    _say("  * a GPU job without MFA waited with a readable reason until its user logged in,")
+    _say("    each grant was signed by authd and checked by the node, and a revocation took")
+    _say("    a running job's GPU away and ended it.")
     _say("Everything the demo created (daemons, users, device nodes, cgroups) is removed.")
     return 0
