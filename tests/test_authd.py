@@ -423,3 +423,34 @@ def test_authd_decisions_reach_the_collector(tmp_path: Path, munge_daemon: Munge
         auditor.close()
         made.close()
         collector.stop()
+
+
+def test_grant_lives_at_least_the_time_limit_the_gate_saw(site: Site) -> None:
+    import pwd
+
+    import jwt
+
+    enroll_nobody(site)
+    site.login("nobody")
+    week = 7 * 86400
+    gate = site.cert_client("service", "slurmctld")
+    assert gate.request("POST", "/v1/gate", job(job_id="77", time_limit_s=week))["allow"]
+    node = site.cert_client("node", "gpu01")
+    token = node.request("POST", "/v1/grant", {**job(job_id="77", time_limit_s=None),
+                                               "node": "gpu01", "gpus": GPUS})["token"]
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["exp"] - time.time() >= week
+    assert claims["uid"] == pwd.getpwnam("nobody").pw_uid
+
+
+def test_a_credential_proves_its_maker_not_whoever_presents_it(site: Site) -> None:
+    enroll_nobody(site)
+    # root's credential with nobody's code: authd sees root, so nobody's code is wrong.
+    with pytest.raises(AuthdRefused) as info:
+        site.user_client().request("POST", "/v1/login", {
+            "credential": site.authd.credential_as(None, LOGIN),
+            "code": site.fresh_code("nobody")})
+    assert info.value.code == "failed"
+    status = site.user_client().request(
+        "POST", "/v1/status", {"credential": site.authd.credential_as("nobody", STATUS)})
+    assert status["session_expires"] is None

@@ -21,9 +21,27 @@ from ztgpu.testing.slurm_cluster import wait_for
 pytestmark = needs_slurm
 
 
+POLICY = """\
+version: 1
+defaults: {mfa_max_age_h: 12, max_gpus_per_job: 4, max_gpus_per_user_per_node: 4}
+admins:
+  - user: root
+    roles: [enroll, revoke, keys, jit_approve, policy, audit]
+rules:
+  - name: no-bob
+    users: [ztbob]
+    allow: false
+    reason: "ztbob has no GPU project; ask hpc-support"
+  - name: everyone
+    users: ["*"]
+    allow: true
+default: deny
+"""
+
+
 @pytest.fixture(scope="module")
 def site() -> Iterator[MfaCluster]:
-    with mfa_cluster() as made:
+    with mfa_cluster(policy=POLICY) as made:
         made.enroll("ztalice")
         yield made
 
@@ -78,4 +96,15 @@ def test_revocation_removes_gpu_access_proven_by_probe_and_ends_the_job(
     assert all(probes[-1]["probe"]["cgroup_only"][name] == "EPERM" for name in granted)
     state = cluster.wait_job(job, ["CANCELLED", "FAILED", "COMPLETED"], timeout=30)
     assert state["JobState"] == "CANCELLED"
+    assert cluster.node_state() != "drained"
+
+
+def test_a_job_the_policy_never_allows_is_ended_with_the_reason(site: MfaCluster) -> None:
+    cluster = site.suite.cluster
+    job = cluster.sbatch("ztbob", "#!/bin/sh\nsleep 1\n", gpus=1)
+    state = cluster.wait_job(job, ["CANCELLED"], timeout=60)
+    assert state["JobState"] == "CANCELLED"
+    _, comment = held_reason(cluster, job)
+    assert "no GPU project" in comment
+    assert not site.suite.events("job.grant", job)
     assert cluster.node_state() != "drained"

@@ -97,6 +97,8 @@ class JobHolder(Protocol):
 
     def release(self, job_ids: Sequence[str]) -> None: ...
 
+    def cancel(self, job_id: str, reason: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -303,7 +305,15 @@ class Authority:
         return evaluate(self.policy(), request)
 
     def gate(self, job: JobRequest) -> Any:
-        """PrologSlurmctld's question: may this job start? Holds it while MFA is missing."""
+        """PrologSlurmctld's question: may this job start?
+
+        Missing or stale MFA: the job is held until its user logs in. A
+        denial that waiting cannot cure (a rule denies, too many GPUs): the
+        job is ended with the reason, rather than requeued again and again.
+        Outside allowed hours: it is requeued and asked about again later.
+        """
+        if job.time_limit_s:
+            self.store.note_time_limit(job.job_id, job.time_limit_s, self._ts())
         decision = self.decide(job)
         self.events.append("auth.decision", job_id=job.job_id, uid=job.uid, user=job.user,
                            outcome="allow" if decision.allow else "deny",
@@ -313,6 +323,8 @@ class Authority:
             self.store.hold(job.job_id, job.user, reason, self._ts())
             if self.holder is not None:
                 self.holder.hold(job.job_id, reason)
+        elif not decision.allow and decision.code != "outside_hours" and self.holder is not None:
+            self.holder.cancel(job.job_id, decision.reason)
         return decision
 
     def grant(self, node: str, job: JobRequest, gpus: Sequence[Mapping[str, Any]],
@@ -332,7 +344,8 @@ class Authority:
         if not decision.allow:
             raise AuthDenied(decision.reason, decision.code)
         now = self.now()
-        lifetime = job.time_limit_s or self.config.default_grant_s
+        lifetime = (job.time_limit_s or self.store.time_limit(job.job_id)
+                    or self.config.default_grant_s)
         lifetime = min(max(lifetime + 300.0, 600.0), _MAX_GRANT_S)
         expires = now + timedelta(seconds=lifetime)
         bound = [{"index": g["index"], "uuid": g["uuid"]} for g in gpus]

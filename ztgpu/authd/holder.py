@@ -1,5 +1,7 @@
 """Holding jobs that wait for MFA, and releasing them after a login (Slurm CLI).
 
+A job the policy can never allow is cancelled with the reason instead.
+
 The gate's PrologSlurmctld exits non-zero for a job that lacks MFA; Slurm
 then requeues a batch job (it never drains a node for this). Once the job
 is pending again, authd holds it and writes the reason into its
@@ -26,6 +28,8 @@ class HoldingSlurm(Protocol):
 
     def release(self, job_id: str) -> None: ...
 
+    def cancel(self, job_id: str, reason: str) -> None: ...
+
 
 class SlurmJobHolder:
     """``JobHolder`` on top of ``scontrol hold/release`` with retries in the background."""
@@ -45,6 +49,10 @@ class SlurmJobHolder:
             threading.Thread(target=self._retry, args=("release", job_id, ""),
                              name=f"release-{job_id}", daemon=True).start()
 
+    def cancel(self, job_id: str, reason: str) -> None:
+        threading.Thread(target=self._retry, args=("cancel", job_id, reason),
+                         name=f"cancel-{job_id}", daemon=True).start()
+
     def _retry(self, action: str, job_id: str, reason: str) -> None:
         deadline = time.monotonic() + self.deadline_s
         last = ""
@@ -52,6 +60,8 @@ class SlurmJobHolder:
             try:
                 if action == "hold":
                     self.slurm.hold(job_id, reason)
+                elif action == "cancel":
+                    self.slurm.cancel(job_id, reason)
                 else:
                     self.slurm.release(job_id)
                 log.info("%s job %s", action, job_id)

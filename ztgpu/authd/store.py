@@ -47,7 +47,10 @@ CREATE TABLE IF NOT EXISTS jit (
     id TEXT PRIMARY KEY, username TEXT NOT NULL, node TEXT NOT NULL, approver TEXT NOT NULL,
     reason TEXT NOT NULL, created TEXT NOT NULL, expires TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS policy_versions (hash TEXT PRIMARY KEY, loaded_at TEXT NOT NULL)
+CREATE TABLE IF NOT EXISTS policy_versions (hash TEXT PRIMARY KEY, loaded_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_limits (
+    job_id TEXT PRIMARY KEY, time_limit_s {int} NOT NULL, noted TEXT NOT NULL
+)
 """
 
 
@@ -250,3 +253,16 @@ class AuthStore:
             self.db.execute("INSERT INTO policy_versions (hash, loaded_at) VALUES (?, ?)",
                             (digest, at))
             return True
+
+    def note_time_limit(self, job_id: str, seconds: float, at: str) -> None:
+        """Remember a job's time limit (the gate knows it; nodes do not)."""
+        self.db.execute("INSERT INTO job_limits (job_id, time_limit_s, noted) VALUES (?, ?, ?) "
+                        "ON CONFLICT (job_id) DO UPDATE SET time_limit_s = "
+                        "excluded.time_limit_s, noted = excluded.noted",
+                        (job_id, int(seconds), at))
+
+    def time_limit(self, job_id: str) -> float | None:
+        rows = self.db.execute("SELECT time_limit_s FROM job_limits WHERE job_id = ?",
+                               (job_id,))
+        return float(rows[0][0]) if rows else None
+
