@@ -267,6 +267,8 @@ def test_jit_grant_expires_and_cannot_be_self_approved(site: Site) -> None:
     reply = site.admin("/v1/admin/jit", user="nobody", node="gpu01", ttl_s=3600,
                        reason="debug a hung job")
     assert reply["user"] == "nobody" and reply["node"] == "gpu01"
+    expires = datetime.strptime(reply["expires"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert abs((expires - datetime.now(UTC)) - timedelta(hours=1)) < timedelta(minutes=1)
     listed = site.cert_client("node", "gpu01").request("GET", "/v1/jit",
                                                        query={"user": "nobody"})["jit"]
     assert [j["id"] for j in listed] == [reply["id"]]
@@ -454,3 +456,20 @@ def test_a_credential_proves_its_maker_not_whoever_presents_it(site: Site) -> No
     status = site.user_client().request(
         "POST", "/v1/status", {"credential": site.authd.credential_as("nobody", STATUS)})
     assert status["session_expires"] is None
+
+
+def test_expired_jit_grants_are_not_active(tmp_path: Path) -> None:
+    from ztgpu.authd.store import AuthStore
+    from ztgpu.sqldb import SqliteDatabase
+
+    store = AuthStore(SqliteDatabase(tmp_path / "a.db"))
+    try:
+        store.add_jit("a", "nobody", "gpu01", "root", "r", "2026-01-01T00:00:00.000000Z",
+                      "2026-01-01T01:00:00.000000Z")
+        store.add_jit("b", "nobody", "gpu01", "root", "r", "2026-01-01T00:00:00.000000Z",
+                      "2026-01-01T03:00:00.000000Z")
+        now = "2026-01-01T02:00:00.000000Z"
+        assert [j["id"] for j in store.active_jit("nobody", "gpu01", now)] == ["b"]
+        assert store.active_jit("nobody", "gpu02", now) == []
+    finally:
+        store.close()
