@@ -205,6 +205,23 @@ class NodedConfig(_Strict):
     request_timeout_s: float = Field(default=5.0, gt=0, le=60)
 
 
+_HTTPS_URL = re.compile(r"https://[A-Za-z0-9.\-\[\]:]+(:[0-9]{1,5})?/?")
+
+
+def _https_url(value: str | None) -> str | None:
+    """A service URL: https only (TLS is mandatory), without a trailing slash."""
+    if value is None:
+        return None
+    if not _HTTPS_URL.fullmatch(value):
+        raise ValueError("must be https://host[:port] (TLS is mandatory)")
+    return value.rstrip("/")
+
+
+def _needs_dsn(store: str, dsn_file: Path | None) -> None:
+    if store == "postgres" and dsn_file is None:
+        raise ValueError("store 'postgres' needs postgres_dsn_file")
+
+
 class TlsConfig(_Strict):
     #: The site CA certificate that every peer's certificate must chain to.
     ca_cert: Path = Path("/etc/ztgpu/pki/ca.crt")
@@ -238,10 +255,7 @@ class AuditConfig(_Strict):
     @field_validator("collector_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"https://[A-Za-z0-9.\-\[\]:]+(:[0-9]{1,5})?/?",
-                                                  value):
-            raise ValueError("must be https://host[:port] (TLS is mandatory)")
-        return value.rstrip("/") if value else value
+        return _https_url(value)
 
     @model_validator(mode="after")
     def _check_retry(self) -> AuditConfig:
@@ -309,8 +323,7 @@ class CollectorConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_store(self) -> CollectorConfig:
-        if self.store == "postgres" and self.postgres_dsn_file is None:
-            raise ValueError("store 'postgres' needs postgres_dsn_file")
+        _needs_dsn(self.store, self.postgres_dsn_file)
         return self
 
 
@@ -352,8 +365,7 @@ class AuthdConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_store(self) -> AuthdConfig:
-        if self.store == "postgres" and self.postgres_dsn_file is None:
-            raise ValueError("store 'postgres' needs postgres_dsn_file")
+        _needs_dsn(self.store, self.postgres_dsn_file)
         return self
 
 
@@ -371,10 +383,7 @@ class AuthConfig(_Strict):
     @field_validator("authd_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"https://[A-Za-z0-9.\-\[\]:]+(:[0-9]{1,5})?/?",
-                                                  value):
-            raise ValueError("must be https://host[:port] (TLS is mandatory)")
-        return value.rstrip("/") if value else value
+        return _https_url(value)
 
 
 class Config(_Strict):
