@@ -33,9 +33,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ztgpu import forwarder as forwarder_module
 from ztgpu.events import GENESIS_PREV, checkpoint_message, event_hash
 from ztgpu.forwarder import Forwarder
-from ztgpu.noded import forwarder as forwarder_module
 from ztgpu.spool import Spool
 
 NODE = "gpu01"
