@@ -37,6 +37,9 @@ $(STAMP_PIP): $(STAMP_DEB) pyproject.toml
 # A regular (not editable) install: the package-dir mapping puts cgroups/,
 # pam/, ... under ztgpu.*, and the Prolog/Epilog run with `python -I -S`.
 install: setup
+	@# setuptools reuses build/lib: a module moved or deleted since the last
+	@# build would otherwise still be installed (and tests would pass on it).
+	rm -rf build/lib build/bdist.*
 	$(PIP) install -q --no-deps --no-build-isolation --force-reinstall .
 
 lint: setup
