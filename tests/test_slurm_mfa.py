@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from conftest import needs_slurm
@@ -86,11 +87,16 @@ def test_revocation_removes_gpu_access_proven_by_probe_and_ends_the_job(
     revoked = [e for e in site.suite.events("job.action", job) if e["action"] == "revoke"]
     assert revoked, site.suite.events("job.action", job)
     assert action is not None and elapsed < 5
-    # The agent probed again: from inside the job, no GPU opens any more.
-    probes = [e for e in site.suite.events("isolation.verified", job)
-              if all(v != "open" for k, v in e["probe"].get("user", {}).items()
-                     if k.startswith("nvidia") and k != "nvidiactl")]
-    assert probes, "no probe showed the job without GPU access"
+    # The agent probed again (just after recording the revoke): from inside
+    # the job, no GPU opens any more.
+    def no_gpu_probes() -> list[dict[str, Any]]:
+        return [e for e in site.suite.events("isolation.verified", job)
+                if all(v != "open" for k, v in e["probe"].get("user", {}).items()
+                       if k.startswith("nvidia") and k != "nvidiactl")]
+
+    wait_for(no_gpu_probes, 10, "a probe showing the job without GPU access")
+    probes = no_gpu_probes()
+    assert not site.suite.events("isolation.violated", job)
     # Both layers: the devices cgroup alone refuses the job's own GPU too.
     granted = [f"nvidia{g['minor']}" for g in site.suite.wait_event("job.grant", job)["gpus"]]
     assert all(probes[-1]["probe"]["cgroup_only"][name] == "EPERM" for name in granted)

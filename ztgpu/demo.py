@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ztgpu.testing import gpu_probe
 from ztgpu.testing.collector_process import AuditSite, audit_site
@@ -288,8 +289,16 @@ def _run_mfa(check: Callable[[bool, str], None]) -> None:
                              for e in site.suite.events("job.action", running)), 10,
                  "the revocation to reach the node")
         took = time.monotonic() - started
-        probes = site.suite.events("isolation.verified", running)
-        last = probes[-1]["probe"].get("user", {}) if probes else {}
+
+        def after_revoke() -> list[dict[str, Any]]:
+            # The agent records the revoke, then probes the job again.
+            return [e for e in site.suite.events("isolation.verified", running)
+                    if e["seq"] > revoke_seq[0]]
+
+        revoke_seq = [max(e["seq"] for e in site.suite.events("job.action", running)
+                          if e["action"] == "revoke")]
+        wait_for(lambda: bool(after_revoke()), 10, "the probe after the revocation")
+        last = after_revoke()[-1]["probe"].get("user", {})
         _say(f"  the agent took the GPU back {took:.1f} s after the revoke; its probe from "
              "inside the job now sees:")
         for name in sorted(last):
