@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from conftest import needs_root
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ztgpu.auth_client import AuthdClient, AuthdRefused
 from ztgpu.authd.authority import ADMIN, LOGIN, STATUS
@@ -473,3 +475,29 @@ def test_expired_jit_grants_are_not_active(tmp_path: Path) -> None:
         assert store.active_jit("nobody", "gpu02", now) == []
     finally:
         store.close()
+
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["credential", "code", "job_id", "uid", "user", "gpus", "gpus_count",
+                         "node", "partition", "time_limit_s", "reason", "ttl_s"]),
+        children, max_size=6),
+    max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=_JSON)
+def test_garbage_gets_4xx_and_never_a_grant(site: Site, body: Any) -> None:
+    clients = {"/v1/login": site.user_client(), "/v1/status": site.user_client(),
+               "/v1/admin/enroll": site.user_client(),
+               "/v1/gate": site.cert_client("service", "slurmctld"),
+               "/v1/grant": site.cert_client("node", "gpu01")}
+    for path, client in clients.items():
+        with pytest.raises(AuthdRefused) as info:
+            client.request("POST", path, body)
+        assert 400 <= info.value.status < 500, (path, info.value)
+        client.close()
+    site.clients.clear()
