@@ -47,16 +47,23 @@ class GrantChecker:
         self.timeout_s = timeout_s
         self.unreachable_action = unreachable_action
         self._lock = threading.Lock()
+        self._conn_lock = threading.Lock()
+        self._client: Any = None
         self._jwks: dict[str, Any] | None = None
 
     def _request(self, method: str, path: str, body: Any = None,
                  query: dict[str, Any] | None = None) -> Any:
         from ztgpu.auth_client import AuthdClient
 
-        # One short connection per request: grants are per job start, and a
-        # fresh connection always carries the current (renewed) certificate.
-        with AuthdClient(self.url, self.context(), timeout_s=self.timeout_s) as client:
-            return client.request(method, path, body, query)
+        # One kept-alive connection (a TLS handshake per job start would cost
+        # the Prolog several ms); a renewed certificate means a new one.
+        context = self.context()
+        with self._conn_lock:
+            if self._client is None or self._client.context is not context:
+                if self._client is not None:
+                    self._client.close()
+                self._client = AuthdClient(self.url, context, timeout_s=self.timeout_s)
+            return self._client.request(method, path, body, query)
 
     def _keys(self, refresh: bool = False) -> dict[str, Any]:
         with self._lock:
