@@ -64,6 +64,7 @@ bench: install
 	$(PY) bench/collector_ingest.py
 	$(PY) bench/pdp_latency.py
 	$(PY) bench/revocation.py
+	$(PY) bench/prolog_grant.py
 
 clean:
 	rm -rf build dist *.egg-info $(TYPECHECK_TREE)
