@@ -38,7 +38,6 @@ import http.client
 import json
 import multiprocessing as mp
 import os
-import queue
 import random
 import shutil
 import sys
@@ -50,6 +49,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from benchlib import percentile, wait_for_workers
 
 from ztgpu import events
 from ztgpu.testing.collector_process import CollectorClient, CollectorProcess, SitePki
@@ -300,10 +301,6 @@ class RssSampler(threading.Thread):
                 return
 
 
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def drive(collector: CollectorProcess, pki: SitePki, loads: list[NodeLoad],
@@ -349,27 +346,6 @@ def drive(collector: CollectorProcess, pki: SitePki, loads: list[NodeLoad],
                 cpu_clients_s=sum(d[3] for d in done))
 
 
-def wait_for_workers(workers: list[Any], results: Any, kind: str,
-                     timeout: float | None) -> list[Any]:
-    """Collect one ``kind`` message per worker; SystemExit on an error or a lost worker."""
-    got: dict[int, Any] = {}
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while len(got) < len(workers):
-        try:
-            what, index, payload = results.get(timeout=1.0)
-        except queue.Empty:
-            lost = [w.name for i, w in enumerate(workers)
-                    if i not in got and w.exitcode is not None]
-            if lost:
-                raise SystemExit(f"client process {lost[0]} exited without a result") from None
-            if deadline is not None and time.monotonic() > deadline:
-                raise SystemExit(f"client processes not {kind} after {timeout:.0f}s") from None
-            continue
-        if what == "error":
-            raise SystemExit(f"client process {index} failed: {payload}")
-        if what == kind:
-            got[index] = payload
-    return [got[i] for i in range(len(workers))]
 
 
 def verify_store(collector: CollectorProcess, pki: SitePki, loads: list[NodeLoad]) -> int:

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import percentile
+
 from ztgpu.testing.collector_process import audit_site
 from ztgpu.testing.slurm_cluster import ClusterSpec, SlurmTestCluster, slurm_cluster
 from ztgpu.testing.suite_cluster import suite_cluster
@@ -48,10 +50,6 @@ def run_batch(cluster: SlurmTestCluster, jobs: int) -> float:
     return elapsed
 
 
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def time_hooks(hooks_dir: Path, uid: int, user: str, count: int) -> dict[str, list[float]]:

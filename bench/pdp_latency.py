@@ -42,7 +42,6 @@ import json
 import multiprocessing as mp
 import os
 import pwd
-import queue
 import random
 import re
 import shutil
@@ -52,6 +51,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from benchlib import percentile, wait_for_workers
 
 from ztgpu.testing.authd_process import AuthdProcess, secret_from_uri
 from ztgpu.testing.collector_process import SitePki
@@ -289,27 +290,6 @@ def client_main(index: int, port: int, ca_cert: Path, cert: Path, key: Path, uid
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))
 
 
-def wait_for_workers(workers: list[Any], results: Any, kind: str,
-                     timeout: float | None) -> list[Any]:
-    """Collect one ``kind`` message per worker; SystemExit on an error or a lost worker."""
-    got: dict[int, Any] = {}
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while len(got) < len(workers):
-        try:
-            what, index, payload = results.get(timeout=1.0)
-        except queue.Empty:
-            lost = [w.name for i, w in enumerate(workers)
-                    if i not in got and w.exitcode is not None]
-            if lost:
-                raise SystemExit(f"client process {lost[0]} exited without a result") from None
-            if deadline is not None and time.monotonic() > deadline:
-                raise SystemExit(f"client processes not {kind} after {timeout:.0f}s") from None
-            continue
-        if what == "error":
-            raise SystemExit(f"client process {index} failed: {payload}")
-        if what == kind:
-            got[index] = payload
-    return [got[i] for i in range(len(workers))]
 
 
 def cpu_s(pid: int) -> float:
@@ -322,10 +302,6 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def percentile(values: list[Any], pct: float) -> Any:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def drive(authd: AuthdProcess, pki: SitePki, procs: int, count: int,

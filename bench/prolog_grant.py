@@ -26,6 +26,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from benchlib import percentile
+
 from ztgpu.auth_client import AuthdClient
 from ztgpu.authd.authority import ADMIN, LOGIN
 from ztgpu.pki import client_context
@@ -34,11 +36,6 @@ from ztgpu.testing.authd_process import AuthdProcess, secret_from_uri
 from ztgpu.testing.collector_process import SitePki
 from ztgpu.testing.munge import MungeDaemon
 from ztgpu.totp import code_at
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))]
 
 
 def main() -> int:

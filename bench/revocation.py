@@ -49,6 +49,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchlib import percentile
+
 from ztgpu.testing.agent_process import StandaloneAgent, standalone_agent
 from ztgpu.testing.authd_process import AuthdProcess, secret_from_uri
 from ztgpu.testing.collector_process import SitePki
@@ -186,10 +188,6 @@ def one_round(site: Site, agent: StandaloneAgent, job_id: str, poll_s: float,
             "devices": devices_s}
 
 
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def summary(values: list[float]) -> str:
