@@ -8,7 +8,6 @@ prove that authd learns the caller's uid from munge and nothing else.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,11 +65,7 @@ class AuthdProcess(ServiceProcess):
             "policy_file": str(self.policy_path), "munge_socket": str(munge_socket),
         }
         if dsn is not None:
-            dsn_file = base / "postgres.dsn"
-            fd = os.open(dsn_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(dsn + "\n")
-            section["postgres_dsn_file"] = str(dsn_file)
+            section["postgres_dsn_file"] = str(self.write_dsn_file(base, dsn))
         section.update(authd or {})
         self.config_path = base / "ztgpu.yaml"
         config: dict[str, dict[str, Any]] = {

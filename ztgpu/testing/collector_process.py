@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -86,11 +85,7 @@ class CollectorProcess(ServiceProcess):
             "store": store, "sqlite_path": str(base / "audit.db"),
         }
         if dsn is not None:
-            dsn_file = base / "postgres.dsn"
-            fd = os.open(dsn_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(dsn + "\n")
-            section["postgres_dsn_file"] = str(dsn_file)
+            section["postgres_dsn_file"] = str(self.write_dsn_file(base, dsn))
         section.update(collector or {})
         self.config_path = base / "ztgpu.yaml"
         self.config_path.write_text(yaml.safe_dump({

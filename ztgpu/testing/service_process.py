@@ -32,6 +32,15 @@ class ServiceProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @staticmethod
+    def write_dsn_file(base: Path, dsn: str) -> Path:
+        """The 0600 file a service reads its PostgreSQL connection string from."""
+        path = base / "postgres.dsn"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(dsn + "\n")
+        return path
+
     def start(self, timeout: float = 20.0) -> Self:
         port_file = self.base / "port"
         port_file.unlink(missing_ok=True)
