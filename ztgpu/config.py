@@ -12,10 +12,19 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ztgpu.errors import ConfigError
 
@@ -38,43 +47,47 @@ def _absolute(value: Path) -> Path:
     return value
 
 
+def _abs_path(value: Any) -> Any:
+    """YAML gives strings: make them paths, absolute and without NUL bytes."""
+    if isinstance(value, str):
+        value = Path(value)
+    if isinstance(value, Path):
+        if "\0" in str(value):
+            raise ValueError("must not contain a NUL byte")
+        return _absolute(value)
+    return value
+
+
+def _service_name(value: str) -> str:
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+    return value
+
+
+#: Every path in the config: absolute, given as a string in YAML.
+AbsPath = Annotated[Path, BeforeValidator(_abs_path)]
+#: A node or service name as it appears in audit events.
+ServiceName = Annotated[str, AfterValidator(_service_name)]
+
+
 class NodeConfig(_Strict):
     #: Node name used in audit events; defaults to the short host name, which
     #: is what Slurm uses unless NodeName differs.
-    name: str | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME_RE.fullmatch(value):
-            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
-        return value
+    name: ServiceName | None = None
 
 
 class PathsConfig(_Strict):
     #: Root/Slurm-only socket for the Prolog, Epilog and admin commands.
-    socket: Path = Path("/run/ztgpu/noded.sock")
+    socket: AbsPath = Path("/run/ztgpu/noded.sock")
     #: Socket any user may reach; it serves only the TaskProlog's request to
     #: confine the caller's own task (the agent checks who is asking).
-    task_socket: Path = Path("/run/ztgpu/task.sock")
-    state_dir: Path = Path("/var/lib/ztgpu")
-    spool_dir: Path = Path("/var/spool/ztgpu")
-    device_dir: Path = Path("/dev")
-    hooks_dir: Path = Path("/usr/libexec/ztgpu")
-    log_file: Path | None = None
+    task_socket: AbsPath = Path("/run/ztgpu/task.sock")
+    state_dir: AbsPath = Path("/var/lib/ztgpu")
+    spool_dir: AbsPath = Path("/var/spool/ztgpu")
+    device_dir: AbsPath = Path("/dev")
+    hooks_dir: AbsPath = Path("/usr/libexec/ztgpu")
+    log_file: AbsPath | None = None
 
-    @field_validator("socket", "task_socket", "state_dir", "spool_dir", "device_dir",
-                     "hooks_dir", "log_file",
-                     mode="before")
-    @classmethod
-    def _to_path(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = Path(value)
-        if isinstance(value, Path):
-            if "\0" in str(value):
-                raise ValueError("must not contain a NUL byte")
-            return _absolute(value)
-        return value
 
 
 class SimulatedGpu(_Strict):
@@ -149,15 +162,11 @@ class DevicesConfig(_Strict):
 
 class CgroupsConfig(_Strict):
     #: Where the cgroup v1 controllers are mounted.
-    root: Path = Path("/sys/fs/cgroup")
+    root: AbsPath = Path("/sys/fs/cgroup")
     #: Name of the agent's own directory in the devices hierarchy, used for
     #: jobs that Slurm does not confine itself (ConstrainDevices=no).
     name: str = "ztgpu"
 
-    @field_validator("root", mode="before")
-    @classmethod
-    def _to_path(cls, value: Any) -> Any:
-        return _absolute(Path(value)) if isinstance(value, str) else value
 
     @field_validator("name")
     @classmethod
@@ -189,14 +198,10 @@ class SlurmConfig(_Strict):
     user: str = "slurm"
     #: slurm.conf the agent's own Slurm commands (scancel) use; None means
     #: Slurm's default lookup.
-    conf: Path | None = None
-    bin_dir: Path = Path("/usr/bin")
+    conf: AbsPath | None = None
+    bin_dir: AbsPath = Path("/usr/bin")
     command_timeout_s: float = Field(default=10.0, gt=0, le=120)
 
-    @field_validator("conf", "bin_dir", mode="before")
-    @classmethod
-    def _to_path(cls, value: Any) -> Any:
-        return _absolute(Path(value)) if isinstance(value, str) else value
 
 
 class NodedConfig(_Strict):
@@ -224,15 +229,11 @@ def _needs_dsn(store: str, dsn_file: Path | None) -> None:
 
 class TlsConfig(_Strict):
     #: The site CA certificate that every peer's certificate must chain to.
-    ca_cert: Path = Path("/etc/ztgpu/pki/ca.crt")
+    ca_cert: AbsPath = Path("/etc/ztgpu/pki/ca.crt")
     #: This host's certificate and key (``ztgpu pki issue``); the key is 0600.
-    cert: Path | None = None
-    key: Path | None = None
+    cert: AbsPath | None = None
+    key: AbsPath | None = None
 
-    @field_validator("ca_cert", "cert", "key", mode="before")
-    @classmethod
-    def _to_path(cls, value: Any) -> Any:
-        return _absolute(Path(value)) if isinstance(value, str) else value
 
 
 class AuditConfig(_Strict):
@@ -268,7 +269,7 @@ class SyslogConfig(_Strict):
     #: host:port of an RFC 5425 (syslog over TLS) receiver; None disables it.
     target: str | None = None
     #: CA that the receiver's certificate must chain to (default: tls.ca_cert).
-    ca_cert: Path | None = None
+    ca_cert: AbsPath | None = None
     #: Expected name in the receiver's certificate (default: the host).
     server_name: str | None = None
     #: Use tls.cert/tls.key as a client certificate towards the receiver.
@@ -282,22 +283,18 @@ class SyslogConfig(_Strict):
             raise ValueError("must be host:port")
         return value
 
-    @field_validator("ca_cert", mode="before")
-    @classmethod
-    def _to_path(cls, value: Any) -> Any:
-        return _absolute(Path(value)) if isinstance(value, str) else value
 
 
 class CollectorConfig(_Strict):
     #: Name of this collector in its own audit events.
-    name: str = "collector"
+    name: ServiceName = "collector"
     listen_host: str = "0.0.0.0"  # noqa: S104 - the service is reached over the network
     listen_port: int = Field(default=8443, ge=1, le=65535)
     store: Literal["sqlite", "postgres"] = "sqlite"
-    sqlite_path: Path = Path("/var/lib/ztgpu-collector/audit.db")
+    sqlite_path: AbsPath = Path("/var/lib/ztgpu-collector/audit.db")
     #: File holding a libpq connection string (it may contain a password, so
     #: it is read from a 0600 file, never from this config).
-    postgres_dsn_file: Path | None = None
+    postgres_dsn_file: AbsPath | None = None
     #: Largest request body accepted, in bytes.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=4096, le=256 * 1024 * 1024)
     max_batch_events: int = Field(default=5000, ge=1, le=100_000)
@@ -306,20 +303,10 @@ class CollectorConfig(_Strict):
     #: Processes that parse, check and store incoming batches; 0 = one per CPU.
     ingest_processes: int = Field(default=0, ge=0, le=256)
     #: Also append every stored event to this file as JSON Lines.
-    jsonl_path: Path | None = None
+    jsonl_path: AbsPath | None = None
     syslog: SyslogConfig = SyslogConfig()
 
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not _NAME_RE.fullmatch(value):
-            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
-        return value
 
-    @field_validator("sqlite_path", "postgres_dsn_file", "jsonl_path", mode="before")
-    @classmethod
-    def _to_path(cls, value: Any) -> Any:
-        return _absolute(Path(value)) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_store(self) -> CollectorConfig:
@@ -329,18 +316,18 @@ class CollectorConfig(_Strict):
 
 class AuthdConfig(_Strict):
     #: Name of this authd in its own audit events.
-    name: str = "authd"
+    name: ServiceName = "authd"
     listen_host: str = "0.0.0.0"  # noqa: S104 - the service is reached over the network
     listen_port: int = Field(default=8444, ge=1, le=65535)
     store: Literal["sqlite", "postgres"] = "sqlite"
-    sqlite_path: Path = Path("/var/lib/ztgpu-authd/authd.db")
-    postgres_dsn_file: Path | None = None
+    sqlite_path: AbsPath = Path("/var/lib/ztgpu-authd/authd.db")
+    postgres_dsn_file: AbsPath | None = None
     #: Key-encryption key file (0600): TOTP secrets and grant-signing keys
     #: are stored encrypted under it.
-    kek_file: Path = Path("/etc/ztgpu/authd/kek")
-    policy_file: Path = Path("/etc/ztgpu/policy.yaml")
+    kek_file: AbsPath = Path("/etc/ztgpu/authd/kek")
+    policy_file: AbsPath = Path("/etc/ztgpu/policy.yaml")
     #: munged's socket used to check login credentials; None = munge's default.
-    munge_socket: Path | None = None
+    munge_socket: AbsPath | None = None
     #: Failed TOTP codes in a row that lock an account, and for how long.
     login_max_failures: int = Field(default=5, ge=1, le=100)
     login_lockout_s: float = Field(default=900.0, ge=1, le=86400)
@@ -350,18 +337,7 @@ class AuthdConfig(_Strict):
     default_grant_s: float = Field(default=86400.0, ge=60, le=30 * 86400)
     max_body_bytes: int = Field(default=65536, ge=1024, le=4 * 1024 * 1024)
 
-    @field_validator("sqlite_path", "postgres_dsn_file", "kek_file", "policy_file",
-                     "munge_socket", mode="before")
-    @classmethod
-    def _to_path(cls, value: Any) -> Any:
-        return _absolute(Path(value)) if isinstance(value, str) else value
 
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not _NAME_RE.fullmatch(value):
-            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
-        return value
 
     @model_validator(mode="after")
     def _check_store(self) -> AuthdConfig:
