@@ -26,7 +26,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import pwd
 import re
 import secrets
 import stat
@@ -39,6 +38,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ztgpu.errors import ConfigError
+from ztgpu.private_files import create_exclusive, owner_ids
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -111,27 +111,10 @@ class KeyRing:
         the file cannot be written.
         """
         path = Path(path)
-        ids = _owner_ids(owner)
+        ids = owner_ids(owner, KekError)
         keys = [(_new_kid(()), AESGCM.generate_key(bit_length=KEY_BYTES * 8))]
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError as exc:
-            raise KekError(f"{path} already exists; refusing to replace a KEK file") from exc
-        except OSError as exc:
-            raise KekError(f"cannot create {path}: {exc.strerror}") from exc
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o600)  # the umask may have removed bits; never adds
-                if ids is not None:
-                    os.fchown(f.fileno(), *ids)
-                f.write(_render(keys))
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise KekError(f"cannot write {path}: {exc.strerror}") from exc
+        create_exclusive(path, _render(keys), ids, KekError,
+                         exists="refusing to replace a KEK file")
         return cls(keys, str(path))
 
     @staticmethod
@@ -377,16 +360,6 @@ def _dir_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _owner_ids(owner: str | None) -> tuple[int, int] | None:
-    if owner is None:
-        return None
-    try:
-        entry = pwd.getpwnam(owner)
-    except KeyError as exc:
-        raise KekError(f"unknown user {owner!r}") from exc
-    return entry.pw_uid, entry.pw_gid
 
 
 class KeyRingFile:

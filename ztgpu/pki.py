@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import pwd
 import re
 import ssl
 import tempfile
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ztgpu.errors import Fault
+from ztgpu.private_files import create_exclusive, owner_ids
 
 ROLES: tuple[str, ...] = ("node", "service", "auditor")
 
@@ -95,7 +95,7 @@ def init_ca(directory: Path, *, common_name: str = "ztgpu site CA", days: int = 
         raise PkiError(f"CA validity must be at least one day, not {days}")
     if not common_name.strip():
         raise PkiError("the CA common name must not be empty")
-    ids = _owner_ids(owner)
+    ids = owner_ids(owner, PkiError)
     directory = Path(directory)
     cert_path, key_path = directory / CA_CERT_NAME, directory / CA_KEY_NAME
     if key_path.exists() or key_path.is_symlink():
@@ -120,7 +120,7 @@ def init_ca(directory: Path, *, common_name: str = "ztgpu site CA", days: int = 
                        critical=False)
         .sign(key, hashes.SHA256())
     )
-    _create_exclusive(key_path, _key_pem(key), ids)
+    create_exclusive(key_path, _key_pem(key), ids, PkiError)
     try:
         _replace_files([(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, ids)])
     except BaseException:
@@ -152,7 +152,7 @@ def issue(ca_dir: Path, role: str, name: str, out_dir: Path, *, days: float = 7.
     dns, ips = _check_sans(dns_names, ip_addresses)
     if role == "service" and not dns:
         dns = [name]
-    ids = _owner_ids(owner)
+    ids = owner_ids(owner, PkiError)
     ca = _load_ca(Path(ca_dir))
     out_dir = Path(out_dir)
     _make_dir(out_dir, ids)
@@ -512,16 +512,6 @@ def _aware(when: datetime | None) -> datetime:
     return when.astimezone(UTC)
 
 
-def _owner_ids(owner: str | None) -> tuple[int, int] | None:
-    if owner is None:
-        return None
-    try:
-        entry = pwd.getpwnam(owner)
-    except KeyError as exc:
-        raise PkiError(f"unknown user {owner!r}") from exc
-    return entry.pw_uid, entry.pw_gid
-
-
 def _file_ids(path: Path) -> tuple[int, int]:
     try:
         st = path.stat()
@@ -541,29 +531,6 @@ def _make_dir(directory: Path, ids: tuple[int, int] | None) -> None:
             os.chown(directory, *ids)
     except OSError as exc:
         raise PkiError(f"cannot create directory {directory}: {exc.strerror}") from exc
-
-
-def _create_exclusive(path: Path, data: bytes, ids: tuple[int, int] | None) -> None:
-    """Write a new 0600 file; fail if anything (even a dangling link) is at ``path``."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError as exc:
-        raise PkiError(f"{path} already exists; refusing to replace it") from exc
-    except OSError as exc:
-        raise PkiError(f"cannot create {path}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            if ids is not None:
-                os.fchown(f.fileno(), *ids)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise PkiError(f"cannot write {path}: {exc.strerror}") from exc
 
 
 def _replace_files(files: Sequence[tuple[Path, bytes, int, tuple[int, int] | None]]) -> None:
