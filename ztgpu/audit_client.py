@@ -41,6 +41,7 @@ from urllib.parse import urlencode, urlsplit
 
 from ztgpu.errors import Fault, UsageError
 from ztgpu.events import checkpoint_message, format_timestamp, verify_chain
+from ztgpu.https_client import STALE, KeptAliveHttps
 
 if TYPE_CHECKING:  # cryptography and pydantic load only when used
     from cryptography import x509
@@ -249,9 +250,6 @@ def open_client(settings: ConnectionSettings, *, now: datetime | None = None) ->
     return AuditClient(settings.url, context, timeout_s=settings.timeout_s)
 
 
-_STALE = (http.client.RemoteDisconnected, ConnectionResetError, ConnectionAbortedError,
-          BrokenPipeError)
-
 
 class AuditClient:
     """Read-only client of the collector's auditor API.
@@ -270,13 +268,10 @@ class AuditClient:
         parts = urlsplit(self.url)
         assert parts.hostname is not None  # check_url guarantees it
         self._host = parts.hostname
-        self._port = parts.port or 443
-        self._context = context
         self.timeout_s = timeout_s
         self.page_size = page_size
         self.requests = 0
-        self._conn: http.client.HTTPSConnection | None = None
-        self._conn_used = False
+        self._http = KeptAliveHttps(parts.hostname, parts.port or 443, context, timeout_s)
 
     def __enter__(self) -> AuditClient:
         return self
@@ -285,9 +280,7 @@ class AuditClient:
         self.close()
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._http.close()
 
     # -- requests -----------------------------------------------------------
     def get(self, path: str, query: Mapping[str, str | int] | None = None) -> Any:
@@ -318,41 +311,19 @@ class AuditClient:
                                  "that is not JSON", status=status)
         return body
 
-    def _connection(self) -> http.client.HTTPSConnection:
-        if self._conn is None:
-            self._conn = http.client.HTTPSConnection(self._host, self._port,
-                                                     context=self._context,
-                                                     timeout=self.timeout_s)
-            self._conn_used = False
-        return self._conn
-
     def _send(self, method: str, target: str) -> tuple[int, str, bytes]:
-        while True:
-            conn = self._connection()
-            reused = self._conn_used
-            try:
-                conn.request(method, target, headers={"Accept": "application/json"})
-                response = conn.getresponse()
-                data = response.read()
-            except _STALE as exc:
-                self.close()
-                if reused:
-                    continue  # the collector closed an idle kept-alive connection
-                raise CollectorUnreachable(
-                    f"the collector at {self.url} closed the connection "
-                    f"({type(exc).__name__}): was the client certificate refused? "
-                    "check --cert/--key and --ca-cert") from exc
-            except OSError as exc:
-                self.close()
-                raise CollectorUnreachable(self._describe(exc)) from exc
-            except http.client.HTTPException as exc:
-                self.close()
-                raise CollectorUnreachable(f"the collector at {self.url} sent a malformed "
-                                           f"HTTP reply ({type(exc).__name__})") from exc
-            self._conn_used = True
-            if response.will_close:
-                self.close()
-            return response.status, response.reason, data
+        try:
+            return self._http.exchange(method, target, headers={"Accept": "application/json"})
+        except STALE as exc:
+            raise CollectorUnreachable(
+                f"the collector at {self.url} closed the connection "
+                f"({type(exc).__name__}): was the client certificate refused? "
+                "check --cert/--key and --ca-cert") from exc
+        except OSError as exc:
+            raise CollectorUnreachable(self._describe(exc)) from exc
+        except http.client.HTTPException as exc:
+            raise CollectorUnreachable(f"the collector at {self.url} sent a malformed "
+                                       f"HTTP reply ({type(exc).__name__})") from exc
 
     def _describe(self, exc: OSError) -> str:
         where = f"the collector at {self.url}"

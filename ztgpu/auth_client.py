@@ -18,6 +18,7 @@ from urllib.parse import urlencode, urlsplit
 
 from ztgpu.config import Config
 from ztgpu.errors import Denied, Fault, UsageError
+from ztgpu.https_client import STALE, KeptAliveHttps
 
 
 class AuthdError(Fault):
@@ -41,10 +42,8 @@ class AuthdClient:
         if parts.scheme != "https" or not parts.hostname:
             raise UsageError(f"authd URL must be https://host[:port], got {url!r}")
         self.url = url
-        self.host, self.port = parts.hostname, parts.port or 443
         self.context = context
-        self.timeout_s = timeout_s
-        self._conn: http.client.HTTPSConnection | None = None
+        self._http = KeptAliveHttps(parts.hostname, parts.port or 443, context, timeout_s)
 
     def request(self, method: str, path: str, body: Any = None,
                 query: dict[str, Any] | None = None) -> Any:
@@ -52,43 +51,29 @@ class AuthdClient:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
         target = f"{path}?{urlencode(query)}" if query else path
-        for attempt in (1, 2):
-            if self._conn is None:
-                self._conn = http.client.HTTPSConnection(self.host, self.port,
-                                                         context=self.context,
-                                                         timeout=self.timeout_s)
-            try:
-                self._conn.request(method, target, body=data, headers=headers)
-                response = self._conn.getresponse()
-                raw = response.read(1024 * 1024)
-                break
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self.close()
-                if attempt == 2:
-                    raise AuthdError(f"authd at {self.url} closed the connection") from None
-            except ssl.SSLError as exc:
-                self.close()
-                raise AuthdError(f"TLS with authd at {self.url} failed: {exc.reason or exc}; "
-                                 "check tls.ca_cert") from None
-            except OSError as exc:
-                self.close()
-                raise AuthdError(f"cannot reach authd at {self.url}: "
-                                 f"{exc.strerror or exc}") from None
+        try:
+            status, _, raw = self._http.exchange(method, target, data, headers)
+        except STALE:
+            raise AuthdError(f"authd at {self.url} closed the connection") from None
+        except ssl.SSLError as exc:
+            raise AuthdError(f"TLS with authd at {self.url} failed: {exc.reason or exc}; "
+                             "check tls.ca_cert") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise AuthdError(f"cannot reach authd at {self.url}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
         try:
             reply = json.loads(raw) if raw else {}
         except ValueError:
             reply = {"error": raw[:200].decode("utf-8", "replace")}
-        if response.status >= 500:
-            raise AuthdError(f"authd error {response.status}: {reply.get('error', '')}")
-        if response.status >= 400:
-            raise AuthdRefused(str(reply.get("error", f"refused ({response.status})")),
-                               str(reply.get("code", "refused")), response.status)
+        if status >= 500:
+            raise AuthdError(f"authd error {status}: {reply.get('error', '')}")
+        if status >= 400:
+            raise AuthdRefused(str(reply.get("error", f"refused ({status})")),
+                               str(reply.get("code", "refused")), status)
         return reply
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._http.close()
 
     def __enter__(self) -> AuthdClient:
         return self

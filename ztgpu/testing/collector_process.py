@@ -11,7 +11,6 @@ collector's HTTP API over mutual TLS with a given certificate (stdlib
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import shutil
 import socket
@@ -25,6 +24,7 @@ from urllib.parse import urlencode
 
 import yaml
 
+from ztgpu.https_client import KeptAliveHttps
 from ztgpu.testing.service_process import ServiceProcess
 from ztgpu.testing.slurm_cluster import wait_for
 
@@ -96,37 +96,21 @@ class CollectorProcess(ServiceProcess):
 
 
 class CollectorClient:
-    """Minimal mTLS client of the collector API (one persistent connection)."""
+    """Minimal mTLS client of the collector API (one kept-alive connection)."""
 
     def __init__(self, url: str, context: ssl.SSLContext, timeout: float = 30.0) -> None:
-        host_port = url.removeprefix("https://")
-        host, _, port = host_port.rpartition(":")
-        self.host, self.port = host, int(port)
+        host, _, port = url.removeprefix("https://").rpartition(":")
         self.context = context
-        self.timeout = timeout
-        self.conn: http.client.HTTPSConnection | None = None
+        self._http = KeptAliveHttps(host, int(port), context, timeout)
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, Any]:
         """Send one request; returns (status, decoded JSON or raw text)."""
-        for attempt in (1, 2):
-            if self.conn is None:
-                self.conn = http.client.HTTPSConnection(self.host, self.port,
-                                                        context=self.context,
-                                                        timeout=self.timeout)
-            try:
-                self.conn.request(method, path, body=body, headers=headers or {})
-                response = self.conn.getresponse()
-                data = response.read()
-                break
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                self.close()
-                if attempt == 2:
-                    raise
+        status, _, data = self._http.exchange(method, path, body, headers)
         try:
-            return response.status, json.loads(data)
+            return status, json.loads(data)
         except ValueError:
-            return response.status, data.decode(errors="replace")
+            return status, data.decode(errors="replace")
 
     def post(self, path: str, payload: Any) -> tuple[int, Any]:
         return self.request("POST", path, json.dumps(payload).encode(),
@@ -137,9 +121,7 @@ class CollectorClient:
         return self.request("GET", f"{path}?{qs}" if qs else path)
 
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        self._http.close()
 
 
 def wait_until_stored(client: CollectorClient, node: str, seq: int,
