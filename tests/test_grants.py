@@ -482,3 +482,9 @@ def test_module_imports_nothing_heavy() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd="/")
     assert out.stdout.strip() == "[]"
+
+
+def test_a_given_jti_is_the_token_id(key: SigningKey, keyset: dict[str, Any]) -> None:
+    claims = verify(issue(key, jti="grant-0001"), keyset)
+    assert claims["jti"] == "grant-0001"
+    assert verify(issue(key), keyset)["jti"] != verify(issue(key), keyset)["jti"]

@@ -177,12 +177,12 @@ def parse_jwks(document: Mapping[str, Any]) -> dict[str, Ed25519PublicKey]:
 def issue_grant(key: SigningKey, *, job_id: str, uid: int, user: str, node: str,
                 gpus: Sequence[Mapping[str, Any]], expires_at: datetime,
                 issuer: str = DEFAULT_ISSUER, now: datetime | None = None,
-                extra: Mapping[str, Any] | None = None) -> str:
+                extra: Mapping[str, Any] | None = None, jti: str | None = None) -> str:
     """Sign a grant for ``user`` (``uid``) to use ``gpus`` on ``node`` for ``job_id``.
 
     Claims: ``iss``, ``sub`` (user), ``uid``, ``job``, ``node``, ``gpus``
     (sorted by index), ``iat`` = ``nbf`` = ``now``, ``exp`` =
-    ``expires_at`` (whole seconds, rounded down), a random ``jti``, and the
+    ``expires_at`` (whole seconds, rounded down), ``jti`` (random unless given), and the
     JSON-serialisable ``extra`` claims; the header carries ``kid``.
 
     Raises ``InputRejected`` for an empty job, user, node or issuer, a uid
@@ -213,7 +213,7 @@ def issue_grant(key: SigningKey, *, job_id: str, uid: int, user: str, node: str,
         **(extra or {}),
         "iss": issuer, "sub": user, "uid": uid, "job": job_id, "node": node,
         "gpus": [{"index": i, "uuid": u} for i, u in gpu_list],
-        "iat": iat, "nbf": iat, "exp": exp, "jti": secrets.token_urlsafe(16),
+        "iat": iat, "nbf": iat, "exp": exp, "jti": jti or secrets.token_urlsafe(16),
     }
     return jwt.encode(claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid})
 
