@@ -18,7 +18,7 @@ from ztgpu.auth_client import AuthdClient, AuthdRefused
 from ztgpu.authd.authority import ADMIN, LOGIN, STATUS
 from ztgpu.grants import GrantError, verify_grant
 from ztgpu.pki import client_context
-from ztgpu.testing.authd_process import AuthdProcess, secret_from_uri
+from ztgpu.testing.authd_process import AuthdProcess, CodeSource, secret_from_uri
 from ztgpu.testing.collector_process import SitePki
 from ztgpu.testing.munge import MungeDaemon
 from ztgpu.totp import code_at
@@ -38,8 +38,8 @@ class Site:
         self.pki = SitePki(base / "pki")
         self.authd = AuthdProcess(base / "authd", self.pki, munge.socket, **kwargs)
         self.clients: list[AuthdClient] = []
-        self.secrets: dict[str, bytes] = {}
-        self.last_step: dict[str, int] = {}
+        self.codes = CodeSource()
+        self.secrets = self.codes.secrets
 
     def user_client(self) -> AuthdClient:
         return self._track(AuthdClient(self.authd.url,
@@ -60,17 +60,7 @@ class Site:
         self.secrets[user] = secret_from_uri(uri.group(0))
 
     def fresh_code(self, user: str) -> str:
-        """A valid code this user has not used yet: now's, or the next step's (the ±1
-        step window accepts it), so tests never wait for the clock."""
-        now = datetime.now(UTC)
-        for ahead in (0, 30):
-            moment = now + timedelta(seconds=ahead)
-            step = int(moment.timestamp()) // 30
-            if step > self.last_step.get(user, -1):
-                self.last_step[user] = step
-                return code_at(self.secrets[user], moment)
-        time.sleep(30 - now.timestamp() % 30 + 0.1)
-        return self.fresh_code(user)
+        return self.codes.code(user)
 
     def login(self, user: str | None, code: str | None = None) -> Any:
         name = user or "root"

@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,10 @@ from ztgpu.auth_client import AuthdClient
 from ztgpu.authd.authority import ADMIN, LOGIN
 from ztgpu.pki import client_context
 from ztgpu.testing.agent_process import StandaloneAgent, standalone_agent
-from ztgpu.testing.authd_process import AuthdProcess, secret_from_uri
+from ztgpu.testing.authd_process import AuthdProcess, CodeSource, secret_from_uri
 from ztgpu.testing.collector_process import SitePki
 from ztgpu.testing.munge import MungeDaemon
 from ztgpu.testing.slurm_cluster import wait_for
-from ztgpu.totp import code_at
 
 pytestmark = needs_root
 NOBODY = pwd.getpwnam("nobody")
@@ -49,8 +47,9 @@ class Site:
         assert res.returncode == 0, res.stderr
         found = re.search(r"otpauth://\S+", res.stdout)
         assert found is not None
-        self.secrets = {"root": secret_from_uri(found.group(0))}
-        self.steps: dict[str, int] = {}
+        self.codes = CodeSource()
+        self.secrets = self.codes.secrets
+        self.secrets["root"] = secret_from_uri(found.group(0))
         cert, key = self.pki.issue("node", "gpu01")
         self.node_config = {"auth": {"authd_url": self.authd.url, "revocation_poll_s": 0.2},
                             "tls": {"ca_cert": str(self.pki.ca_cert), "cert": str(cert),
@@ -60,13 +59,7 @@ class Site:
         return AuthdClient(self.authd.url, client_context(self.pki.ca_cert, None, None))
 
     def code(self, user: str) -> str:
-        moment = datetime.now(UTC)
-        step = int(moment.timestamp()) // 30
-        if step <= self.steps.get(user, -1):
-            moment = datetime.fromtimestamp((step + 1) * 30 + 1, UTC)
-            step += 1
-        self.steps[user] = step
-        return code_at(self.secrets[user], moment)
+        return self.codes.code(user)
 
     def login(self, user: str | None) -> None:
         name = user or "root"

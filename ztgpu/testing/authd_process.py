@@ -106,3 +106,29 @@ def secret_from_uri(uri: str) -> bytes:
 
     encoded = parse_qs(urlsplit(uri).query)["secret"][0]
     return base64.b32decode(encoded + "=" * (-len(encoded) % 8))
+
+
+class CodeSource:
+    """What each test user's authenticator app shows: a code per call, each usable once.
+
+    A code already used moves to the next 30 s step (authd's ±1 step window
+    accepts it), so a test waits for the clock only when it needs a third
+    code for one user within one step.
+    """
+
+    def __init__(self) -> None:
+        self.secrets: dict[str, bytes] = {}
+        self._steps: dict[str, int] = {}
+
+    def code(self, user: str) -> str:
+        import time
+        from datetime import UTC, datetime
+
+        from ztgpu.totp import code_at
+
+        now = datetime.now(UTC).timestamp()
+        step = max(int(now) // 30, self._steps.get(user, -1) + 1)
+        if step > int(now) // 30 + 1:  # beyond the window: wait until it is not
+            time.sleep((step - 1) * 30 - now + 0.1)
+        self._steps[user] = step
+        return code_at(self.secrets[user], datetime.fromtimestamp(step * 30 + 1, UTC))

@@ -18,13 +18,17 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ztgpu.testing.authd_process import DEFAULT_POLICY, AuthdProcess, secret_from_uri
+from ztgpu.testing.authd_process import (
+    DEFAULT_POLICY,
+    AuthdProcess,
+    CodeSource,
+    secret_from_uri,
+)
 from ztgpu.testing.collector_process import SitePki
 from ztgpu.testing.munge import MungeDaemon
 from ztgpu.testing.slurm_cluster import ClusterSpec, SlurmTestCluster
@@ -39,20 +43,15 @@ class MfaCluster:
     authd: AuthdProcess
     pki: SitePki
     login_config: Path
-    secrets: dict[str, bytes] = field(default_factory=dict)
-    steps: dict[str, int] = field(default_factory=dict)
+    codes: CodeSource = field(default_factory=CodeSource)
+
+    @property
+    def secrets(self) -> dict[str, bytes]:
+        return self.codes.secrets
 
     def code(self, user: str) -> str:
         """A TOTP code for ``user`` that has not been used yet (never waits)."""
-        from ztgpu.totp import code_at
-
-        moment = datetime.now(UTC)
-        step = int(moment.timestamp()) // 30
-        if step <= self.steps.get(user, -1):
-            step = self.steps[user] + 1
-            moment = datetime.fromtimestamp(step * 30 + 1, UTC)
-        self.steps[user] = step
-        return code_at(self.secrets[user], moment)
+        return self.codes.code(user)
 
     def ztgpu_as(self, user: str, *args: str, stdin: str = ""
                  ) -> subprocess.CompletedProcess[str]:
@@ -123,7 +122,8 @@ def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
                 "authd": {"munge_socket": str(munge.socket)}}))
             config.chmod(0o644)
             made = MfaCluster(suite=suite, authd=holder["authd"], pki=pki,
-                              login_config=config, secrets={"root": holder["root"]})
+                              login_config=config)
+            made.secrets["root"] = holder["root"]
             yield made
     finally:
         if "authd" in holder:
