@@ -82,3 +82,10 @@ class CliSlurmClient:
         # (BeginTime) after a release; a login should start it now.
         self._run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
+    def job_state(self, job_id: str) -> str | None:
+        """The job's state (e.g. ``PENDING``), or None once Slurm no longer lists it."""
+        if not _JOB_ID.fullmatch(job_id):
+            raise SlurmError(f"refusing to query malformed job id {job_id!r}")
+        out = self._run(["squeue", "-h", "-j", job_id, "-o", "%T"]).strip()
+        return out.splitlines()[0].strip() if out else None
+

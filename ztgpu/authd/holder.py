@@ -30,6 +30,13 @@ class HoldingSlurm(Protocol):
 
     def cancel(self, job_id: str, reason: str) -> None: ...
 
+    def job_state(self, job_id: str) -> str | None: ...
+
+
+#: States in which a cancelled job is still there to cancel.
+_LIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD",
+                   "REQUEUE_FED", "SUSPENDED"})
+
 
 class SlurmJobHolder:
     """``JobHolder`` on top of ``scontrol hold/release`` with retries in the background."""
@@ -62,6 +69,11 @@ class SlurmJobHolder:
                     self.slurm.hold(job_id, reason)
                 elif action == "cancel":
                     self.slurm.cancel(job_id, reason)
+                    # A cancel that lands while the failed PrologSlurmctld is
+                    # being handled can be undone by Slurm's requeue: cancel
+                    # until the job is really gone.
+                    if self.slurm.job_state(job_id) in _LIVE:
+                        raise SlurmError(f"job {job_id} is still queued after scancel")
                 else:
                     self.slurm.release(job_id)
                 log.info("%s job %s", action, job_id)
