@@ -8,10 +8,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Debian packages: real Slurm + munge for the test cluster, the system Python
 # with venv (pam_python embeds this interpreter later); PostgreSQL and rsyslog
-# (with its TLS driver) as the real database and SIEM receiver the audit
-# tests start privately; openssl for inspecting certificates.
+# (with both its TLS drivers, gtls and ossl) as the real database and SIEM
+# receiver the audit tests start privately; openssl for inspecting
+# certificates; systemd for checking the shipped units. Every program the
+# harnesses start is listed, with its package, in
+# ztgpu/testing/prerequisites.py; tests/test_prerequisites.py fails when a
+# package it names is missing here.
 DEB_PACKAGES := slurm-wlm munge libslurm-dev python3 python3-venv python3-dev passwd util-linux \
-	postgresql rsyslog rsyslog-gnutls openssl
+	postgresql rsyslog rsyslog-gnutls rsyslog-openssl openssl systemd
 STAMP_DEB := $(VENV)/.deb-installed
 STAMP_PIP := $(VENV)/.pip-installed
 TYPECHECK_TREE := build/typecheck

@@ -52,7 +52,7 @@ from typing import Any
 
 from benchlib import percentile, wait_for_workers
 
-from ztgpu import events
+from ztgpu.audit import events
 from ztgpu.testing.collector_process import CollectorClient, CollectorProcess, SitePki
 
 GPUS_PER_NODE = 8
@@ -176,7 +176,7 @@ def client_main(index: int, loads: list[NodeLoad], port: int, ca_cert: Path,
                 start: Any, results: Any) -> None:
     """One client process: connect every node, wait for ``start``, send every batch."""
     try:
-        from ztgpu.pki import client_context
+        from ztgpu.trust.pki import client_context
 
         conns: list[http.client.HTTPSConnection] = []
         for load in loads:

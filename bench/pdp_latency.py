@@ -11,13 +11,24 @@ authd runs a realistic policy of ``--rules`` rules (users, groups, accounts,
 partitions, allowed hours, deny rules); ``nobody``'s jobs are allowed only by
 the last rule, so each decision walks the whole rule list.
 
-``--procs`` client processes (multiprocessing, fork) each hold one persistent
-HTTPS connection with the controller's ``service`` certificate (TLS handshake
-and one warm-up decision before the timed part), then send gate requests
-(``{job_id, uid, user, partition, account, gpus_count, time_limit_s}``, a new
-job id each) one after the other until ``--duration`` seconds have passed or
-``--count`` decisions are done in all, timing each from send to answer. Every
-answer must be 200 with ``allow`` true; anything else aborts the run.
+Two phases against the same authd:
+
+* **Open loop** at a fixed offered load (``--open-rate``, default 500
+  decisions/s, for ``--open-duration`` s): ``--open-procs`` client processes
+  share the arrivals; in each, a dispatcher queues a request at its
+  scheduled time whether or not earlier ones were answered, and
+  ``--open-conns`` sender threads with one persistent connection each send
+  them. Latency runs from the scheduled arrival to the answer, so queueing
+  behind a busy authd counts (no coordinated omission).
+* **Closed loop** for the maximum rate: ``--procs`` client processes each
+  hold one persistent connection and send the next request when the last
+  was answered, until ``--duration`` s have passed or ``--count`` decisions
+  are done in all.
+
+Every request has the controller's ``service`` certificate (TLS handshake
+and a warm-up decision before the timed part), a new job id, and must be
+answered 200 with ``allow`` true; anything else aborts the run. authd's CPU
+(process and threads, from /proc) is measured over each phase.
 
 Then the same policy is evaluated in this process (``ztgpu.policy.evaluate``)
 ``--eval-calls`` times over a mix of realistic requests, each call timed with
@@ -25,12 +36,14 @@ Then the same policy is evaluated in this process (``ztgpu.policy.evaluate``)
 
 Prints figures, never asserts on them. The last line is:
 
-    pdp_latency p50_ms=A p99_ms=B rate=R eval_p99_us=E
+    pdp_latency p50_ms=A p99_ms=B rate=R eval_p99_us=E cpu_ms=C
 
-(end-to-end gate latency percentiles, decisions/s over all clients, and the
-p99 of one in-process evaluate() call in microseconds).
+(p50/p99 end to end at the open loop's offered load, the closed loop's
+maximum decisions/s, the p99 of one in-process evaluate() call in
+microseconds, and authd's CPU per decision at the offered load in ms).
 
-Usage (root): python bench/pdp_latency.py [--procs 4] [--duration 10] [--count 5000]
+Usage (root): python bench/pdp_latency.py [--open-rate 500] [--open-duration 10]
+              [--procs 4] [--duration 10] [--count 5000]
               [--store sqlite|postgres] [--rules 50] [--eval-calls 20000]
 """
 
@@ -42,11 +55,13 @@ import json
 import multiprocessing as mp
 import os
 import pwd
+import queue
 import random
 import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -207,7 +222,7 @@ def bench_evaluate(policy_text: str, calls: int) -> tuple[list[int], dict[str, i
 def api(authd: AuthdProcess, pki: SitePki, path: str, body: dict[str, Any]) -> Any:
     """One request as a researcher or admin (no certificate); raises on refusal."""
     from ztgpu.auth_client import AuthdClient
-    from ztgpu.pki import client_context
+    from ztgpu.trust.pki import client_context
 
     with AuthdClient(authd.url, client_context(pki.ca_cert, None, None)) as client:
         return client.request("POST", path, body)
@@ -215,7 +230,7 @@ def api(authd: AuthdProcess, pki: SitePki, path: str, body: dict[str, Any]) -> A
 
 def login(authd: AuthdProcess, pki: SitePki, user: str | None, secret: bytes) -> None:
     from ztgpu.authd.authority import LOGIN
-    from ztgpu.totp import code_at
+    from ztgpu.trust.totp import code_at
 
     api(authd, pki, "/v1/login", {"credential": authd.credential_as(user, LOGIN),
                                   "code": code_at(secret, datetime.now(UTC))})
@@ -240,35 +255,40 @@ def set_up_site(authd: AuthdProcess, pki: SitePki) -> None:
 # ------------------------------------------------------------------ clients
 
 
+def _connect(port: int, ca_cert: Path, cert: Path, key: Path) -> http.client.HTTPSConnection:
+    from ztgpu.trust.pki import client_context
+
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S,
+                                       context=client_context(ca_cert, cert, key))
+    conn.connect()  # TLS handshake before the timed part
+    return conn
+
+
+def _gate_body(job_id: int, uid: int, n: int) -> bytes:
+    return json.dumps({"job_id": str(job_id), "uid": uid, "user": USER,
+                       "partition": PARTITION, "account": None,
+                       "gpus_count": 1 + n % 4, "time_limit_s": 3600}).encode()
+
+
+def _decide(conn: http.client.HTTPSConnection, data: bytes) -> None:
+    conn.request("POST", "/v1/gate", body=data, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    answer = response.read()
+    text = answer[:300].decode(errors="replace")
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {text}")
+    if json.loads(answer).get("allow") is not True:
+        raise RuntimeError(f"not allowed: {text}")
+
+
 def client_main(index: int, port: int, ca_cert: Path, cert: Path, key: Path, uid: int,
                 quota: int, duration: float, start: Any, results: Any) -> None:
-    """One client process: connect, warm up, wait for ``start``, send gate requests."""
+    """Closed loop: one connection, the next request sent when the last answer came."""
     try:
-        from ztgpu.pki import client_context
-
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S,
-                                           context=client_context(ca_cert, cert, key))
-        conn.connect()  # TLS handshake before the timed part
-        headers = {"Content-Type": "application/json"}
+        conn = _connect(port, ca_cert, cert, key)
         job_base = 1_000_000 * (index + 1)
-
-        def body(n: int) -> bytes:
-            return json.dumps({"job_id": str(job_base + n), "uid": uid, "user": USER,
-                               "partition": PARTITION, "account": None,
-                               "gpus_count": 1 + n % 4, "time_limit_s": 3600}).encode()
-
-        def decide(data: bytes) -> None:
-            conn.request("POST", "/v1/gate", body=data, headers=headers)
-            response = conn.getresponse()
-            answer = response.read()
-            text = answer[:300].decode(errors="replace")
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {text}")
-            if json.loads(answer).get("allow") is not True:
-                raise RuntimeError(f"not allowed: {text}")
-
-        decide(body(0))  # warm-up, not timed
-        bodies = [body(n) for n in range(1, (quota or 200_000) + 1)]
+        _decide(conn, _gate_body(job_base, uid, 0))  # warm-up, not timed
+        bodies = [_gate_body(job_base + n, uid, n) for n in range(1, (quota or 200_000) + 1)]
         results.put(("ready", index, None))
         start.wait()
         cpu_start = time.process_time()
@@ -278,7 +298,7 @@ def client_main(index: int, port: int, ca_cert: Path, cert: Path, key: Path, uid
         clock = time.perf_counter
         for data in bodies:
             sent = clock()
-            decide(data)
+            _decide(conn, data)
             latencies.append((clock() - sent) * 1000)
             if time.monotonic() >= deadline:
                 break
@@ -290,6 +310,64 @@ def client_main(index: int, port: int, ca_cert: Path, cert: Path, key: Path, uid
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))
 
 
+def open_loop_main(index: int, port: int, ca_cert: Path, cert: Path, key: Path, uid: int,
+                   rate: float, duration: float, conns: int, start: Any, results: Any) -> None:
+    """Open loop: requests arrive every 1/rate s whether or not earlier ones were answered.
+
+    A dispatcher queues each request at its scheduled time; ``conns`` sender
+    threads, each with its own persistent connection, take them in order.
+    Latency runs from the scheduled arrival to the answer, so time spent
+    waiting for a free connection (authd falling behind) counts.
+    """
+    try:
+        job_base = 1_000_000 * (index + 1) + 500_000
+        connections = [_connect(port, ca_cert, cert, key) for _ in range(conns)]
+        for n, conn in enumerate(connections):
+            _decide(conn, _gate_body(job_base - 1 - n, uid, n))  # warm-up, not timed
+        total = int(rate * duration)
+        bodies = [_gate_body(job_base + n, uid, n) for n in range(total)]
+        arrivals: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
+        latencies: list[float] = []
+        failures: list[str] = []
+        clock = time.perf_counter
+
+        def sender(conn: http.client.HTTPSConnection) -> None:
+            while (item := arrivals.get()) is not None:
+                scheduled, data = item
+                try:
+                    _decide(conn, data)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                    return
+                latencies.append((clock() - scheduled) * 1000)
+
+        threads = [threading.Thread(target=sender, args=(c,), daemon=True) for c in connections]
+        for thread in threads:
+            thread.start()
+        results.put(("ready", index, None))
+        start.wait()
+        cpu_start = time.process_time()
+        first = clock()
+        first_send = time.monotonic()
+        for n, data in enumerate(bodies):
+            scheduled = first + n / rate
+            pause = scheduled - clock()
+            if pause > 0:
+                time.sleep(pause)
+            arrivals.put((scheduled, data))
+        for _ in threads:
+            arrivals.put(None)
+        for thread in threads:
+            thread.join(REQUEST_TIMEOUT_S + duration)
+        last_answer = time.monotonic()
+        if failures:
+            raise RuntimeError(failures[0])
+        cpu = time.process_time() - cpu_start
+        for conn in connections:
+            conn.close()
+        results.put(("done", index, (first_send, last_answer, latencies, cpu)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which aborts
+        results.put(("error", index, f"{type(exc).__name__}: {exc}"))
 
 
 def cpu_s(pid: int) -> float:
@@ -304,9 +382,14 @@ def cpu_s(pid: int) -> float:
 
 
 
-def drive(authd: AuthdProcess, pki: SitePki, procs: int, count: int,
-          duration: float) -> tuple[float, list[float], float, float]:
-    """Run the clients once: (wall seconds, latencies in ms, authd CPU s, clients CPU s)."""
+def drive(authd: AuthdProcess, pki: SitePki, procs: int, count: int, duration: float,
+          *, open_rate: float = 0.0, conns: int = 4) -> tuple[float, list[float], float, float]:
+    """Run the clients once: (wall seconds, latencies in ms, authd CPU s, clients CPU s).
+
+    With ``open_rate`` the ``procs`` clients share that many arrivals per
+    second for ``duration`` seconds (open loop); otherwise each sends its
+    share of ``count`` one after another (closed loop).
+    """
     assert authd.proc is not None
     uid = pwd.getpwnam(USER).pw_uid
     cert, key = pki.issue("service", "slurmctld")
@@ -315,10 +398,16 @@ def drive(authd: AuthdProcess, pki: SitePki, procs: int, count: int,
     ctx = mp.get_context("fork")
     start = ctx.Event()
     results = ctx.Queue()
-    workers = [ctx.Process(target=client_main, name=f"bench-gate-{i}",
-                           args=(i, authd.port, pki.ca_cert, cert, key, uid, quotas[i],
-                                 duration, start, results))
-               for i in range(procs)]
+    if open_rate:
+        workers = [ctx.Process(target=open_loop_main, name=f"bench-open-{i}",
+                               args=(i, authd.port, pki.ca_cert, cert, key, uid,
+                                     open_rate / procs, duration, conns, start, results))
+                   for i in range(procs)]
+    else:
+        workers = [ctx.Process(target=client_main, name=f"bench-gate-{i}",
+                               args=(i, authd.port, pki.ca_cert, cert, key, uid, quotas[i],
+                                     duration, start, results))
+                   for i in range(procs)]
     try:
         for worker in workers:
             worker.start()
@@ -335,6 +424,19 @@ def drive(authd: AuthdProcess, pki: SitePki, procs: int, count: int,
         results.close()
     wall = max(d[1] for d in done) - min(d[0] for d in done)
     return wall, [ms for d in done for ms in d[2]], cpu_authd, sum(d[3] for d in done)
+
+
+def report(label: str, wall: float, lat: list[float], cpu_authd: float,
+           cpu_clients: float) -> None:
+    rate = len(lat) / wall
+    print(f"{label}: decisions={len(lat)} wall_s={wall:.2f} rate={rate:.0f}/s "
+          f"(all allow, mTLS, persistent connections)", flush=True)
+    print(f"{label}: latency_ms p50={percentile(lat, 50):.2f} p90={percentile(lat, 90):.2f} "
+          f"p99={percentile(lat, 99):.2f} p99.9={percentile(lat, 99.9):.2f} "
+          f"max={max(lat):.1f} mean={sum(lat) / len(lat):.2f}", flush=True)
+    print(f"{label}: cpu_cores authd={cpu_authd / wall:.2f} clients={cpu_clients / wall:.2f} "
+          f"of {os.cpu_count()} CPUs; authd CPU per decision "
+          f"{cpu_authd / len(lat) * 1000:.3f} ms", flush=True)
 
 
 def start_postgres() -> Any:
@@ -354,6 +456,14 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=5000,
                         help="stop after this many decisions in all (0: no limit; default 5000)")
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--open-rate", type=float, default=500.0,
+                        help="offered load of the open-loop phase, decisions/s (default 500)")
+    parser.add_argument("--open-duration", type=float, default=10.0,
+                        help="length of the open-loop phase in seconds (default 10)")
+    parser.add_argument("--open-procs", type=int, default=2,
+                        help="open-loop client processes (default 2)")
+    parser.add_argument("--open-conns", type=int, default=4,
+                        help="connections per open-loop client process (default 4)")
     parser.add_argument("--rules", type=int, default=50, help="policy rules (default 50)")
     parser.add_argument("--eval-calls", type=int, default=20_000,
                         help="timed in-process evaluate() calls (default 20000)")
@@ -388,8 +498,9 @@ def main() -> int:
         print(f"{args.store}: authd pid {authd.proc.pid} at {authd.url}, policy of "
               f"{args.rules} rules; {USER} enrolled and logged in; {args.procs} client "
               f"processes, {os.cpu_count()} CPUs", flush=True)
-        wall, lat, cpu_authd, cpu_clients = drive(authd, pki, args.procs, args.count,
-                                                  args.duration)
+        open_run = drive(authd, pki, args.open_procs, 0, args.open_duration,
+                         open_rate=args.open_rate, conns=args.open_conns)
+        closed_run = drive(authd, pki, args.procs, args.count, args.duration)
         if authd.proc.poll() is not None:
             raise SystemExit(f"authd exited with {authd.proc.returncode}:\n{authd.log()}")
     finally:
@@ -403,15 +514,11 @@ def main() -> int:
         munge.stop()
         shutil.rmtree(base, ignore_errors=True)
 
-    rate = len(lat) / wall
-    print(f"gate: decisions={len(lat)} wall_s={wall:.2f} rate={rate:.0f}/s "
-          f"(all allow, mTLS, persistent connections)", flush=True)
-    print(f"gate: latency_ms p50={percentile(lat, 50):.1f} p90={percentile(lat, 90):.1f} "
-          f"p99={percentile(lat, 99):.1f} p99.9={percentile(lat, 99.9):.1f} "
-          f"max={max(lat):.1f} mean={sum(lat) / len(lat):.1f}", flush=True)
-    print(f"gate: cpu_cores authd={cpu_authd / wall:.2f} clients={cpu_clients / wall:.2f} "
-          f"of {os.cpu_count()} CPUs; authd CPU per decision "
-          f"{cpu_authd / len(lat) * 1000:.2f} ms", flush=True)
+    report(f"open loop at {args.open_rate:g}/s", *open_run)
+    report("closed loop (maximum rate)", *closed_run)
+    _, lat, cpu_authd, _ = open_run
+    max_rate = len(closed_run[1]) / closed_run[0]
+    cpu_ms = cpu_authd / len(lat) * 1000
 
     timings, codes, gate_case_p99 = bench_evaluate(policy_text, args.eval_calls)
     us = [t / 1000 for t in timings]
@@ -422,8 +529,8 @@ def main() -> int:
     print(f"evaluate: decisions {shown}", flush=True)
     print(f"evaluate: the gate's case (every rule to the catch-all) p99_us="
           f"{gate_case_p99 / 1000:.1f}", flush=True)
-    print(f"pdp_latency p50_ms={percentile(lat, 50):.1f} p99_ms={percentile(lat, 99):.1f} "
-          f"rate={rate:.0f} eval_p99_us={percentile(us, 99):.0f}")
+    print(f"pdp_latency p50_ms={percentile(lat, 50):.2f} p99_ms={percentile(lat, 99):.2f} "
+          f"rate={max_rate:.0f} eval_p99_us={percentile(us, 99):.0f} cpu_ms={cpu_ms:.3f}")
     return 0
 
 

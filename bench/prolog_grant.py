@@ -30,12 +30,12 @@ from benchlib import percentile
 
 from ztgpu.auth_client import AuthdClient
 from ztgpu.authd.authority import ADMIN, LOGIN
-from ztgpu.pki import client_context
 from ztgpu.testing.agent_process import standalone_agent
 from ztgpu.testing.authd_process import AuthdProcess, secret_from_uri
 from ztgpu.testing.collector_process import SitePki
 from ztgpu.testing.munge import MungeDaemon
-from ztgpu.totp import code_at
+from ztgpu.trust.pki import client_context
+from ztgpu.trust.totp import code_at
 
 
 def main() -> int:

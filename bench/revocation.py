@@ -85,7 +85,7 @@ class Site:
 
     def request(self, path: str, body: dict[str, Any]) -> Any:
         from ztgpu.auth_client import AuthdClient
-        from ztgpu.pki import client_context
+        from ztgpu.trust.pki import client_context
 
         with AuthdClient(self.authd.url, client_context(self.pki.ca_cert, None, None)
                          ) as client:
@@ -94,7 +94,7 @@ class Site:
     def code(self, user: str) -> str:
         """A code of a step this user has not used yet (the next step's if need be:
         authd accepts one step either side), so the bench never waits for the clock."""
-        from ztgpu.totp import code_at
+        from ztgpu.trust.totp import code_at
 
         moment = datetime.now(UTC)
         step = int(moment.timestamp()) // 30

@@ -6,7 +6,7 @@ could not apply (or undo) enforcement. A job whose Slurm environment is
 malformed is refused without draining: it is granted nothing, the agent
 records the refusal and ends the job.
 
-Standard library plus :mod:`ztgpu.node_client` and :mod:`ztgpu.slurm_env`
+Standard library plus :mod:`ztgpu.node_client` and :mod:`ztgpu.slurm.env`
 only: this runs on every job start and end.
 """
 
@@ -17,7 +17,7 @@ import sys
 
 from ztgpu.errors import AgentUnreachable, Denied, Fault, InputRejected
 from ztgpu.node_client import call, send_checked
-from ztgpu.slurm_env import parse_job_env
+from ztgpu.slurm.env import parse_job_env
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -58,7 +58,7 @@ Observed on Slurm 22.05.8 (private test cluster, select/cons_tres):
   puts what the user should know into the job's AdminComment.
 
 Standard library (ssl, http.client, json, subprocess, syslog) plus
-:mod:`ztgpu.slurm_env` only: this runs for every job start, under
+:mod:`ztgpu.slurm.env` only: this runs for every job start, under
 ``python -I -S``.
 """
 
@@ -68,7 +68,7 @@ import os
 import sys
 
 from ztgpu.errors import Fault, InputRejected
-from ztgpu.slurm_env import check_user, parse_job_id, parse_uid, printable
+from ztgpu.slurm.env import check_user, parse_job_id, parse_uid, printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -27,19 +27,19 @@ from typing import Any
 
 import pytest
 
-from ztgpu import pki
-from ztgpu.audit_client import AuditClient, CollectorError, EventQuery, parse_time
-from ztgpu.cli import main
+from ztgpu.audit.client import AuditClient, CollectorError, EventQuery, parse_time
+from ztgpu.audit.events import canonical_bytes, checkpoint_message, event_hash, format_timestamp
+from ztgpu.audit.spool import Spool
+from ztgpu.cli.main import main
 from ztgpu.collector.store import Incoming, SqliteStore
 from ztgpu.errors import UsageError
-from ztgpu.events import canonical_bytes, checkpoint_message, event_hash, format_timestamp
-from ztgpu.spool import Spool
 from ztgpu.testing.collector_process import (
     CollectorClient,
     CollectorProcess,
     SitePki,
     free_port,
 )
+from ztgpu.trust import pki
 
 PAGE = 50  # the collector's largest page in these tests
 
@@ -407,7 +407,7 @@ def test_verify_catches_a_consistently_rehashed_edit_by_its_checkpoint(
             db.execute("COMMIT")
         # the chain alone is intact again: only the signature can tell
         with site.auditor_client() as client:
-            from ztgpu.events import verify_chain
+            from ztgpu.audit.events import verify_chain
             chain = list(client.chain("gpu01"))
         assert verify_chain(chain).ok and chain[11]["user"] == "bob"
 
@@ -475,7 +475,7 @@ def test_verify_reports_recorded_gaps_apart_from_broken_links(
             db.execute("DELETE FROM events WHERE node = 'gpu06' AND seq = 3")
 
         with site.auditor_client() as client:
-            from ztgpu.audit_client import verify_collector
+            from ztgpu.audit.collector_verify import verify_collector
             report = verify_collector(client, pki.load_cert(site.pki.ca_cert))
         assert [(g.source_node, g.expected_seq, g.received_seq) for g in report.recorded_gaps] \
             == [("gpu03", 11, 15), ("gpu04", 1, 4)]
@@ -523,7 +523,7 @@ def test_export_writes_a_time_range_as_json_lines(
                               ensure_ascii=False).encode() for e in expected]
 
     # To stdout, through the installed command: the same bytes.
-    proc = subprocess.run([sys.executable, "-m", "ztgpu.cli", "audit", "export",
+    proc = subprocess.run([sys.executable, "-m", "ztgpu.cli.main", "audit", "export",
                            "--since", since, "--until", until, *site.conn_args()],
                           capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -669,8 +669,8 @@ def test_time_arguments() -> None:
 
 
 def test_cli_start_does_not_load_the_audit_client() -> None:
-    code = ("import sys; from ztgpu.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('cryptography', 'ztgpu.audit_client', 'aiohttp') "
+    code = ("import sys; from ztgpu.cli.main import build_parser; build_parser(); "
+            "print(sorted(m for m in ('cryptography', 'ztgpu.audit.client', 'aiohttp') "
             "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from conftest import needs_root
 
-from ztgpu.events import verify_chain
-from ztgpu.spool import Spool
+from ztgpu.audit.events import verify_chain
+from ztgpu.audit.spool import Spool
 from ztgpu.testing.agent_process import StandaloneAgent, standalone_agent
 from ztgpu.testing.collector_process import (
     CollectorClient,
@@ -265,7 +265,7 @@ def test_renewed_certificates_are_used_without_restarts(site: tuple[Site, Any]) 
 
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from ztgpu.pki import load_cert, renew
+    from ztgpu.trust.pki import load_cert, renew
 
     made, agent = site
     run_jobs(agent, 600, 1)

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from ztgpu.audit_view import format_event, format_json
-from ztgpu.events import GENESIS_PREV
+from ztgpu.audit.events import GENESIS_PREV
+from ztgpu.audit.view import format_event, format_json
 
 VIOLATION: dict[str, Any] = {
     "v": 1,

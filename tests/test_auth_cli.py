@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ztgpu.auth_cli import parse_ttl
-from ztgpu.cli import main
+from ztgpu.cli.auth import parse_ttl
+from ztgpu.cli.main import main
 from ztgpu.errors import UsageError
 
 

@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 
 from ztgpu.auth_client import AuthdClient, AuthdRefused
 from ztgpu.authd.authority import ADMIN, LOGIN, STATUS
-from ztgpu.grants import GrantError, verify_grant
-from ztgpu.pki import client_context
 from ztgpu.testing.authd_process import AuthdProcess, CodeSource, secret_from_uri
 from ztgpu.testing.collector_process import SitePki
 from ztgpu.testing.munge import MungeDaemon
-from ztgpu.totp import code_at
+from ztgpu.trust.grants import GrantError, verify_grant
+from ztgpu.trust.pki import client_context
+from ztgpu.trust.totp import code_at
 
 pytestmark = needs_root
 
@@ -313,7 +313,7 @@ def test_cli_login_and_status(site: Site) -> None:
 
 
 def test_decisions_and_secrets_are_recorded_without_secrets(site: Site) -> None:
-    from ztgpu.spool import Spool
+    from ztgpu.audit.spool import Spool
 
     enroll_nobody(site)
     site.login("nobody")
@@ -345,7 +345,7 @@ def test_decisions_and_secrets_are_recorded_without_secrets(site: Site) -> None:
 
 
 def _authd_events(site: Site, code: str) -> list[dict[str, Any]]:
-    from ztgpu.spool import Spool
+    from ztgpu.audit.spool import Spool
 
     spool = Spool.open(site.authd.base / "spool" / "authd-events.db", "authd")
     try:
@@ -355,7 +355,7 @@ def _authd_events(site: Site, code: str) -> list[dict[str, Any]]:
 
 
 def test_kek_rotation_reencrypts_every_secret_and_logins_still_work(site: Site) -> None:
-    from ztgpu.kek import KeyRing
+    from ztgpu.trust.kek import KeyRing
 
     enroll_nobody(site)
     old_kid = KeyRing.load(site.authd.kek).current_kid

@@ -88,7 +88,7 @@ def test_collector_refuses_a_readable_key_or_dsn_file(tmp_path: Path) -> None:
 
 def test_audit_tail_without_local_points_to_the_trail(capsys: pytest.CaptureFixture[str],
                                                       tmp_path: Path) -> None:
-    from ztgpu.cli import main
+    from ztgpu.cli.main import main
 
     config = tmp_path / "ztgpu.yaml"
     config.write_text("{}\n")

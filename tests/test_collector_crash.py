@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from ztgpu.audit.events import verify_chain
+from ztgpu.audit.forwarder import Forwarder
+from ztgpu.audit.spool import Spool
 from ztgpu.collector.store import open_store
-from ztgpu.events import verify_chain
-from ztgpu.forwarder import Forwarder
-from ztgpu.pki import client_context, sign
-from ztgpu.spool import Spool
 from ztgpu.testing.collector_process import CollectorProcess, SitePki
+from ztgpu.trust.pki import client_context, sign
 
 
 def fill(spool: Spool, count: int) -> None:

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ztgpu.events import GENESIS_PREV, REGISTRY, build_event, format_timestamp
-from ztgpu.pki import client_context
+from ztgpu.audit.events import GENESIS_PREV, REGISTRY, build_event, format_timestamp
 from ztgpu.testing.collector_process import CollectorClient, CollectorProcess, SitePki
 from ztgpu.testing.slurm_cluster import wait_for
+from ztgpu.trust.pki import client_context
 
 
 def make_events(node: str, start: int, count: int, prev: str = GENESIS_PREV,

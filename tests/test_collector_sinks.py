@@ -7,15 +7,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from ztgpu.events import GENESIS_PREV, REGISTRY, build_event, format_timestamp
+from ztgpu.audit.events import GENESIS_PREV, REGISTRY, build_event, format_timestamp
 from ztgpu.testing.collector_process import CollectorClient, CollectorProcess, SitePki
-from ztgpu.testing.rsyslog import RsyslogReceiver, rsyslog_available
+from ztgpu.testing.rsyslog import RsyslogReceiver
 from ztgpu.testing.slurm_cluster import wait_for
-
-pytestmark = pytest.mark.skipif(not rsyslog_available(), reason="rsyslogd is not installed "
-                                "(make setup installs it)")
 
 
 def chained(node: str, count: int) -> list[dict[str, Any]]:

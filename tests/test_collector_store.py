@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from ztgpu.audit.events import canonical_bytes, verify_chain
+from ztgpu.audit.spool import Spool
 from ztgpu.collector.store import (
     EventFilter,
     Incoming,
@@ -19,8 +21,6 @@ from ztgpu.collector.store import (
     StoreError,
     open_store,
 )
-from ztgpu.events import canonical_bytes, verify_chain
-from ztgpu.spool import Spool
 
 
 class StepClock:

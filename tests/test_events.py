@@ -13,8 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztgpu.errors import Fault
-from ztgpu.events import (
+from ztgpu.audit.events import (
     ENVELOPE_FIELDS,
     EVENT_TYPES,
     GENESIS_PREV,
@@ -27,6 +26,7 @@ from ztgpu.events import (
     validate_fields,
     verify_chain,
 )
+from ztgpu.errors import Fault
 
 GPU0 = {"index": 0, "uuid": "GPU-aaaa", "minor": 0}
 GRANT = {"job_id": "17", "uid": 1001, "user": "alice", "gpus": [GPU0], "outcome": "granted"}
@@ -321,14 +321,14 @@ def test_missing_seq_or_hash_is_reported_not_raised() -> None:
 # ---- received events (collector side) ----------------------------------------
 
 def _received() -> dict[str, Any]:
-    from ztgpu.events import GENESIS_PREV, build_event
+    from ztgpu.audit.events import GENESIS_PREV, build_event
 
     return build_event(REGISTRY["agent.stop"], "gpu01", 1, GENESIS_PREV,
                        "2026-11-26T12:00:00.000000Z", {"reason": "x"})
 
 
 def test_check_envelope_accepts_a_built_event() -> None:
-    from ztgpu.events import check_envelope, event_hash
+    from ztgpu.audit.events import check_envelope, event_hash
 
     event = _received()
     assert check_envelope(event) is None
@@ -351,20 +351,20 @@ def test_check_envelope_accepts_a_built_event() -> None:
     ({"Upper": 1}, "bad field name"),
 ])
 def test_check_envelope_names_the_problem(change: dict[str, Any], problem: str) -> None:
-    from ztgpu.events import check_envelope
+    from ztgpu.audit.events import check_envelope
 
     assert problem in (check_envelope({**_received(), **change}) or "")
 
 
 def test_check_envelope_of_non_objects() -> None:
-    from ztgpu.events import check_envelope
+    from ztgpu.audit.events import check_envelope
 
     for value in (None, [], "x", 1):
         assert check_envelope(value) == "event is not a JSON object"
 
 
 def test_checkpoint_message_is_domain_separated_and_stable() -> None:
-    from ztgpu.events import checkpoint_message
+    from ztgpu.audit.events import checkpoint_message
 
     payload = {"node": "gpu01", "seq": 7, "hash": "ab" * 32, "ts": "2026-11-26T12:00:00Z",
                "sig": "ignored"}
@@ -376,7 +376,7 @@ def test_checkpoint_message_is_domain_separated_and_stable() -> None:
 
 
 def test_lone_surrogate_is_an_event_error() -> None:
-    from ztgpu.events import EventError, canonical_bytes
+    from ztgpu.audit.events import EventError, canonical_bytes
 
     with pytest.raises(EventError, match="not JSON data"):
         canonical_bytes({"reason": "\ud800"})

@@ -33,10 +33,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ztgpu import forwarder as forwarder_module
-from ztgpu.events import GENESIS_PREV, checkpoint_message, event_hash
-from ztgpu.forwarder import Forwarder
-from ztgpu.spool import Spool
+from ztgpu.audit import forwarder as forwarder_module
+from ztgpu.audit.events import GENESIS_PREV, checkpoint_message, event_hash
+from ztgpu.audit.forwarder import Forwarder
+from ztgpu.audit.spool import Spool
 
 NODE = "gpu01"
 FORWARDER_LOG = "ztgpu.forwarder"

@@ -45,9 +45,9 @@ from ztgpu.slurm_plugins.gate import (
 
 from ztgpu.config import Config, parse_config
 from ztgpu.errors import ConfigError, InputRejected, UsageError
-from ztgpu.hooks_install import gate_path, render_gate, write_gate
-from ztgpu.slurm_conf import gate_changes
-from ztgpu.slurm_conf import install as install_slurm_conf
+from ztgpu.slurm.conf import gate_changes
+from ztgpu.slurm.conf import install as install_slurm_conf
+from ztgpu.slurm.hooks_install import gate_path, render_gate, write_gate
 from ztgpu.testing.collector_process import SitePki, free_port
 
 ME = pwd.getpwuid(os.getuid())
@@ -61,7 +61,7 @@ class StubAuthd:
     """``POST /v1/gate`` over mutual TLS 1.3; denies (mfa_required) until ``allow(user)``."""
 
     def __init__(self, pki: SitePki, port: int | None = None) -> None:
-        from ztgpu.pki import server_context
+        from ztgpu.trust.pki import server_context
 
         self.port = port or free_port()
         self.url = f"https://127.0.0.1:{self.port}"
@@ -96,7 +96,7 @@ class StubAuthd:
 
     def start(self) -> None:
         from ztgpu.authd.service import HttpRefusal, job_request
-        from ztgpu.pki import identity_from_der
+        from ztgpu.trust.pki import identity_from_der
 
         stub = self
 
@@ -697,7 +697,7 @@ class GateCluster:
 @pytest.fixture(scope="module")
 def gated(pki: SitePki) -> Iterator[GateCluster]:
     from ztgpu.authd.holder import SlurmJobHolder
-    from ztgpu.slurm_client import CliSlurmClient
+    from ztgpu.slurm.client import CliSlurmClient
     from ztgpu.testing.slurm_cluster import ClusterSpec, slurm_cluster
 
     stub = StubAuthd(pki)

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ztgpu import grants
 from ztgpu.errors import Denied, InputRejected
-from ztgpu.grants import GrantError, GrantKeyError, SigningKey
+from ztgpu.trust import grants
+from ztgpu.trust.grants import GrantError, GrantKeyError, SigningKey
 
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 GPUS = [{"index": 3, "uuid": "GPU-cccc"}, {"index": 1, "uuid": "GPU-aaaa"}]
@@ -476,7 +476,7 @@ def test_random_headers_and_claims_give_grant_error(header: dict[str, Any], payl
 
 
 def test_module_imports_nothing_heavy() -> None:
-    code = ("import sys, ztgpu.grants; heavy = {'pydantic', 'yaml', 'aiohttp', 'psycopg', "
+    code = ("import sys, ztgpu.trust.grants; heavy = {'pydantic', 'yaml', 'aiohttp', 'psycopg', "
             "'qrcode', 'PIL', 'hypothesis'}; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

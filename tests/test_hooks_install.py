@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from ztgpu.config import Config, parse_config
-from ztgpu.hooks_install import HOOKS, hook_path, render, socket_for, write_hooks
+from ztgpu.slurm.hooks_install import HOOKS, hook_path, render, socket_for, write_hooks
 
 OLD = 1_000_000_000  # 2001-09-09: any rewrite would give a newer mtime
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ztgpu.errors import ConfigError
-from ztgpu.kek import KekError, KeyRing
+from ztgpu.trust.kek import KekError, KeyRing
 
 NOBODY = pwd.getpwnam("nobody")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")

@@ -1,4 +1,4 @@
-"""Identity proof with the real munge: ztgpu.munge against a private munged.
+"""Identity proof with the real munge: ztgpu.trust.munge against a private munged.
 
 Every test runs the real munge/unmunge clients against a real munged
 (ztgpu.testing.munge) with a key of its own; nothing touches the system
@@ -21,17 +21,15 @@ from typing import Any
 
 import pytest
 
-from ztgpu import munge
 from ztgpu.errors import Fault
-from ztgpu.munge import MAX_CREDENTIAL_LEN, MungeError, decode, encode
-from ztgpu.testing.munge import MungeDaemon, munged_available
-
-pytestmark = pytest.mark.skipif(not munged_available(), reason="munge is not installed")
+from ztgpu.testing.munge import MungeDaemon
+from ztgpu.trust import munge
+from ztgpu.trust.munge import MAX_CREDENTIAL_LEN, MungeError, decode, encode
 
 
 def _encode_as(user: str, payload: bytes, sock: Path) -> str:
-    """Run ztgpu.munge.encode as *user* (a fresh interpreter under runuser)."""
-    code = ("import sys; from pathlib import Path; from ztgpu.munge import encode; "
+    """Run ztgpu.trust.munge.encode as *user* (a fresh interpreter under runuser)."""
+    code = ("import sys; from pathlib import Path; from ztgpu.trust.munge import encode; "
             "sys.stdout.write(encode(sys.stdin.buffer.read(), socket=Path(sys.argv[1])))")
     res = subprocess.run(["runuser", "-u", user, "--", sys.executable, "-I", "-c", code,
                           str(sock)], input=payload, capture_output=True, timeout=30)

@@ -21,12 +21,12 @@ from conftest import needs_root
 
 from ztgpu.auth_client import AuthdClient
 from ztgpu.authd.authority import ADMIN, LOGIN
-from ztgpu.pki import client_context
 from ztgpu.testing.agent_process import StandaloneAgent, standalone_agent
 from ztgpu.testing.authd_process import AuthdProcess, CodeSource, secret_from_uri
 from ztgpu.testing.collector_process import SitePki
 from ztgpu.testing.munge import MungeDaemon
 from ztgpu.testing.slurm_cluster import wait_for
+from ztgpu.trust.pki import client_context
 
 pytestmark = needs_root
 NOBODY = pwd.getpwnam("nobody")

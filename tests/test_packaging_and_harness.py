@@ -24,7 +24,7 @@ def test_one_distribution_one_namespace():
 def test_console_scripts_use_the_venv_of_the_system_interpreter():
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")
            if ep.dist is not None and ep.dist.name == "ztgpu"}
-    assert eps == {"ztgpu": "ztgpu.cli:main", "ztgpu-noded": "ztgpu.noded.__main__:main",
+    assert eps == {"ztgpu": "ztgpu.cli.main:main", "ztgpu-noded": "ztgpu.noded.__main__:main",
                    "ztgpu-collectord": "ztgpu.collector.__main__:main",
                    "ztgpu-authd": "ztgpu.authd.__main__:main"}
 

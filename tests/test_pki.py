@@ -21,9 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ztgpu import pki, pki_cli
-from ztgpu.cli import main
-from ztgpu.pki import Identity, PkiError
+from ztgpu.cli import pki as pki_cli
+from ztgpu.cli.main import main
+from ztgpu.trust import pki
+from ztgpu.trust.pki import Identity, PkiError
 
 NOBODY = pwd.getpwnam("nobody")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
@@ -636,7 +637,7 @@ def test_cli_roles_match_library() -> None:
 
 
 def test_cli_start_does_not_import_cryptography() -> None:
-    code = ("import sys, ztgpu.cli; ztgpu.cli.build_parser(); "
+    code = ("import sys, ztgpu.cli.main; ztgpu.cli.main.build_parser(); "
             "print('cryptography' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout

@@ -26,8 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ztgpu import policy as policy_module
-from ztgpu import policy_cli
-from ztgpu.cli import main
+from ztgpu.cli import policy as policy_cli
+from ztgpu.cli.main import main
 from ztgpu.errors import ConfigError, InputRejected
 from ztgpu.policy import (
     ADMIN_ROLES,
@@ -878,12 +878,12 @@ def test_installed_command_runs_check_and_explain(tmp_path: Path) -> None:
 
 
 def test_cli_module_loads_no_policy_machinery_until_used() -> None:
-    code = ("import sys, ztgpu.policy_cli, ztgpu.cli; ztgpu.cli.build_parser(); "
+    code = ("import sys, ztgpu.cli.policy, ztgpu.cli.main; ztgpu.cli.main.build_parser(); "
             "print('ztgpu.policy' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=True)
     assert result.stdout.strip() == "False"
-    solo = subprocess.run([sys.executable, "-c", "import sys, ztgpu.policy_cli; "
+    solo = subprocess.run([sys.executable, "-c", "import sys, ztgpu.cli.policy; "
                            "print('pydantic' in sys.modules, 'yaml' in sys.modules)"],
                           capture_output=True, text=True, timeout=60, check=True)
     assert solo.stdout.strip() == "False False"

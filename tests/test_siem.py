@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ztgpu import pki
+from ztgpu.audit.events import GENESIS_PREV, event_hash
 from ztgpu.collector.siem import (
     BOM,
     JsonlWriter,
@@ -28,13 +28,8 @@ from ztgpu.collector.siem import (
     format_rfc5424,
     frame,
 )
-from ztgpu.events import GENESIS_PREV, event_hash
-from ztgpu.testing.rsyslog import RsyslogHarnessError, RsyslogReceiver, rsyslog_available
-
-needs_rsyslog = pytest.mark.skipif(
-    not rsyslog_available(),
-    reason="needs rsyslogd with the gtls driver (rsyslog, rsyslog-gnutls; run `make setup`)",
-)
+from ztgpu.testing.rsyslog import RsyslogHarnessError, RsyslogReceiver
+from ztgpu.trust import pki
 
 SAMPLE: dict[str, Any] = {
     "v": 1,
@@ -409,7 +404,6 @@ def _check_delivered(lines: list[str], events: list[Mapping[str, Any]]) -> None:
         assert _body(parsed) == event
 
 
-@needs_rsyslog
 @pytest.mark.parametrize("receiver", ["gtls", "ossl"], indirect=True)
 def test_thousand_events_arrive_in_order(receiver: RsyslogReceiver, site_pki: Pki) -> None:
     events = _chain(1000)
@@ -424,7 +418,6 @@ def test_thousand_events_arrive_in_order(receiver: RsyslogReceiver, site_pki: Pk
         str(i) for i in range(1, 1001)]
 
 
-@needs_rsyslog
 def test_sender_rejects_receiver_from_another_ca(receiver: RsyslogReceiver, site_pki: Pki,
                                                  other_pki: Pki) -> None:
     context = tls13_client(other_pki.ca, other_pki.client_crt, other_pki.client_key)
@@ -435,7 +428,6 @@ def test_sender_rejects_receiver_from_another_ca(receiver: RsyslogReceiver, site
     assert receiver.messages() == []
 
 
-@needs_rsyslog
 @pytest.mark.parametrize("receiver", ["gtls", "ossl"], indirect=True)
 @pytest.mark.parametrize("client", ["none", "other-ca"])
 def test_refused_client_certificate_is_reported(receiver: RsyslogReceiver, site_pki: Pki,
@@ -453,7 +445,6 @@ def test_refused_client_certificate_is_reported(receiver: RsyslogReceiver, site_
     assert receiver.messages() == []
 
 
-@needs_rsyslog
 @pytest.mark.parametrize(("permitted", "accepted"), [("collector", True), ("intruder", False)])
 def test_x509_name_receiver_checks_the_client_name(site_pki: Pki, permitted: str,
                                                    accepted: bool) -> None:
@@ -479,7 +470,6 @@ def test_receiver_rejects_unquotable_config_values(site_pki: Pki) -> None:
                         auth_mode="x509/anything")
 
 
-@needs_rsyslog
 def test_receiver_config_error_is_reported(site_pki: Pki,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     receiver = RsyslogReceiver(site_pki.ca, site_pki.server_crt, site_pki.server_key)
@@ -491,7 +481,6 @@ def test_receiver_config_error_is_reported(site_pki: Pki,
         _ = receiver.dir  # the private directory is gone again
 
 
-@needs_rsyslog
 def test_receiver_down_then_restarted(site_pki: Pki) -> None:
     events = _chain(3)
     context = tls13_client(site_pki.ca, site_pki.client_crt, site_pki.client_key)

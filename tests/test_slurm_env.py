@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ztgpu.errors import Denied, InputRejected
-from ztgpu.slurm_env import (
+from ztgpu.slurm.env import (
     MAX_GPUS_PER_NODE,
     MAX_JOB_ID,
     JobEnv,

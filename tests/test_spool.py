@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from ztgpu.audit.events import GENESIS_PREV, EventError, event_hash
+from ztgpu.audit.spool import Spool, SystemClock
 from ztgpu.errors import SpoolError
-from ztgpu.events import GENESIS_PREV, EventError, event_hash
-from ztgpu.spool import Spool, SystemClock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NODE = "gpu01"
@@ -274,7 +274,7 @@ def test_verify_names_an_undecodable_row(spool_path: Path, spool: Spool) -> None
 APPEND_N = """
 import sys, time
 from pathlib import Path
-from ztgpu.spool import Spool
+from ztgpu.audit.spool import Spool
 path, who, n, go = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 with Spool.open(path, "gpu01") as sp:
     print("ready", flush=True)
@@ -288,7 +288,7 @@ with Spool.open(path, "gpu01") as sp:
 APPEND_FOREVER = """
 import sys
 from pathlib import Path
-from ztgpu.spool import Spool
+from ztgpu.audit.spool import Spool
 sp = Spool.open(Path(sys.argv[1]), "gpu01")
 sp.append("hook.error", hook="child", reason="started")
 print("ready", flush=True)
@@ -312,6 +312,90 @@ def test_threads_appending_concurrently_keep_the_chain(spool: Spool) -> None:
     assert spool.count() == 200
     assert spool.head()[0] == 200
     assert spool.verify().ok
+
+
+class GatedClock:
+    """A clock whose first reading waits until ``waiting`` more appends are queued.
+
+    The first append's commit then runs while the others queue behind it,
+    so group commit must write all of them in the next single commit.
+    """
+
+    def __init__(self, spool_ref: list[Spool], waiting: int, fail: bool = False) -> None:
+        self.spool_ref, self.waiting, self.fail, self.calls = spool_ref, waiting, fail, 0
+
+    def now(self) -> datetime:
+        self.calls += 1
+        if self.calls == 1:
+            deadline = time.monotonic() + 10
+            while len(self.spool_ref[0]._waiting) < self.waiting:
+                assert time.monotonic() < deadline, "the other appends never queued"
+                time.sleep(0.001)
+            if self.fail:
+                raise OSError("clock failed mid-commit")
+        return datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+
+
+def _commits(spool: Spool) -> list[str]:
+    seen: list[str] = []
+    spool._conn.set_trace_callback(lambda sql: seen.append(sql) if sql == "COMMIT" else None)
+    return seen
+
+
+def test_concurrent_appends_share_one_commit(spool_path: Path) -> None:
+    ref: list[Spool] = []
+    with Spool.open(spool_path, NODE, GatedClock(ref, waiting=7)) as spool:
+        ref.append(spool)
+        commits = _commits(spool)
+        results: dict[int, list[dict[str, Any]]] = {}
+
+        def work(i: int) -> None:
+            results[i] = spool.append_many([("hook.error", {"hook": f"t{i}", "reason": "a"}),
+                                            ("hook.error", {"hook": f"t{i}", "reason": "b"})])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(30)
+        assert len(commits) == 2, "the seven appends queued behind the first share one commit"
+        assert spool.count() == 16 and spool.verify().ok
+        # Each append's events are contiguous (all or none, in order) and returned as stored.
+        for events in results.values():
+            assert [e["reason"] for e in events] == ["a", "b"]
+            assert events[1]["seq"] == events[0]["seq"] + 1
+        assert sorted(e["seq"] for r in results.values() for e in r) == list(range(1, 17))
+
+
+def test_a_failed_group_commit_fails_every_append_in_it(spool_path: Path) -> None:
+    ref: list[Spool] = []
+    clock = GatedClock(ref, waiting=0, fail=True)
+    with Spool.open(spool_path, NODE, clock) as spool:
+        ref.append(spool)
+        with pytest.raises(OSError, match="mid-commit"):
+            hook_error(spool, 0)
+        assert spool.count() == 0, "nothing of a failed batch is written"
+        assert hook_error(spool, 1)["seq"] == 1, "the next append starts a fresh batch"
+
+    ref.clear()
+    clock = GatedClock(ref, waiting=3, fail=True)
+    with Spool.open(spool_path, NODE, clock) as spool:
+        ref.append(spool)
+        errors: list[BaseException] = []
+
+        def work(i: int) -> None:
+            try:
+                hook_error(spool, i)
+            except OSError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(30)
+        # The leader's batch failed; the three queued behind it commit in the next one.
+        assert len(errors) == 1 and spool.count() == 4 and spool.verify().ok
 
 
 def test_two_processes_appending_concurrently_keep_a_gapless_chain(

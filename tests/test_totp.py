@@ -8,8 +8,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-from ztgpu import totp
-from ztgpu.totp import TotpError
+from ztgpu.trust import totp
+from ztgpu.trust.totp import TotpError
 
 RFC_SECRET = b"12345678901234567890"
 # RFC 6238 Appendix B, SHA-1 column (8 digits); the 6-digit code is the last six.

@@ -18,7 +18,7 @@ from urllib.parse import urlencode, urlsplit
 
 from ztgpu.config import Config
 from ztgpu.errors import Denied, Fault, UsageError
-from ztgpu.https_client import STALE, KeptAliveHttps
+from ztgpu.net.https_client import STALE, KeptAliveHttps
 
 
 class AuthdError(Fault):
@@ -84,7 +84,7 @@ class AuthdClient:
 
 def user_client(config: Config, url: str | None = None) -> AuthdClient:
     """A client for a researcher or admin: verifies authd, presents no certificate."""
-    from ztgpu.pki import client_context
+    from ztgpu.trust.pki import client_context
 
     target = url or config.auth.authd_url
     if target is None:
@@ -99,6 +99,6 @@ def user_client(config: Config, url: str | None = None) -> AuthdClient:
 
 def credential(config: Config, purpose: bytes) -> str:
     """A fresh munge credential proving this process's uid, for ``purpose``."""
-    from ztgpu.munge import encode
+    from ztgpu.trust.munge import encode
 
     return encode(purpose, socket=config.authd.munge_socket)

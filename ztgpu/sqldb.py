@@ -55,6 +55,15 @@ class Database:
         """Insert many rows fast (``executemany`` / ``COPY``)."""
         raise NotImplementedError
 
+    def execute_unsynced(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """One write committed without waiting for the disk.
+
+        For hints with a safe fallback only, never for audit records or
+        decisions: a crash of the process loses nothing, a crash of the host
+        may lose the last such writes (the next durable commit flushes them).
+        """
+        raise NotImplementedError
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         raise NotImplementedError
@@ -109,6 +118,19 @@ class SqliteDatabase(Database):
                     f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)  # noqa: S608
             except sqlite3.Error as exc:
                 raise StoreError(f"store {self.path}: insert failed: {exc}") from exc
+
+    def execute_unsynced(self, sql: str, params: Sequence[Any] = ()) -> None:
+        # WAL with synchronous=NORMAL: the commit is in the WAL (safe from a
+        # process crash) but not fsynced until the next FULL commit.
+        with self.lock:
+            try:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    self.conn.execute(sql, params)
+                finally:
+                    self.conn.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: {exc}") from exc
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -170,6 +192,11 @@ class PostgresDatabase(Database):
                         copy.write_row(row)
             except self._psycopg.Error as exc:
                 raise StoreError(f"PostgreSQL store: insert failed: {pg_reason(exc)}") from None
+
+    def execute_unsynced(self, sql: str, params: Sequence[Any] = ()) -> None:
+        with self.lock, self.transaction():
+            self.execute("SET LOCAL synchronous_commit TO OFF")
+            self.execute(sql, params)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

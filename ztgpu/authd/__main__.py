@@ -16,13 +16,13 @@ log = logging.getLogger("ztgpu.authd")
 
 def open_authority(config: Config, *, with_holder: bool = True) -> tuple[Any, Any, Any]:
     """(authority, store, spool) for ``config``; the caller closes store and spool."""
+    from ztgpu.audit.spool import Spool
     from ztgpu.authd.authority import Authority
     from ztgpu.authd.holder import SlurmJobHolder
     from ztgpu.authd.store import AuthStore
-    from ztgpu.kek import KeyRingFile
-    from ztgpu.slurm_client import CliSlurmClient
-    from ztgpu.spool import Spool
+    from ztgpu.slurm.client import CliSlurmClient
     from ztgpu.sqldb import open_database
+    from ztgpu.trust.kek import KeyRingFile
 
     ac = config.authd
     keyring = KeyRingFile(ac.kek_file)
@@ -41,8 +41,8 @@ def open_authority(config: Config, *, with_holder: bool = True) -> tuple[Any, An
 def serve(config_file: str | None, port_file: Path | None = None) -> int:
     from ztgpu import __version__
     from ztgpu.authd.service import AuthService
-    from ztgpu.pki import ReloadingContext, server_context
-    from ztgpu.tls_server import port_file_writer, run_until_stopped
+    from ztgpu.net.tls_server import port_file_writer, run_until_stopped
+    from ztgpu.trust.pki import ReloadingContext, server_context
 
     config = load_config(config_file)
     ac = config.authd
@@ -55,7 +55,7 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
     authority, store, spool = open_authority(config)
     service = AuthService(authority, server_context=context.get,
                           max_body_bytes=ac.max_body_bytes)
-    from ztgpu.forwarder import start_forwarder
+    from ztgpu.audit.forwarder import start_forwarder
 
     # authd's decisions go to the collector like a node's events, under its
     # own certificate (role service, named authd.name).
@@ -81,7 +81,7 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ztgpu.tls_server import service_main
+    from ztgpu.net.tls_server import service_main
 
     return service_main("ztgpu-authd", __doc__, serve, argv)
 

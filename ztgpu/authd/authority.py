@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from ztgpu.audit.events import format_timestamp
+from ztgpu.audit.spool import Clock, SystemClock
 from ztgpu.authd.store import AuthStore, Session
 from ztgpu.config import AuthdConfig
 from ztgpu.errors import Denied, InputRejected
-from ztgpu.events import format_timestamp
-from ztgpu.spool import Clock, SystemClock
 
 log = logging.getLogger("ztgpu.authd")
 
@@ -37,6 +37,11 @@ ADMIN = b"ztgpu-admin-v1"
 
 _MAX_GRANT_S = 30 * 86400.0
 _MFA_CODES = ("mfa_required", "mfa_too_old")
+
+
+def _session_time(text: str) -> datetime:
+    """A stored session time (``format_timestamp``: UTC, ``Z``) as an aware datetime."""
+    return datetime.fromisoformat(text)
 
 
 class AuthDenied(Denied):
@@ -128,7 +133,7 @@ class Authority:
                  events: EventSink, clock: Clock | None = None,
                  munge_decode: Callable[..., Any] | None = None,
                  users: UserDirectory | None = None, holder: JobHolder | None = None) -> None:
-        from ztgpu import munge
+        from ztgpu.trust import munge
 
         self.store = store
         self.keyring = keyring
@@ -181,7 +186,7 @@ class Authority:
 
     def identify(self, credential: Any, purpose: bytes) -> Caller:
         """The caller proven by a munge ``credential`` made for ``purpose``."""
-        from ztgpu.munge import MungeError
+        from ztgpu.trust.munge import MungeError
 
         if not isinstance(credential, str):
             raise InputRejected("credential must be a munge credential string")
@@ -202,7 +207,7 @@ class Authority:
     # -- enrolment and login --------------------------------------------------
     def enroll(self, user: str, *, by: str) -> str:
         """Enrol ``user`` with a new TOTP secret; returns the otpauth URI (secret inside)."""
-        from ztgpu.totp import new_secret, otpauth_uri
+        from ztgpu.trust.totp import new_secret, otpauth_uri
 
         uid = self.users.uid_of(user)
         if uid is None:
@@ -220,7 +225,7 @@ class Authority:
         lock the account for ``login_lockout_s``. Releases the user's jobs
         held for MFA. Raises AuthDenied (recorded) otherwise.
         """
-        from ztgpu.totp import verify
+        from ztgpu.trust.totp import verify
 
         caller = self.identify(credential, LOGIN)
         if not isinstance(code, str):
@@ -296,8 +301,7 @@ class Authority:
         session = self.store.current_session(job.user, self._ts(now))
         age = None
         if session is not None:
-            created = datetime.strptime(session.created, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-                tzinfo=now.tzinfo)
+            created = _session_time(session.created)
             age = max(0.0, (now - created).total_seconds())
         request = AccessRequest(user=job.user, groups=self.users.groups_of(job.user),
                                 account=job.account, partition=job.partition, gpus=job.gpus,
@@ -334,7 +338,7 @@ class Authority:
         ``gpus`` are the node's GPUs for the job, each ``{index, uuid, minor}``;
         the grant binds their index and UUID.
         """
-        from ztgpu.grants import issue_grant
+        from ztgpu.trust.grants import issue_grant
 
         decision = self.decide(job, gpus_held_on_node=gpus_held_on_node)
         self.events.append("auth.decision", job_id=job.job_id, uid=job.uid, user=job.user,
@@ -366,7 +370,7 @@ class Authority:
             self._new_signing_key()
 
     def _new_signing_key(self) -> str:
-        from ztgpu.grants import new_signing_key, private_pem
+        from ztgpu.trust.grants import new_signing_key, private_pem
 
         key = new_signing_key()
         sealed = self.keyring.seal(private_pem(key), f"signing-key:{key.kid}".encode())
@@ -375,7 +379,7 @@ class Authority:
         return str(key.kid)
 
     def _signing_key(self) -> Any:
-        from ztgpu.grants import from_pem
+        from ztgpu.trust.grants import from_pem
 
         current = next((k for k in self.store.signing_keys() if k[4]), None)
         if current is None:
@@ -388,7 +392,7 @@ class Authority:
 
     def jwks(self) -> dict[str, Any]:
         """Public keys of every signing key not retired (old ones verify old grants)."""
-        from ztgpu.grants import from_pem, jwks
+        from ztgpu.trust.grants import from_pem, jwks
 
         keys = []
         for kid, sealed, _created, retired, _current in self.store.signing_keys():
@@ -412,8 +416,7 @@ class Authority:
         if session is None:
             raise AuthDenied("admin actions need a fresh MFA login: run `ztgpu login`",
                              "mfa_required")
-        created = datetime.strptime(session.created, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-            tzinfo=now.tzinfo)
+        created = _session_time(session.created)
         if (now - created).total_seconds() > limit:
             raise AuthDenied(f"admin actions need an MFA login at most {limit / 60:.0f} min "
                              "old: run `ztgpu login` again", "mfa_too_old")

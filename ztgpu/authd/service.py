@@ -12,7 +12,7 @@ Who may call what:
 * any certificate of the site CA: ``GET /v1/jwks``.
 
 Refused TLS handshakes and requests are logged and recorded at most 10 per
-sender per minute (``ztgpu.ratelimit``). Decisions run on a worker thread,
+sender per minute (``ztgpu.net.ratelimit``). Decisions run on a worker thread,
 so the event loop never waits for the database, munge or the policy.
 """
 
@@ -31,8 +31,8 @@ from aiohttp import web
 
 from ztgpu.authd.authority import AuthDenied, Authority, JobRequest
 from ztgpu.errors import InputRejected, ZtgpuError
-from ztgpu.ratelimit import RejectLimiter
-from ztgpu.tls_server import peer_address, peer_certificate, serve_tls
+from ztgpu.net.ratelimit import RejectLimiter
+from ztgpu.net.tls_server import peer_address, peer_certificate, serve_tls
 
 log = logging.getLogger("ztgpu.authd")
 T = TypeVar("T")
@@ -157,7 +157,7 @@ class AuthService:
 
     def _identity(self, request: web.Request, role: str | None) -> tuple[str, str] | None:
         """(role, name) of the client certificate; HttpRefusal(403) if ``role`` is not met."""
-        from ztgpu.pki import PkiError, identity_from_der
+        from ztgpu.trust.pki import PkiError, identity_from_der
 
         der = peer_certificate(request)
         if der is None:

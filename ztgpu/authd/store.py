@@ -2,7 +2,7 @@
 
 One schema on SQLite or PostgreSQL (``ztgpu.sqldb``). Secrets never appear in
 clear: TOTP secrets and grant-signing keys are stored sealed under the KEK
-(``ztgpu.kek``) by the caller; this module only keeps the sealed text.
+(``ztgpu.trust.kek``) by the caller; this module only keeps the sealed text.
 Timestamps are RFC 3339 UTC strings with microseconds, which sort as text.
 """
 
@@ -255,11 +255,16 @@ class AuthStore:
             return True
 
     def note_time_limit(self, job_id: str, seconds: float, at: str) -> None:
-        """Remember a job's time limit (the gate knows it; nodes do not)."""
-        self.db.execute("INSERT INTO job_limits (job_id, time_limit_s, noted) VALUES (?, ?, ?) "
-                        "ON CONFLICT (job_id) DO UPDATE SET time_limit_s = "
-                        "excluded.time_limit_s, noted = excluded.noted",
-                        (job_id, int(seconds), at))
+        """Remember a job's time limit (the gate knows it; nodes do not).
+
+        A hint for the grant's lifetime, which falls back to
+        ``default_grant_s``, so it is written without its own fsync: the
+        gate's decision event is the durable record of the gate.
+        """
+        self.db.execute_unsynced(
+            "INSERT INTO job_limits (job_id, time_limit_s, noted) VALUES (?, ?, ?) "
+            "ON CONFLICT (job_id) DO UPDATE SET time_limit_s = "
+            "excluded.time_limit_s, noted = excluded.noted", (job_id, int(seconds), at))
 
     def time_limit(self, job_id: str) -> float | None:
         rows = self.db.execute("SELECT time_limit_s FROM job_limits WHERE job_id = ?",

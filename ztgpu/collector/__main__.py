@@ -19,8 +19,8 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
     from ztgpu.collector.sinks import start_sinks
     from ztgpu.collector.store import Store, open_store
     from ztgpu.config import load_config, read_secret_file
-    from ztgpu.pki import ReloadingContext, load_cert, server_context
-    from ztgpu.tls_server import port_file_writer, run_until_stopped
+    from ztgpu.net.tls_server import port_file_writer, run_until_stopped
+    from ztgpu.trust.pki import ReloadingContext, load_cert, server_context
 
     config = load_config(config_file)
     cc = config.collector
@@ -70,7 +70,7 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ztgpu.tls_server import service_main
+    from ztgpu.net.tls_server import service_main
 
     return service_main("ztgpu-collectord", __doc__, serve, argv)
 

@@ -22,8 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from ztgpu.audit.events import EventError, canonical_bytes, check_envelope, parse_json
 from ztgpu.collector.store import Incoming, IngestResult, Store, open_store
-from ztgpu.events import EventError, canonical_bytes, check_envelope, parse_json
 
 log = logging.getLogger("ztgpu.collector")
 

@@ -34,14 +34,14 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from ztgpu.collector.ingest import IngestPool, Rejected
-from ztgpu.collector.store import EventFilter, Store
-from ztgpu.events import (
+from ztgpu.audit.events import (
     checkpoint_message,
     parse_json,
 )
-from ztgpu.ratelimit import RejectLimiter
-from ztgpu.tls_server import peer_address, peer_certificate, serve_tls
+from ztgpu.collector.ingest import IngestPool, Rejected
+from ztgpu.collector.store import EventFilter, Store
+from ztgpu.net.ratelimit import RejectLimiter
+from ztgpu.net.tls_server import peer_address, peer_certificate, serve_tls
 
 log = logging.getLogger("ztgpu.collector")
 
@@ -248,7 +248,7 @@ class CollectorService:
     def peer(self, request: web.Request, role: str | tuple[str, ...] | None = None) -> Peer:
         """The TLS identity of the request's sender; Rejected(403) unless its role is
         ``role`` (or one of them)."""
-        from ztgpu.pki import PkiError, identity_from_der
+        from ztgpu.trust.pki import PkiError, identity_from_der
 
         der = peer_certificate(request)
         if not der:
@@ -304,7 +304,7 @@ class CollectorService:
                                   "duplicates": result.duplicates})
 
     async def post_checkpoint(self, request: web.Request) -> web.Response:
-        from ztgpu.pki import PkiError, verify_signature
+        from ztgpu.trust.pki import PkiError, verify_signature
 
         peer = self.peer(request, _SENDERS)
         cp = parse_checkpoint(peer.name, await self._body(request))

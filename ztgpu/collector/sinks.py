@@ -42,7 +42,7 @@ class SyslogDestination:
 
     def __init__(self, config: Config) -> None:
         from ztgpu.collector.siem import SyslogTlsSender
-        from ztgpu.pki import client_context
+        from ztgpu.trust.pki import client_context
 
         sc = config.collector.syslog
         assert sc.target is not None

@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ztgpu.events import (
+from ztgpu.audit.events import (
     GENESIS_PREV,
     build_event,
     canonical_bytes,
     format_timestamp,
     validate_fields,
 )
-from ztgpu.spool import Clock, SystemClock
+from ztgpu.audit.spool import Clock, SystemClock
 from ztgpu.sqldb import (
     Database,
     PostgresDatabase,

@@ -16,10 +16,10 @@ from ztgpu.config import Config, load_config
 from ztgpu.errors import ConfigError, InputRejected, ZtgpuError
 
 if TYPE_CHECKING:
-    from ztgpu.forwarder import Forwarder
+    from ztgpu.audit.forwarder import Forwarder
+    from ztgpu.audit.spool import Spool
     from ztgpu.noded.agent import Agent
     from ztgpu.noded.grant_check import RevocationWatcher
-    from ztgpu.spool import Spool
 
 
 def _allowed_uids(config: Config) -> set[int]:
@@ -48,7 +48,7 @@ class _WakingSink:
 def _start_grant_checks(config: Config, agent: Agent) -> RevocationWatcher | None:
     """With ``auth.authd_url``: every grant needs authd's signed grant; watch revocations."""
     from ztgpu.noded.grant_check import GrantChecker, RevocationWatcher
-    from ztgpu.pki import ReloadingContext, client_context
+    from ztgpu.trust.pki import ReloadingContext, client_context
 
     auth = config.auth
     if auth.authd_url is None:
@@ -73,16 +73,16 @@ def _start_grant_checks(config: Config, agent: Agent) -> RevocationWatcher | Non
 def serve(config: Config, ready: threading.Event | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT. Returns the exit code."""
     # Heavy imports stay here, out of the thin clients' way.
-    from ztgpu.forwarder import start_forwarder
+    from ztgpu.audit.forwarder import start_forwarder
+    from ztgpu.audit.spool import Spool
     from ztgpu.gpu.devices import nvidia_major
     from ztgpu.gpu.select import open_backend
+    from ztgpu.net.ratelimit import RejectLimiter
     from ztgpu.noded.agent import Agent
     from ztgpu.noded.backlog import SpoolGuard
     from ztgpu.noded.server import AgentSocketServer, Peer
     from ztgpu.noded.state import StateStore
-    from ztgpu.ratelimit import RejectLimiter
-    from ztgpu.slurm_client import CliSlurmClient
-    from ztgpu.spool import Spool
+    from ztgpu.slurm.client import CliSlurmClient
 
     log = logging.getLogger("ztgpu.noded")
     backend = open_backend(config.gpu)

@@ -76,7 +76,7 @@ class GrantChecker:
         """A verified grant token for the job, or None when authd is unreachable and
         ``unreachable_action`` is ``allow``. Raises GrantRefused otherwise."""
         from ztgpu.auth_client import AuthdError, AuthdRefused
-        from ztgpu.grants import GrantError, verify_grant
+        from ztgpu.trust.grants import GrantError, verify_grant
 
         body = {"node": self.node, "job_id": job_id, "uid": uid, "user": user,
                 "partition": partition, "account": account, "gpus_count": len(gpus),

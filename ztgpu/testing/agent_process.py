@@ -124,7 +124,7 @@ class AgentProcess:
 
     def events(self, code: str | None = None, job_id: str | None = None
                ) -> list[dict[str, Any]]:
-        from ztgpu.spool import Spool
+        from ztgpu.audit.spool import Spool
 
         with Spool.open(Path(self.config["paths"]["spool_dir"]) / "events.db",
                         str(self.config["node"]["name"])) as spool:
@@ -168,7 +168,7 @@ class StandaloneAgent(AgentProcess):
 @contextlib.contextmanager
 def standalone_agent(base: Path, gpus: int = 4, **overrides: Any) -> Iterator[StandaloneAgent]:
     from ztgpu.config import parse_config
-    from ztgpu.hooks_install import write_hooks
+    from ztgpu.slurm.hooks_install import write_hooks
 
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)

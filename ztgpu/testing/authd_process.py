@@ -45,7 +45,7 @@ class AuthdProcess(ServiceProcess):
                  policy: str = DEFAULT_POLICY, store: str = "sqlite", dsn: str | None = None,
                  authd: dict[str, Any] | None = None,
                  sections: dict[str, dict[str, Any]] | None = None) -> None:
-        from ztgpu.kek import KeyRing
+        from ztgpu.trust.kek import KeyRing
 
         self.base = base
         self.pki = pki
@@ -124,7 +124,7 @@ class CodeSource:
         import time
         from datetime import UTC, datetime
 
-        from ztgpu.totp import code_at
+        from ztgpu.trust.totp import code_at
 
         now = datetime.now(UTC).timestamp()
         step = max(int(now) // 30, self._steps.get(user, -1) + 1)

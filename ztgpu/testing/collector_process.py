@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 
 import yaml
 
-from ztgpu.https_client import KeptAliveHttps
+from ztgpu.net.https_client import KeptAliveHttps
 from ztgpu.testing.service_process import ServiceProcess
 from ztgpu.testing.slurm_cluster import wait_for
 
@@ -33,7 +33,7 @@ class SitePki:
     """A CA plus certificates, all under ``directory``."""
 
     def __init__(self, directory: Path) -> None:
-        from ztgpu.pki import init_ca
+        from ztgpu.trust.pki import init_ca
 
         self.directory = directory
         self.ca_dir = directory / "ca"
@@ -42,14 +42,14 @@ class SitePki:
 
     def issue(self, role: str, name: str, **kwargs: Any) -> tuple[Path, Path]:
         """Issue (cert, key) for ``role``/``name``; kwargs go to ``pki.issue``."""
-        from ztgpu.pki import issue
+        from ztgpu.trust.pki import issue
 
         out = kwargs.pop("out_dir", self.certs / role)
         return issue(self.ca_dir, role, name, out, **kwargs)
 
     def context(self, role: str | None, name: str | None) -> ssl.SSLContext:
         """A client context with a fresh certificate (``role`` None: no certificate)."""
-        from ztgpu.pki import client_context
+        from ztgpu.trust.pki import client_context
 
         if role is None or name is None:
             return client_context(self.ca_cert, None, None)

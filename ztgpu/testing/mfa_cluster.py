@@ -29,7 +29,7 @@ from ztgpu.testing.authd_process import (
     CodeSource,
     secret_from_uri,
 )
-from ztgpu.testing.collector_process import SitePki
+from ztgpu.testing.collector_process import CollectorProcess, SitePki
 from ztgpu.testing.munge import MungeDaemon
 from ztgpu.testing.slurm_cluster import ClusterSpec, SlurmTestCluster
 from ztgpu.testing.suite_cluster import SuiteCluster, suite_cluster
@@ -82,8 +82,12 @@ class MfaCluster:
 
 @contextlib.contextmanager
 def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
-                policy: str = DEFAULT_POLICY) -> Iterator[MfaCluster]:
-    """A running cluster where GPUs need MFA; everything is removed afterwards."""
+                policy: str = DEFAULT_POLICY, audit: bool = False) -> Iterator[MfaCluster]:
+    """A running cluster where GPUs need MFA; everything is removed afterwards.
+
+    With ``audit`` the node agent also forwards its spool to a private
+    collector of the same site PKI, as a site with MFA runs it.
+    """
     base = Path(tempfile.mkdtemp(prefix="ztgpu-mfa-"))
     base.chmod(0o755)
     munge = MungeDaemon()
@@ -103,8 +107,13 @@ def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
             assert uri is not None
             holder["authd"], holder["root"] = authd.start(), secret_from_uri(uri.group(0))
             cert, key = pki.issue("node", cluster.node)
-            return {"auth": {"authd_url": authd.url, "revocation_poll_s": 0.5},
-                    "tls": {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)}}
+            sections: dict[str, Any] = {
+                "auth": {"authd_url": authd.url, "revocation_poll_s": 0.5},
+                "tls": {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)}}
+            if audit:
+                holder["collector"] = CollectorProcess(base / "collector", pki).start()
+                sections["audit"] = {"collector_url": holder["collector"].url}
+            return sections
 
         def installed(suite: SuiteCluster) -> None:
             if gate:
@@ -128,6 +137,8 @@ def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
     finally:
         if "authd" in holder:
             holder["authd"].stop()
+        if "collector" in holder:
+            holder["collector"].stop()
         munge.stop()
         shutil.rmtree(base, ignore_errors=True)
 
@@ -135,8 +146,8 @@ def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
 def _install_gate(suite: SuiteCluster, pki: SitePki, authd: AuthdProcess) -> None:
     """Write the PrologSlurmctld wrapper with a controller certificate, as on a controller."""
     from ztgpu.config import parse_config
-    from ztgpu.hooks_install import gate_path, write_gate
-    from ztgpu.slurm_conf import gate_changes, install
+    from ztgpu.slurm.conf import gate_changes, install
+    from ztgpu.slurm.hooks_install import gate_path, write_gate
 
     cluster = suite.cluster
     cert, key = pki.issue("service", "slurmctld")

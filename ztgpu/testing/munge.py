@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from ztgpu.testing.prerequisites import PREREQUISITES, PrerequisiteMissing, require
+
 _START_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 10.0
 _PROBE_TIMEOUT_S = 5.0
@@ -42,7 +44,7 @@ class MungeHarnessError(RuntimeError):
 
 def munged_available() -> bool:
     """True when munged, munge and unmunge are all on PATH."""
-    return all(shutil.which(tool) for tool in ("munged", "munge", "unmunge"))
+    return all(PREREQUISITES[tool].find() for tool in ("munged", "munge", "unmunge"))
 
 
 class MungeDaemon:
@@ -69,7 +71,7 @@ class MungeDaemon:
 
     @property
     def socket(self) -> Path:
-        """munged's socket (pass it as ``socket=`` to ztgpu.munge)."""
+        """munged's socket (pass it as ``socket=`` to ztgpu.trust.munge)."""
         return self.base_dir / "run" / "munge.socket"
 
     @property
@@ -95,9 +97,11 @@ class MungeDaemon:
         if os.geteuid() != 0:
             raise MungeHarnessError("the private munged runs as root (its key must be "
                                     "owned by the user munged runs as)")
-        if not munged_available():
-            raise MungeHarnessError("munged, munge or unmunge not found (install the munge "
-                                    "package: make setup)")
+        try:
+            for tool in ("munged", "munge", "unmunge"):
+                require(tool)
+        except PrerequisiteMissing as exc:
+            raise MungeHarnessError(str(exc)) from None
         self._base = Path(tempfile.mkdtemp(prefix="ztgpu-munge-", dir=self._parent))
         try:
             self._base.chmod(0o711)
@@ -111,7 +115,7 @@ class MungeDaemon:
             raise
 
     def _write_key(self) -> None:
-        mungekey = shutil.which("mungekey")
+        mungekey = PREREQUISITES["mungekey"].find()
         if mungekey is not None:
             res = subprocess.run([mungekey, "--create", "--bits=1024",
                                   f"--keyfile={self.key_path}"],

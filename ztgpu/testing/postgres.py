@@ -32,6 +32,8 @@ from types import TracebackType
 import psycopg
 from psycopg import sql
 
+from ztgpu.testing.prerequisites import PrerequisiteMissing, require
+
 PG_ROOT = Path("/usr/lib/postgresql")
 OS_USER = "postgres"
 #: The database :attr:`PostgresServer.dsn` names; created by :meth:`start`.
@@ -62,6 +64,11 @@ def find_bindir() -> Path:
 
     Raises PostgresUnavailable naming ``make setup`` if there is none.
     """
+    for program in ("initdb", "postgres"):
+        try:
+            require(program)
+        except PrerequisiteMissing as exc:
+            raise PostgresUnavailable(str(exc)) from None
     candidates = [
         bindir for bindir in PG_ROOT.glob("*/bin")
         if (bindir / "initdb").is_file() and (bindir / "postgres").is_file()

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from ztgpu.testing.prerequisites import PrerequisiteMissing, missing, require
+
 RSYSLOGD = "rsyslogd"
 AUTH_MODES = frozenset({"anon", "x509/certvalid", "x509/name", "x509/fingerprint"})
 DRIVERS = frozenset({"gtls", "ossl"})
@@ -48,11 +50,7 @@ class RsyslogHarnessError(RuntimeError):
 
 def rsyslog_available() -> bool:
     """True when ``rsyslogd`` and the gtls driver module are installed."""
-    return shutil.which(RSYSLOGD) is not None and _driver_installed("gtls")
-
-
-def _driver_installed(driver: str) -> bool:
-    return any(Path(d).glob(f"*/rsyslog/lmnsd_{driver}.so") for d in ("/usr/lib", "/usr/lib64"))
+    return not any(p.name in (RSYSLOGD, "lmnsd_gtls") for p in missing())
 
 
 def _free_port() -> int:
@@ -213,14 +211,11 @@ class RsyslogReceiver:
         and wait until it listens. Raises RsyslogHarnessError."""
         if self._proc is not None:
             raise RsyslogHarnessError("the rsyslog receiver is already started")
-        binary = shutil.which(RSYSLOGD)
-        if binary is None:
-            raise RsyslogHarnessError("rsyslogd is not installed (run `make setup`)")
-        if not _driver_installed(self.driver):
-            raise RsyslogHarnessError(
-                f"the rsyslog {self.driver!r} stream driver (lmnsd_{self.driver}.so) is not "
-                "installed (run `make setup`)"
-            )
+        try:
+            binary = str(require(RSYSLOGD))
+            require(f"lmnsd_{self.driver}")
+        except PrerequisiteMissing as exc:
+            raise RsyslogHarnessError(str(exc)) from None
         for what, path in (("CA certificate", self.ca_cert), ("certificate", self.cert),
                            ("key", self.key)):
             if not path.is_file():

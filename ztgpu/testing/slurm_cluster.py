@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ztgpu.testing.prerequisites import PrerequisiteMissing, require
+
 NVIDIA_MAJOR = 195
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _MARKER_ENV = "ZTGPU_TEST_CLUSTER"
@@ -383,9 +385,12 @@ def slurm_cluster(spec: ClusterSpec | None = None, *, root: Path | None = None,
     """
     if os.geteuid() != 0:
         raise ClusterError("the Slurm test cluster needs root")
-    for tool in ("munged", "slurmctld", "slurmd", "sbatch"):
-        if shutil.which(tool) is None:
-            raise ClusterError(f"{tool} not found: install slurm-wlm and munge (make setup)")
+    try:
+        for tool in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol",
+                     "scancel", "useradd", "runuser"):
+            require(tool)
+    except PrerequisiteMissing as exc:
+        raise ClusterError(str(exc)) from None
     base = Path(tempfile.mkdtemp(prefix="ztgpu-cluster-", dir=root))
     cluster = SlurmTestCluster(root=base, spec=spec or ClusterSpec())
     try:

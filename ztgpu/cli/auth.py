@@ -88,7 +88,7 @@ def _admin_request(args: argparse.Namespace, path: str, body: dict[str, Any]) ->
 
 
 def _print_enrolment(user: str, uri: str) -> None:
-    from ztgpu.totp import qr_text
+    from ztgpu.trust.totp import qr_text
 
     print(f"Enrolled {user}. Scan this code with an authenticator app (or enter the URI):")
     print(qr_text(uri))
@@ -141,8 +141,8 @@ def _cmd_jit_grant(args: argparse.Namespace) -> int:
 def _cmd_kek_rotate(args: argparse.Namespace) -> int:
     from ztgpu.authd.store import AuthStore
     from ztgpu.config import read_secret_file
-    from ztgpu.kek import KeyRing
     from ztgpu.sqldb import open_database
+    from ztgpu.trust.kek import KeyRing
 
     ac = _config(args).authd
     new_kid = KeyRing.rotate(ac.kek_file)
@@ -162,7 +162,7 @@ def _cmd_kek_rotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_kek_init(args: argparse.Namespace) -> int:
-    from ztgpu.kek import KeyRing
+    from ztgpu.trust.kek import KeyRing
 
     path = _config(args).authd.kek_file
     ring = KeyRing.create(path, owner=args.owner)

@@ -19,6 +19,7 @@ Leaf certificates are short-lived (7 days by default) and renewed by
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import os
 import re
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ztgpu.errors import Fault
-from ztgpu.private_files import create_exclusive, owner_ids
+from ztgpu.trust.private_files import create_exclusive, owner_ids
 
 ROLES: tuple[str, ...] = ("node", "service", "auditor")
 
@@ -205,9 +206,12 @@ def identity_of(cert: x509.Certificate) -> Identity:
     return Identity(role=role, name=name)
 
 
+@functools.lru_cache(maxsize=1024)
 def identity_from_der(der: bytes) -> Identity:
     """``identity_of`` for a DER certificate (``SSLSocket.getpeercert(True)``).
 
+    The same certificate bytes always name the same identity, so the answer
+    is cached (a kept-alive client presents one certificate per request).
     Raises ``PkiError`` if ``der`` is not a certificate or has no valid identity.
     """
     return identity_of(_parse_der(der))

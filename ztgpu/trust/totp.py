@@ -8,7 +8,7 @@ A code is accepted at most once: ``verify`` returns the time step it
 matched, the caller stores it with the user's secret and passes it back as
 ``last_step`` next time, and any step at or before it is refused. Secrets
 are 160 random bits (RFC 4226 recommends at least 128; 160 is the HMAC-SHA1
-block the apps expect) and are stored sealed (``ztgpu.kek``).
+block the apps expect) and are stored sealed (``ztgpu.trust.kek``).
 """
 
 from __future__ import annotations

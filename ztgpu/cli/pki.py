@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-_ROLES = ("node", "service", "auditor")  # ztgpu.pki.ROLES; a test keeps them equal
+_ROLES = ("node", "service", "auditor")  # ztgpu.trust.pki.ROLES; a test keeps them equal
 
 
 def _positive(text: str) -> float:
@@ -23,7 +23,7 @@ def _positive(text: str) -> float:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from ztgpu.pki import cert_not_after, init_ca, load_cert
+    from ztgpu.trust.pki import cert_not_after, init_ca, load_cert
 
     cert, key = init_ca(Path(args.dir), common_name=args.cn, days=args.days, owner=args.owner)
     print(f"CA certificate: {cert}")
@@ -33,7 +33,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_issue(args: argparse.Namespace) -> int:
-    from ztgpu.pki import cert_not_after, issue, load_cert
+    from ztgpu.trust.pki import cert_not_after, issue, load_cert
 
     out = Path(args.out) if args.out else Path(args.dir)
     cert, key = issue(Path(args.dir), args.role, args.name, out, days=args.days,
@@ -47,7 +47,7 @@ def _cmd_issue(args: argparse.Namespace) -> int:
 def _cmd_renew(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from ztgpu.pki import cert_not_after, load_cert, renew
+    from ztgpu.trust.pki import cert_not_after, load_cert, renew
 
     cert = Path(args.cert)
     renewed = renew(Path(args.dir), cert, Path(args.key), days=args.days,
@@ -63,7 +63,7 @@ def _cmd_renew(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     from cryptography import x509
 
-    from ztgpu.pki import cert_not_after, identity_of, load_cert
+    from ztgpu.trust.pki import cert_not_after, identity_of, load_cert
 
     cert = load_cert(Path(args.cert))
     try:

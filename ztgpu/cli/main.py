@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from ztgpu.errors import UsageError, ZtgpuError
+from ztgpu.errors import ZtgpuError
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
@@ -24,8 +23,8 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 def _cmd_install(args: argparse.Namespace) -> int:
     from ztgpu.config import load_config
-    from ztgpu.hooks_install import gate_path, hook_path, render_gate, write_gate, write_hooks
-    from ztgpu.slurm_conf import gate_changes, install, suite_changes
+    from ztgpu.slurm.conf import gate_changes, install, suite_changes
+    from ztgpu.slurm.hooks_install import gate_path, hook_path, render_gate, write_gate, write_hooks
 
     config = load_config(args.config)
     changes = suite_changes(hook_path("prolog", config), hook_path("epilog", config),
@@ -61,120 +60,9 @@ def _cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_local_spool(args: argparse.Namespace) -> Any:
-    from ztgpu.config import load_config
-    from ztgpu.spool import Spool
-
-    config = load_config(args.config)
-    path = config.paths.spool_dir / "events.db"
-    if not path.exists():
-        raise UsageError(f"no local audit spool at {path} (is ztgpu-noded running here?)")
-    return Spool.open(path, config.node_name)
-
-
-def _cmd_audit_tail(args: argparse.Namespace) -> int:
-    from ztgpu.audit_view import format_event, format_json
-
-    if not args.local:
-        raise UsageError("audit tail reads this node's spool: add --local; for the "
-                         "central view use `ztgpu audit trail` (e.g. --since 1h)")
-    fmt = format_json if args.json else format_event
-    with _open_local_spool(args) as spool:
-        if args.job:
-            events = spool.read(job_id=args.job, limit=1_000_000)[-args.lines:]
-        else:
-            events = spool.last(args.lines)
-        for event in events:
-            print(fmt(event))
-        last = events[-1]["seq"] if events else spool.head()[0]
-        while args.follow:
-            time.sleep(0.5)
-            for event in spool.read(after_seq=last):
-                if not args.job or event.get("job_id") == args.job:
-                    print(fmt(event), flush=True)
-                last = event["seq"]
-    return 0
-
-
-def _cmd_audit_verify_local(args: argparse.Namespace) -> int:
-    with _open_local_spool(args) as spool:
-        result = spool.verify()
-    if result.ok:
-        print(f"OK: {result.checked} events, chain intact")
-        return 0
-    print(f"BROKEN at seq {result.first_bad_seq}: {result.problem}")
-    return 1
-
-
-_CONNECTION_OPTIONS = ("collector", "cert", "key", "ca_cert")
-
-
-def _collector_settings(args: argparse.Namespace) -> Any:
-    """``ConnectionSettings`` from --collector/--cert/--key/--ca-cert over the config."""
-    from ztgpu.audit_client import ConnectionSettings
-    from ztgpu.config import config_path, load_config
-
-    return ConnectionSettings.resolve(
-        load_config(args.config), config_path(args.config), collector=args.collector,
-        cert=args.cert, key=args.key, ca_cert=args.ca_cert)
-
-
-def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    if args.local:
-        given = [f"--{name.replace('_', '-')}" for name in _CONNECTION_OPTIONS
-                 if getattr(args, name) is not None]
-        if given:
-            raise UsageError(f"--local verifies this node's spool; drop {', '.join(given)}")
-        return _cmd_audit_verify_local(args)
-    from ztgpu.audit_client import open_client, verify_collector
-    from ztgpu.pki import load_cert
-
-    settings = _collector_settings(args)
-    ca = load_cert(settings.ca_cert)
-    with open_client(settings) as client:
-        report = verify_collector(
-            client, ca, on_chain=lambda chain: print("\n".join(chain.lines()), flush=True))
-    print(report.summary())
-    return 0 if report.ok else 1
-
-
-def _cmd_audit_trail(args: argparse.Namespace) -> int:
-    from ztgpu.audit_client import EventQuery, open_client, write_trail
-
-    query = EventQuery.from_options(node=args.node, job=args.job, user=args.user,
-                                    code=args.code, since=args.since, until=args.until)
-    if query.is_empty():
-        raise UsageError("audit trail needs a filter: --job, --user, --node, --code, "
-                         "--since or --until")
-    with open_client(_collector_settings(args)) as client:
-        write_trail(client.events(query), args.format, sys.stdout)
-    return 0
-
-
-def _cmd_audit_export(args: argparse.Namespace) -> int:
-    from ztgpu.audit_client import EventQuery, export_jsonl, open_client
-
-    query = EventQuery.from_options(since=args.since, until=args.until)
-    output = Path(args.output) if args.output else None
-    with open_client(_collector_settings(args)) as client:
-        count = export_jsonl(client.events(query), output, sys.stdout.buffer)
-    where = f" to {output}" if output else ""
-    print(f"exported {count} event{'s' if count != 1 else ''}{where}", file=sys.stderr)
-    return 0
-
-
-def _add_collector_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "collector connection (defaults: audit.collector_url, tls.cert, tls.key, tls.ca_cert)")
-    group.add_argument("--collector", metavar="URL", help="https://HOST:PORT of ztgpu-collectord")
-    group.add_argument("--cert", metavar="FILE", help="auditor certificate (PEM)")
-    group.add_argument("--key", metavar="FILE", help="its private key (mode 0600)")
-    group.add_argument("--ca-cert", metavar="FILE", help="the site CA certificate")
-
-
 def _cmd_status(args: argparse.Namespace) -> int:
     if not args.node:
-        from ztgpu.auth_cli import mfa_status
+        from ztgpu.cli.auth import mfa_status
 
         return mfa_status(args)
     from ztgpu.config import load_config
@@ -237,7 +125,7 @@ def _cmd_node_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ztgpu.demo import run_demo
+    from ztgpu.cli.demo import run_demo
 
     code: int = run_demo(keep=args.keep)
     return code
@@ -263,46 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "GPU job starts; needs auth.authd_url, tls.cert, tls.key)")
     inst.set_defaults(func=_cmd_install)
 
-    from ztgpu.pki_cli import add_pki_parser
+    from ztgpu.cli.pki import add_pki_parser
     add_pki_parser(sub)
-    from ztgpu.policy_cli import add_policy_parser
+    from ztgpu.cli.policy import add_policy_parser
     add_policy_parser(sub)
-    from ztgpu.auth_cli import add_auth_parsers
+    from ztgpu.cli.auth import add_auth_parsers
     add_auth_parsers(sub)
 
-    audit = sub.add_parser("audit", help="audit events").add_subparsers(
-        dest="audit_command", required=True)
-    tail = audit.add_parser("tail", help="print recent audit events")
-    tail.add_argument("--local", action="store_true", help="read this node's spool")
-    tail.add_argument("-n", "--lines", type=int, default=50)
-    tail.add_argument("--job", help="only events of this job id")
-    tail.add_argument("-f", "--follow", action="store_true")
-    tail.add_argument("--json", action="store_true", help="one JSON object per line")
-    tail.set_defaults(func=_cmd_audit_tail)
-    verify = audit.add_parser(
-        "verify", help="recompute the hash chains (every node's at the collector, or --local)")
-    verify.add_argument("--local", action="store_true", help="verify this node's spool")
-    _add_collector_options(verify)
-    verify.set_defaults(func=_cmd_audit_verify)
-    trail = audit.add_parser("trail", help="a job's (or filter's) timeline across all nodes")
-    trail.add_argument("--job", help="job id")
-    trail.add_argument("--user", help="user name")
-    trail.add_argument("--node", help="node name")
-    trail.add_argument("--code", help="event code, e.g. job.grant")
-    trail.add_argument("--since", metavar="TIME",
-                       help="from TIME (RFC 3339, a date, or ago: 30m, 12h, 7d)")
-    trail.add_argument("--until", metavar="TIME", help="before TIME (same forms)")
-    trail.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    _add_collector_options(trail)
-    trail.set_defaults(func=_cmd_audit_trail)
-    export = audit.add_parser("export", help="events of a time range as JSON Lines")
-    export.add_argument("--since", metavar="TIME",
-                        help="from TIME (RFC 3339, a date, or ago: 30m, 12h, 7d)")
-    export.add_argument("--until", metavar="TIME", help="before TIME (same forms)")
-    export.add_argument("-o", "--output", metavar="FILE",
-                        help="write FILE (mode 0640, replaced atomically); default stdout")
-    _add_collector_options(export)
-    export.set_defaults(func=_cmd_audit_export)
+    from ztgpu.cli.audit import add_audit_parser
+    add_audit_parser(sub)
 
     status = sub.add_parser("status", help="your MFA session and jobs waiting for it; "
                             "with --node, what this node's agent enforces")

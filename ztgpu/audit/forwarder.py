@@ -28,7 +28,7 @@ Every request has a deadline: ``timeout_s`` bounds the connect and each
 socket read or write of one request.
 
 The wire contract (``POST /v1/events``, ``POST /v1/checkpoints``) is
-described on ``Forwarder``; ``ztgpu.events.checkpoint_message`` defines the
+described on ``Forwarder``; ``ztgpu.audit.events.checkpoint_message`` defines the
 signed bytes of a checkpoint, shared with the collector and the auditor.
 """
 
@@ -46,10 +46,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from ztgpu.audit.events import checkpoint_message, format_timestamp
+from ztgpu.audit.spool import Spool
 from ztgpu.config import Config
 from ztgpu.errors import ConfigError, SpoolError
-from ztgpu.events import checkpoint_message, format_timestamp
-from ztgpu.spool import Spool
 
 log = logging.getLogger("ztgpu.forwarder")
 
@@ -485,7 +485,7 @@ def start_forwarder(config: Config, spool: Spool, *, role: str, name: str,
     certificate, so a mismatch is refused here, at start, not at spool-full
     time.
     """
-    from ztgpu.pki import ReloadingContext, client_context, identity_of, load_cert, sign
+    from ztgpu.trust.pki import ReloadingContext, client_context, identity_of, load_cert, sign
 
     audit = config.audit
     if audit.collector_url is None:

@@ -38,7 +38,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ztgpu.errors import ConfigError
-from ztgpu.private_files import create_exclusive, owner_ids
+from ztgpu.trust.private_files import create_exclusive, owner_ids
 
 KEY_BYTES = 32
 NONCE_BYTES = 12

@@ -12,7 +12,6 @@ never touches the machine's real /dev or /etc/slurm.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -81,10 +80,13 @@ def run_demo(keep: bool = False) -> int:
         print("ztgpu demo: run as root (it starts Slurm daemons and creates device nodes)",
               file=sys.stderr)
         return 2
-    missing = [t for t in ("munged", "slurmctld", "slurmd") if shutil.which(t) is None]
-    if missing:
-        print(f"ztgpu demo: {', '.join(missing)} not found; `make demo` installs them",
-              file=sys.stderr)
+    from ztgpu.testing.prerequisites import PrerequisiteMissing, require
+
+    try:
+        for tool in ("munged", "slurmctld", "slurmd", "sbatch"):
+            require(tool)
+    except PrerequisiteMissing as exc:
+        print(f"ztgpu demo: {exc}", file=sys.stderr)
         return 2
     _say("ztgpu demo: per-job least-privilege GPU access on a real Slurm cluster")
     _say("-" * WIDTH)
@@ -248,7 +250,7 @@ def _run_mfa(check: Callable[[bool, str], None]) -> None:
         c = site.suite.cluster
         site.enroll("ztalice")
         _say("  $ ztgpu admin enroll ztalice    (by root, after root's own MFA login)")
-        from ztgpu.totp import otpauth_uri, qr_text
+        from ztgpu.trust.totp import otpauth_uri, qr_text
 
         uri = otpauth_uri(site.secrets["ztalice"], "ztalice")
         for line in qr_text(uri).splitlines():

@@ -20,6 +20,11 @@ _LAID_OUT = frozenset(
 )
 
 
+def printable_line(text: str) -> str:
+    """``text`` with every non-printable character escaped (one terminal-safe line)."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _escape(text: str) -> str:
     """Backslash-escape quotes, backslashes and every non-printable character."""
     out = []

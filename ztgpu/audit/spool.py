@@ -4,7 +4,8 @@ Guarantees:
 
 * An event returned by ``append``/``append_many`` is committed with
   ``synchronous=FULL`` in WAL mode: it survives a crash of the process
-  (SIGKILL) and, as far as the disk honours fsync, of the machine.
+  (SIGKILL) and, as far as the disk honours fsync, of the machine. Appends
+  from several threads that wait at the same time share one commit.
 * ``seq`` is gapless per spool, starting at 1, across reopen, threads and
   processes: the last ``seq``/``hash`` is read and the new row written inside
   one ``BEGIN IMMEDIATE`` transaction.
@@ -26,13 +27,13 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from ztgpu.errors import SpoolError
-from ztgpu.events import (
+from ztgpu.audit.events import (
     GENESIS_PREV,
     SCHEMA_VERSION,
     ChainResult,
@@ -42,6 +43,7 @@ from ztgpu.events import (
     validate_fields,
     verify_chain,
 )
+from ztgpu.errors import SpoolError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -136,6 +138,16 @@ def _create_private_file(path: Path) -> None:
         raise SpoolError(f"cannot create spool file {path}: {exc}") from exc
 
 
+@dataclass
+class _Pending:
+    """One ``append_many`` waiting for its commit, and what became of it."""
+
+    checked: list[tuple[str, Any, Mapping[str, Any]]]
+    stored: list[dict[str, Any]] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
 class Spool:
     """A node's audit spool. Thread-safe; several processes may share one file."""
 
@@ -143,6 +155,10 @@ class Spool:
         """Use ``Spool.open``; this only wires an already prepared connection."""
         self._conn = conn
         self._lock = threading.Lock()
+        #: Group commit: appends waiting for the next commit, and whether one is running.
+        self._batch_cond = threading.Condition()
+        self._waiting: list[_Pending] = []
+        self._writing = False
         self.path = path
         self.node = node
         self._clock = clock
@@ -228,31 +244,90 @@ class Spool:
         """Store several events in order, in one transaction: all or none.
 
         Every event is validated before anything is written. Returns the
-        events as stored. Raises EventError or SpoolError as ``append`` does.
+        events as stored, once they are committed. Appends from several
+        threads that arrive while a commit is in progress share the next
+        commit (group commit): one fsync for all of them, each still all or
+        none, in arrival order. Raises EventError or SpoolError as
+        ``append`` does.
         """
         checked = [(code, validate_fields(code, fields), fields) for code, fields in items]
         if not checked:
             return []
+        mine = _Pending(checked)
+        with self._batch_cond:
+            self._waiting.append(mine)
+            while not mine.done:
+                if self._writing:
+                    self._batch_cond.wait()
+                    continue
+                # Lead: write everything queued so far, this append included.
+                batch, self._waiting = self._waiting, []
+                self._writing = True
+                self._batch_cond.release()
+                try:
+                    self._write_batch(batch)
+                finally:
+                    self._batch_cond.acquire()
+                    self._writing = False
+                    self._batch_cond.notify_all()
+        if mine.error is not None:
+            raise mine.error
+        assert mine.stored is not None
+        return mine.stored
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        """Write the queued appends in one transaction and one commit; fill in each result.
+
+        An append whose events cannot be built fails alone (nothing of it is
+        written); a failed commit fails every append of the batch.
+        """
+        written: list[tuple[_Pending, list[dict[str, Any]]]] = []
+        try:
+            with self._lock, self._transaction():
+                seq, prev = self._head_locked()
+                ts = format_timestamp(self._clock.now())
+                rows = []
+                for pending in batch:
+                    try:
+                        stored, mine, last_seq, last_prev = self._build(pending, seq, prev, ts)
+                    except EventError as exc:
+                        pending.error = exc
+                        continue
+                    rows.extend(mine)
+                    seq, prev = last_seq, last_prev
+                    written.append((pending, stored))
+                self._conn.executemany(
+                    "INSERT INTO events (seq, ts, code, job_id, body, hash) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", rows)
+        except BaseException as exc:
+            failure = exc if isinstance(exc, Exception) else SpoolError(
+                f"spool {self.path}: write interrupted: {type(exc).__name__}")
+            for pending in batch:
+                if pending.error is None:
+                    pending.error = failure
+                pending.done = True
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for pending, stored in written:
+            pending.stored = stored
+        for pending in batch:
+            pending.done = True
+
+    def _build(self, pending: _Pending, seq: int, prev: str, ts: str
+               ) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]], int, str]:
+        """One append's events chained after (seq, prev): (stored, rows, last seq, last hash)."""
         stored: list[dict[str, Any]] = []
-        with self._lock, self._transaction():
-            seq, prev = self._head_locked()
-            ts = format_timestamp(self._clock.now())
-            rows = []
-            for code, etype, fields in checked:
-                seq += 1
-                event = build_event(etype, self.node, seq, prev, ts, fields)
-                prev = event["hash"]
-                body = _encode(event)
-                job_id = event.get("job_id")
-                rows.append(
-                    (seq, ts, code, job_id if isinstance(job_id, str) else None, body, prev)
-                )
-                stored.append(_decode(body))
-            self._conn.executemany(
-                "INSERT INTO events (seq, ts, code, job_id, body, hash) VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-        return stored
+        rows: list[tuple[Any, ...]] = []
+        for code, etype, fields in pending.checked:
+            seq += 1
+            event = build_event(etype, self.node, seq, prev, ts, fields)
+            prev = event["hash"]
+            body = _encode(event)
+            job_id = event.get("job_id")
+            rows.append((seq, ts, code, job_id if isinstance(job_id, str) else None, body, prev))
+            stored.append(_decode(body))
+        return stored, rows, seq, prev
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -1,0 +1,197 @@
+"""The node agent's shared state and the primitives every part of it uses.
+
+``AgentCore`` holds what the agent knows (the GPU inventory in Slurm's
+order, the granted jobs, the revoked ones, the rest state of device files)
+and the few operations the other parts share: the state a device file
+should be in, restoring every file to it, and ending a job in the
+background. The parts that act on it live beside it, one responsibility
+each, and :class:`ztgpu.noded.agent.Agent` puts them together:
+
+* ``lifecycle``: Prolog grants, Epilog releases, refusals, revocation;
+* ``confinement``: placing every job process in a devices cgroup;
+* ``probing``: proving isolation by opening every GPU from inside it;
+* ``reconcile``: start-up recovery and device-file drift.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import pwd
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from ztgpu.cgroups.device_allowlist import DevicesV1
+from ztgpu.cgroups.device_files import FileState, apply_state
+from ztgpu.config import Config
+from ztgpu.errors import DeviceError, Fault, SlurmError
+from ztgpu.gpu.backend import GpuBackend, GpuInfo, slurm_order
+from ztgpu.gpu.devices import gpu_device_path
+from ztgpu.noded.backlog import SpoolGuard
+from ztgpu.noded.grant_check import GrantChecker
+from ztgpu.noded.state import JobRecord, StateStore
+from ztgpu.slurm.client import SlurmClient
+
+log = logging.getLogger("ztgpu.noded")
+
+
+class EventSink(Protocol):
+    """What the agent needs from the audit spool (``ztgpu.audit.spool.Spool`` fits)."""
+
+    def append(self, code: str, **fields: Any) -> dict[str, Any]: ...
+
+
+@dataclass
+class LiveJob:
+    """In-memory companion of a :class:`JobRecord`: what the sweeps learned."""
+
+    record: JobRecord
+    granted_mono: float = field(default_factory=time.monotonic)
+    #: Devices cgroups (absolute dirs) the agent already hardened.
+    hardened: set[Path] = field(default_factory=set)
+    #: Devices cgroups probed, with the monotonic time of the last probe.
+    probed: dict[Path, float] = field(default_factory=dict)
+    confined: bool = False
+    violated: bool = False
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def parse_time(text: str) -> datetime | None:
+    """An RFC 3339 / ISO time as an aware datetime (None if unreadable)."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def gpu_fields(gpus: list[GpuInfo]) -> list[dict[str, Any]]:
+    return [{"index": g.index, "uuid": g.uuid, "minor": g.minor} for g in gpus]
+
+
+class AgentCore:
+    """State and shared primitives for one node. Thread-safe."""
+
+    def __init__(self, config: Config, backend: GpuBackend, spool: EventSink,
+                 state: StateStore, slurm: SlurmClient, *, major: int,
+                 devices: DevicesV1 | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.config = config
+        self.backend = backend
+        self.spool = spool
+        self.state = state
+        self.slurm = slurm
+        self.major = major
+        self.clock = clock
+        self.devices = devices if devices is not None else DevicesV1(
+            config.cgroups.root / "devices")
+        self.inventory: tuple[GpuInfo, ...] = slurm_order(backend.inventory())
+        self.by_minor = {g.minor: g for g in self.inventory}
+        self.lock = threading.RLock()
+        #: Serialises sweeps and probes (background loop vs. on-demand verify);
+        #: the Prolog/Epilog path never waits for it.
+        self.work_lock = threading.RLock()
+        self.jobs: dict[str, LiveJob] = {}
+        self.stale_cgroups: set[Path] = set()
+        self.rest = self._rest_state()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        #: Set by the service when events are forwarded to a collector: the
+        #: bounded-spool guard, and a callable giving the forwarding status.
+        self.guard: SpoolGuard | None = None
+        self.audit_status: Callable[[], dict[str, Any]] | None = None
+        #: Set when authd is configured: every grant needs a signed grant.
+        self.grant_checker: GrantChecker | None = None
+        #: Jobs whose user's access was revoked: no GPU, whatever Slurm allocated.
+        self.revoked_jobs: set[str] = set()
+
+    def _rest_state(self) -> FileState:
+        dev = self.config.devices
+        try:
+            uid = pwd.getpwnam(dev.rest_owner).pw_uid
+            gid = grp.getgrnam(dev.rest_group).gr_gid
+        except KeyError as exc:
+            raise Fault(f"devices.rest_owner/rest_group: {exc.args[0]} does not exist") from None
+        return FileState(uid=uid, gid=gid, mode=dev.rest_mode_bits)
+
+    def _held_state(self, job: JobRecord) -> FileState:
+        return FileState(uid=job.uid, gid=self.rest.gid, mode=self.rest.mode | 0o600)
+
+    def device_path(self, gpu: GpuInfo) -> Path:
+        return gpu_device_path(self.config.paths.device_dir, gpu)
+
+    @property
+    def own_cgroup(self) -> str:
+        return self.config.cgroups.name
+
+    def _expected_state(self, minor: int) -> tuple[FileState, JobRecord | None]:
+        for live in self.jobs.values():
+            if minor in live.record.minors and live.record.job_id not in self.revoked_jobs:
+                return self._held_state(live.record), live.record
+        return self.rest, None
+
+    def _reconcile_files(self) -> list[str]:
+        problems = []
+        for gpu in self.inventory:
+            wanted, _ = self._expected_state(gpu.minor)
+            try:
+                apply_state(self.device_path(gpu), self.major, gpu.minor, wanted)
+            except DeviceError as exc:
+                problems.append(str(exc))
+                log.error("%s", exc)
+        return problems
+
+    def _act_on_job(self, job_id: str, reason: str) -> None:
+        """End the job in the background (Slurm commands may take seconds)."""
+        def work() -> None:
+            try:
+                self.slurm.cancel(job_id, reason)
+                outcome, detail = "cancelled", reason
+            except SlurmError as exc:
+                outcome, detail = "failed", f"{reason}; cancel failed: {exc}"
+                log.error("could not cancel job %s: %s", job_id, exc)
+            self.spool.append("job.action", job_id=job_id, action="cancel_job",
+                              outcome=outcome, reason=detail)
+        threading.Thread(target=work, name=f"cancel-{job_id}", daemon=True).start()
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            jobs = [{"job_id": j.record.job_id, "user": j.record.user, "uid": j.record.uid,
+                     "gpus": [self.by_minor[m].index for m in j.record.minors
+                              if m in self.by_minor],
+                     "confined": j.confined, "verified_cgroups": len(j.probed),
+                     "violated": j.violated}
+                    for j in self.jobs.values()]
+        audit: dict[str, Any] = {"forwarding": self.audit_status is not None}
+        if self.audit_status is not None:
+            audit.update(self.audit_status())
+        return {"node": self.config.node_name, "backend": self.backend.name,
+                "simulated": self.backend.simulated,
+                "gpus": gpu_fields(list(self.inventory)), "jobs": jobs, "audit": audit}
+
+    def on_spool_full(self) -> None:
+        """The guard's hook: with ``cancel_jobs``, end every running GPU job here."""
+        if self.config.audit.spool_full_action != "cancel_jobs":
+            return
+        with self.lock:
+            running = list(self.jobs)
+        for job_id in running:
+            self._act_on_job(job_id, "ztgpu: the node's audit spool is full; GPU work "
+                             "cannot be accounted for")
+
+    # ---- provided by the parts ------------------------------------------
+    def verify(self, job_id: str | None = None, *, due_only: bool = False
+               ) -> list[dict[str, Any]]:
+        """Probe jobs' cgroups now (``ztgpu.noded.probing``)."""
+        raise NotImplementedError
