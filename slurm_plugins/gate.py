@@ -57,7 +57,8 @@ Observed on Slurm 22.05.8 (private test cluster, select/cons_tres):
   SlurmctldDebug=debug). The gate therefore also writes to syslog, and
   puts what the user should know into the job's AdminComment.
 
-Standard library (ssl, http.client, json, subprocess, syslog) plus
+Standard library (ssl, socket, json, subprocess, syslog; not http.client, whose
+imports alone cost ~25 ms) plus
 :mod:`ztgpu.slurm.env` only: this runs for every job start, under
 ``python -I -S``.
 """
@@ -470,17 +471,24 @@ class Verdict:
 
 
 def _host_port(url: str) -> tuple[str, int]:
-    from urllib.parse import urlsplit
+    """(host, port) of ``https://host[:port]``; GateFault for anything else.
 
-    parts = urlsplit(url)
-    try:
-        port = parts.port or 443
-    except ValueError:
-        port = 0
-    if parts.scheme != "https" or not parts.hostname or not port:
+    Parsed by hand (no urllib): the installer wrote a checked URL, and this
+    runs for every job start.
+    """
+    rest = url[len("https://"):] if url.startswith("https://") else ""
+    rest = rest[:-1] if rest.endswith("/") else rest
+    if rest.startswith("[") and rest.endswith("]"):  # [v6 address], default port
+        host, port_text = rest[1:-1], "443"
+    else:
+        host, _, port_text = rest.rpartition(":") if ":" in rest else (rest, "", "443")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+    port = int(port_text) if port_text.isdigit() and len(port_text) <= 5 else 0
+    if not host or not 0 < port < 65536 or any(c in host for c in "/?#@ "):
         raise GateFault(f"authd URL {url!r} is not https://host[:port]; rerun "
                         "`ztgpu install --gate` with auth.authd_url fixed")
-    return parts.hostname, port
+    return host, port
 
 
 def verdict_from_reply(status: int, raw: bytes) -> Verdict:
@@ -533,6 +541,55 @@ def _connect(host: str, port: int, timeout_s: float) -> socket.socket:
     raise error
 
 
+#: Longest status line and headers accepted from authd.
+MAX_REPLY_HEAD_BYTES = 8192
+
+
+def _read_reply(tls: ssl.SSLSocket) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.1 reply with a Content-Length body.
+
+    Written for this one exchange instead of importing http.client (whose
+    ``email`` imports cost ~25 ms of every job start): authd always answers
+    with a status line, headers and a Content-Length body. Raises GateFault
+    for anything else, for oversized replies, or a connection closed early.
+    """
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > MAX_REPLY_HEAD_BYTES:
+            raise GateFault("authd's reply headers are too long")
+        chunk = tls.recv(4096)
+        if not chunk:
+            raise GateFault("authd closed the connection without a complete reply")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    status_text = rest[:3]
+    if version not in ("HTTP/1.1", "HTTP/1.0") or not status_text.isdigit() or rest[3:4] not in (
+            "", " "):
+        raise GateFault(f"authd's reply is not HTTP: {lines[0][:80]!r}")
+    length: int | None = None
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise GateFault(f"authd sent a malformed header: {line[:80]!r}")
+        name, value = name.strip().lower(), value.strip()
+        if name == "transfer-encoding":
+            raise GateFault("authd's reply has no Content-Length")
+        if name == "content-length":
+            if not value.isdigit() or length is not None:
+                raise GateFault("authd's reply has a bad Content-Length")
+            length = int(value)
+    if length is None or length > MAX_REPLY_BYTES:
+        raise GateFault("authd's reply has no usable Content-Length")
+    while len(body) < length:
+        chunk = tls.recv(min(65536, length - len(body)))
+        if not chunk:
+            raise GateFault("authd closed the connection in the middle of its reply")
+        body += chunk
+    return int(status_text), body[:length]
+
+
 def ask_authd(job: GateJob, resources: JobResources, settings: GateSettings,
               timeout_s: float) -> Verdict:
     """POST /v1/gate; the whole exchange ends within ``timeout_s``.
@@ -540,7 +597,6 @@ def ask_authd(job: GateJob, resources: JobResources, settings: GateSettings,
     Raises GateFault when authd cannot be reached, TLS fails, the answer is
     late or not the documented reply.
     """
-    import http.client
     import json
 
     host, port = _host_port(settings.authd_url)
@@ -550,12 +606,14 @@ def ask_authd(job: GateJob, resources: JobResources, settings: GateSettings,
         "account": job.account, "gpus_count": resources.gpus,
         "time_limit_s": resources.time_limit_s,
     }).encode()
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    request = (f"POST /v1/gate HTTP/1.1\r\nHost: {authority}\r\n"
+               "Content-Type: application/json\r\nAccept: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+               ).encode("ascii") + body
     tls: ssl.SSLSocket | None = None
-    conn: http.client.HTTPSConnection | None = None
     try:
         with _Deadline(timeout_s):
-            # Connect and handshake here rather than in http.client, so that
-            # the socket is closed whatever interrupts them (the deadline too).
             sock = _connect(host, port, timeout_s)
             try:
                 tls = context.wrap_socket(sock, server_hostname=host,
@@ -564,23 +622,16 @@ def ask_authd(job: GateJob, resources: JobResources, settings: GateSettings,
                 sock.close()
                 raise
             tls.do_handshake()
-            conn = http.client.HTTPSConnection(host, port, context=context, timeout=timeout_s)
-            conn.sock = tls
-            conn.request("POST", "/v1/gate", body=body,
-                         headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            raw = response.read(MAX_REPLY_BYTES)
-            status = response.status
+            tls.sendall(request)
+            status, raw = _read_reply(tls)
     except _Expired:
         raise GateFault(f"authd at {settings.authd_url} did not answer within "
                         f"{timeout_s:.1f}s") from None
-    except (OSError, http.client.HTTPException) as exc:
+    except OSError as exc:
         # ssl.SSLError is an OSError: a refused certificate lands here too.
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
         raise GateFault(f"cannot reach authd at {settings.authd_url}: {reason}") from None
     finally:
-        if conn is not None:
-            conn.close()
         if tls is not None:
             tls.close()
     return verdict_from_reply(status, raw)

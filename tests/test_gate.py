@@ -855,3 +855,100 @@ def test_unreachable_authd_keeps_the_job_queued_and_the_node_up(on_cluster: Gate
     assert not any("drain" in s for s in states), states
     assert g.squeue(job, "ztalice").startswith(f"{job} PENDING")
     assert not c.output(job)
+
+
+# ---- the gate's own HTTP exchange (no http.client: its imports cost every job start) ----
+
+
+class _Replies:
+    """Stands in for the TLS socket: ``recv`` hands out the prepared pieces."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = list(pieces)
+
+    def recv(self, size: int) -> bytes:
+        if not self.pieces:
+            return b""
+        piece = self.pieces.pop(0)
+        if len(piece) > size:
+            self.pieces.insert(0, piece[size:])
+            piece = piece[:size]
+        return piece
+
+
+def _reply(*pieces: bytes) -> tuple[int, bytes]:
+    return gate._read_reply(_Replies(*pieces))  # type: ignore[arg-type]
+
+
+def test_reply_reader_takes_a_content_length_body_in_pieces() -> None:
+    body = b'{"allow": true, "code": "allowed", "reason": "ok"}'
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nServer: x\r\n\r\n")
+    assert _reply(head + body) == (200, body)
+    assert _reply(head[:7], head[7:30], head[30:], body[:5], body[5:]) == (200, body)
+    assert _reply(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\n{}") == (403, b"{}")
+    assert _reply(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n") == (200, b"")
+    # Bytes after the announced body (a stray pipeline) are not taken as the body.
+    assert _reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}garbage") == (200, b"{}")
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b"", "without a complete reply"),
+    (b"HTTP/1.1 200 OK\r\nContent-Le", "without a complete reply"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "middle of its reply"),
+    (b"SSH-2.0-OpenSSH\r\n\r\n", "not HTTP"),
+    (b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n", "not HTTP"),
+    (b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n", "not HTTP"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+     "no Content-Length"),
+    (b"HTTP/1.1 200 OK\r\n\r\n{}", "no usable Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+     "bad Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n", "no usable Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header"),
+    (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 9000, "too long"),
+])
+def test_reply_reader_refuses_what_authd_never_sends(raw: bytes, problem: str) -> None:
+    with pytest.raises(gate.GateFault, match=problem):
+        _reply(raw)
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("https://ctl01.example:8443", ("ctl01.example", 8443)),
+    ("https://ctl01.example:8443/", ("ctl01.example", 8443)),
+    ("https://ctl01.example", ("ctl01.example", 443)),
+    ("https://127.0.0.1:1", ("127.0.0.1", 1)),
+    ("https://[::1]:8443", ("::1", 8443)),
+    ("https://[fd00::5]", ("fd00::5", 443)),
+])
+def test_authd_url_is_split_by_hand(url: str, expected: tuple[str, int]) -> None:
+    assert gate._host_port(url) == expected
+
+
+@pytest.mark.parametrize("url", ["http://ctl01:8443", "https://", "https://:8443",
+                                 "https://ctl01:0", "https://ctl01:65536", "https://ctl01:x",
+                                 "https://ctl01:8443/v1/gate", "https://u@ctl01:8443",
+                                 "ftp://ctl01", "https://ctl01:123456"])
+def test_bad_authd_urls_are_a_gate_fault(url: str) -> None:
+    with pytest.raises(gate.GateFault, match="not https://host"):
+        gate._host_port(url)
+
+
+def test_a_gate_run_imports_neither_http_client_nor_email(tmp_path: Path, pki: SitePki,
+                                                          stub: StubAuthd) -> None:
+    """The import cost that pushed srun past Slurm's first readiness poll stays out."""
+    slurm = FakeSlurm(tmp_path, GPU_LINE)
+    config = gate_config(tmp_path, pki, url=stub.url)
+    text = render_gate(config, None).replace("'/usr/bin/squeue'", repr(str(slurm.squeue)))
+    wrapper = tmp_path / "gate"
+    wrapper.write_text(text)
+    stub.allow(ME.pw_name)
+    res = subprocess.run([sys.executable, "-IS", "-X", "importtime", str(wrapper)],
+                         env=gate_env(), capture_output=True, text=True, timeout=60)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ssl" in imported and "json" in imported, "the run reached authd"
+    assert stub.requests, "authd was asked"
+    assert not {"http.client", "email.parser", "urllib.parse"} & imported
