@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import queue
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -35,3 +37,22 @@ def wait_for_workers(workers: list[Any], results: Any, kind: str,
         if what == kind:
             got[index] = payload
     return [got[i] for i in range(len(workers))]
+
+
+def reports_to_parent(body: Callable[..., Any]) -> Callable[..., None]:
+    """A client process's entry point ``body(index, *args, results)``.
+
+    Its return value reaches the parent as ``("done", index, value)`` on
+    ``results`` (the last argument) and any failure as ``("error", index,
+    text)``, which ``wait_for_workers`` turns into an aborted run.
+    """
+
+    @functools.wraps(body)
+    def worker(index: int, *args: Any) -> None:
+        results = args[-1]
+        try:
+            results.put(("done", index, body(index, *args)))
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which aborts
+            results.put(("error", index, f"{type(exc).__name__}: {exc}"))
+
+    return worker

@@ -50,7 +50,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from benchlib import percentile, wait_for_workers
+from benchlib import percentile, reports_to_parent, wait_for_workers
 
 from ztgpu.audit import events
 from ztgpu.testing.collector_process import CollectorClient, CollectorProcess, SitePki
@@ -172,48 +172,46 @@ def generate(total: int, nodes: int, batch: int) -> list[NodeLoad]:
 # ------------------------------------------------------------------ clients
 
 
+@reports_to_parent
 def client_main(index: int, loads: list[NodeLoad], port: int, ca_cert: Path,
-                start: Any, results: Any) -> None:
+                start: Any, results: Any) -> tuple[float, float, list[float], float]:
     """One client process: connect every node, wait for ``start``, send every batch."""
-    try:
-        from ztgpu.trust.pki import client_context
+    from ztgpu.trust.pki import client_context
 
-        conns: list[http.client.HTTPSConnection] = []
-        for load in loads:
-            assert load.cert is not None and load.key is not None
-            conn = http.client.HTTPSConnection(
-                "127.0.0.1", port, timeout=REQUEST_TIMEOUT_S,
-                context=client_context(ca_cert, load.cert, load.key))
-            conn.connect()  # TLS handshake before the timed part
-            conns.append(conn)
-        headers = {"Content-Type": "application/json"}
-        results.put(("ready", index, None))
-        start.wait()
-        cpu_start = time.process_time()
-        latencies: list[float] = []
-        first_send = time.monotonic()
-        rounds = max(len(load.batches) for load in loads)
-        for r in range(rounds):  # the process's nodes take turns, one batch each
-            for load, conn in zip(loads, conns, strict=True):
-                if r >= len(load.batches):
-                    continue
-                b = load.batches[r]
-                sent = time.monotonic()
-                conn.request("POST", "/v1/events", body=b.body, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-                latencies.append((time.monotonic() - sent) * 1000)
-                problem = check_answer(response.status, data, b)
-                if problem:
-                    raise RuntimeError(f"node {load.name} batch {r + 1} (seq {b.first_seq}-"
-                                       f"{b.last_seq}): {problem}")
-        last_ack = time.monotonic()
-        cpu = time.process_time() - cpu_start
-        for conn in conns:
-            conn.close()
-        results.put(("done", index, (first_send, last_ack, latencies, cpu)))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which aborts
-        results.put(("error", index, f"{type(exc).__name__}: {exc}"))
+    conns: list[http.client.HTTPSConnection] = []
+    for load in loads:
+        assert load.cert is not None and load.key is not None
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=REQUEST_TIMEOUT_S,
+            context=client_context(ca_cert, load.cert, load.key))
+        conn.connect()  # TLS handshake before the timed part
+        conns.append(conn)
+    headers = {"Content-Type": "application/json"}
+    results.put(("ready", index, None))
+    start.wait()
+    cpu_start = time.process_time()
+    latencies: list[float] = []
+    first_send = time.monotonic()
+    rounds = max(len(load.batches) for load in loads)
+    for r in range(rounds):  # the process's nodes take turns, one batch each
+        for load, conn in zip(loads, conns, strict=True):
+            if r >= len(load.batches):
+                continue
+            b = load.batches[r]
+            sent = time.monotonic()
+            conn.request("POST", "/v1/events", body=b.body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            latencies.append((time.monotonic() - sent) * 1000)
+            problem = check_answer(response.status, data, b)
+            if problem:
+                raise RuntimeError(f"node {load.name} batch {r + 1} (seq {b.first_seq}-"
+                                   f"{b.last_seq}): {problem}")
+    last_ack = time.monotonic()
+    cpu = time.process_time() - cpu_start
+    for conn in conns:
+        conn.close()
+    return (first_send, last_ack, latencies, cpu)
 
 
 def check_answer(status: int, data: bytes, batch: Batch) -> str | None:

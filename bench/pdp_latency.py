@@ -67,13 +67,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchlib import percentile, wait_for_workers
+from benchlib import percentile, reports_to_parent, wait_for_workers
 
 from ztgpu.testing.authd_process import AuthdProcess, secret_from_uri
 from ztgpu.testing.collector_process import SitePki
 from ztgpu.testing.munge import MungeDaemon
 
 READY_TIMEOUT_S = 60.0
+#: What a client process reports: first send, last answer, latencies (ms), its CPU s.
+WorkerResult = tuple[float, float, list[float], float]
 REQUEST_TIMEOUT_S = 30.0
 USER = "nobody"
 PARTITION = "gpu"
@@ -281,37 +283,37 @@ def _decide(conn: http.client.HTTPSConnection, data: bytes) -> None:
         raise RuntimeError(f"not allowed: {text}")
 
 
+@reports_to_parent
 def client_main(index: int, port: int, ca_cert: Path, cert: Path, key: Path, uid: int,
-                quota: int, duration: float, start: Any, results: Any) -> None:
+                quota: int, duration: float, start: Any, results: Any) -> WorkerResult:
     """Closed loop: one connection, the next request sent when the last answer came."""
-    try:
-        conn = _connect(port, ca_cert, cert, key)
-        job_base = 1_000_000 * (index + 1)
-        _decide(conn, _gate_body(job_base, uid, 0))  # warm-up, not timed
-        bodies = [_gate_body(job_base + n, uid, n) for n in range(1, (quota or 200_000) + 1)]
-        results.put(("ready", index, None))
-        start.wait()
-        cpu_start = time.process_time()
-        latencies: list[float] = []
-        first_send = time.monotonic()
-        deadline = first_send + duration if duration > 0 else float("inf")
-        clock = time.perf_counter
-        for data in bodies:
-            sent = clock()
-            _decide(conn, data)
-            latencies.append((clock() - sent) * 1000)
-            if time.monotonic() >= deadline:
-                break
-        last_answer = time.monotonic()
-        cpu = time.process_time() - cpu_start
-        conn.close()
-        results.put(("done", index, (first_send, last_answer, latencies, cpu)))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which aborts
-        results.put(("error", index, f"{type(exc).__name__}: {exc}"))
+    conn = _connect(port, ca_cert, cert, key)
+    job_base = 1_000_000 * (index + 1)
+    _decide(conn, _gate_body(job_base, uid, 0))  # warm-up, not timed
+    bodies = [_gate_body(job_base + n, uid, n) for n in range(1, (quota or 200_000) + 1)]
+    results.put(("ready", index, None))
+    start.wait()
+    cpu_start = time.process_time()
+    latencies: list[float] = []
+    first_send = time.monotonic()
+    deadline = first_send + duration if duration > 0 else float("inf")
+    clock = time.perf_counter
+    for data in bodies:
+        sent = clock()
+        _decide(conn, data)
+        latencies.append((clock() - sent) * 1000)
+        if time.monotonic() >= deadline:
+            break
+    last_answer = time.monotonic()
+    cpu = time.process_time() - cpu_start
+    conn.close()
+    return (first_send, last_answer, latencies, cpu)
 
 
+@reports_to_parent
 def open_loop_main(index: int, port: int, ca_cert: Path, cert: Path, key: Path, uid: int,
-                   rate: float, duration: float, conns: int, start: Any, results: Any) -> None:
+                   rate: float, duration: float, conns: int, start: Any,
+                   results: Any) -> WorkerResult:
     """Open loop: requests arrive every 1/rate s whether or not earlier ones were answered.
 
     A dispatcher queues each request at its scheduled time; ``conns`` sender
@@ -319,55 +321,52 @@ def open_loop_main(index: int, port: int, ca_cert: Path, cert: Path, key: Path, 
     Latency runs from the scheduled arrival to the answer, so time spent
     waiting for a free connection (authd falling behind) counts.
     """
-    try:
-        job_base = 1_000_000 * (index + 1) + 500_000
-        connections = [_connect(port, ca_cert, cert, key) for _ in range(conns)]
-        for n, conn in enumerate(connections):
-            _decide(conn, _gate_body(job_base - 1 - n, uid, n))  # warm-up, not timed
-        total = int(rate * duration)
-        bodies = [_gate_body(job_base + n, uid, n) for n in range(total)]
-        arrivals: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
-        latencies: list[float] = []
-        failures: list[str] = []
-        clock = time.perf_counter
+    job_base = 1_000_000 * (index + 1) + 500_000
+    connections = [_connect(port, ca_cert, cert, key) for _ in range(conns)]
+    for n, conn in enumerate(connections):
+        _decide(conn, _gate_body(job_base - 1 - n, uid, n))  # warm-up, not timed
+    total = int(rate * duration)
+    bodies = [_gate_body(job_base + n, uid, n) for n in range(total)]
+    arrivals: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
+    latencies: list[float] = []
+    failures: list[str] = []
+    clock = time.perf_counter
 
-        def sender(conn: http.client.HTTPSConnection) -> None:
-            while (item := arrivals.get()) is not None:
-                scheduled, data = item
-                try:
-                    _decide(conn, data)
-                except Exception as exc:  # noqa: BLE001 - reported below
-                    failures.append(f"{type(exc).__name__}: {exc}")
-                    return
-                latencies.append((clock() - scheduled) * 1000)
+    def sender(conn: http.client.HTTPSConnection) -> None:
+        while (item := arrivals.get()) is not None:
+            scheduled, data = item
+            try:
+                _decide(conn, data)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                failures.append(f"{type(exc).__name__}: {exc}")
+                return
+            latencies.append((clock() - scheduled) * 1000)
 
-        threads = [threading.Thread(target=sender, args=(c,), daemon=True) for c in connections]
-        for thread in threads:
-            thread.start()
-        results.put(("ready", index, None))
-        start.wait()
-        cpu_start = time.process_time()
-        first = clock()
-        first_send = time.monotonic()
-        for n, data in enumerate(bodies):
-            scheduled = first + n / rate
-            pause = scheduled - clock()
-            if pause > 0:
-                time.sleep(pause)
-            arrivals.put((scheduled, data))
-        for _ in threads:
-            arrivals.put(None)
-        for thread in threads:
-            thread.join(REQUEST_TIMEOUT_S + duration)
-        last_answer = time.monotonic()
-        if failures:
-            raise RuntimeError(failures[0])
-        cpu = time.process_time() - cpu_start
-        for conn in connections:
-            conn.close()
-        results.put(("done", index, (first_send, last_answer, latencies, cpu)))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which aborts
-        results.put(("error", index, f"{type(exc).__name__}: {exc}"))
+    threads = [threading.Thread(target=sender, args=(c,), daemon=True) for c in connections]
+    for thread in threads:
+        thread.start()
+    results.put(("ready", index, None))
+    start.wait()
+    cpu_start = time.process_time()
+    first = clock()
+    first_send = time.monotonic()
+    for n, data in enumerate(bodies):
+        scheduled = first + n / rate
+        pause = scheduled - clock()
+        if pause > 0:
+            time.sleep(pause)
+        arrivals.put((scheduled, data))
+    for _ in threads:
+        arrivals.put(None)
+    for thread in threads:
+        thread.join(REQUEST_TIMEOUT_S + duration)
+    last_answer = time.monotonic()
+    if failures:
+        raise RuntimeError(failures[0])
+    cpu = time.process_time() - cpu_start
+    for conn in connections:
+        conn.close()
+    return (first_send, last_answer, latencies, cpu)
 
 
 def cpu_s(pid: int) -> float:

@@ -68,10 +68,17 @@ class SlurmJobHolder:
                 if action == "hold":
                     self.slurm.hold(job_id, reason)
                 elif action == "cancel":
-                    self.slurm.cancel(job_id, reason)
                     # A cancel that lands while the failed PrologSlurmctld is
-                    # being handled can be undone by Slurm's requeue: cancel
-                    # until the job is really gone.
+                    # still being handled is undone by the requeue that
+                    # follows it: wait until the job is out of CONFIGURING,
+                    # then cancel until it is really gone.
+                    before = self.slurm.job_state(job_id)
+                    if before == "CONFIGURING":
+                        raise SlurmError(f"job {job_id} is still in its PrologSlurmctld")
+                    if before is None or before not in _LIVE:
+                        log.info("job %s already ended (%s)", job_id, before or "gone")
+                        return
+                    self.slurm.cancel(job_id, reason)
                     if self.slurm.job_state(job_id) in _LIVE:
                         raise SlurmError(f"job {job_id} is still queued after scancel")
                 else:
