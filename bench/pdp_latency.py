@@ -59,6 +59,7 @@ import queue
 import random
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -257,8 +258,29 @@ def set_up_site(authd: AuthdProcess, pki: SitePki) -> None:
 # ------------------------------------------------------------------ clients
 
 
-def _connect(port: int, ca_cert: Path, cert: Path, key: Path) -> http.client.HTTPSConnection:
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over authd's gate socket (the job gate on the controller host)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=REQUEST_TIMEOUT_S)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(REQUEST_TIMEOUT_S)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+def _connect(port: int, ca_cert: Path, cert: Path, key: Path) -> http.client.HTTPConnection:
+    """A connected client: mutual TLS to ``port``, or the gate socket when ``port`` is 0
+    (``ca_cert`` then names the socket)."""
     from ztgpu.trust.pki import client_context
+
+    if port == 0:
+        unix = _UnixHTTPConnection(str(ca_cert))
+        unix.connect()
+        return unix
 
     conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S,
                                        context=client_context(ca_cert, cert, key))
@@ -272,7 +294,7 @@ def _gate_body(job_id: int, uid: int, n: int) -> bytes:
                        "gpus_count": 1 + n % 4, "time_limit_s": 3600}).encode()
 
 
-def _decide(conn: http.client.HTTPSConnection, data: bytes) -> None:
+def _decide(conn: http.client.HTTPConnection, data: bytes) -> None:
     conn.request("POST", "/v1/gate", body=data, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     answer = response.read()
@@ -332,7 +354,7 @@ def open_loop_main(index: int, port: int, ca_cert: Path, cert: Path, key: Path, 
     failures: list[str] = []
     clock = time.perf_counter
 
-    def sender(conn: http.client.HTTPSConnection) -> None:
+    def sender(conn: http.client.HTTPConnection) -> None:
         while (item := arrivals.get()) is not None:
             scheduled, data = item
             try:
@@ -382,7 +404,8 @@ def cpu_s(pid: int) -> float:
 
 
 def drive(authd: AuthdProcess, pki: SitePki, procs: int, count: int, duration: float,
-          *, open_rate: float = 0.0, conns: int = 4) -> tuple[float, list[float], float, float]:
+          *, open_rate: float = 0.0, conns: int = 4,
+          unix: bool = False) -> tuple[float, list[float], float, float]:
     """Run the clients once: (wall seconds, latencies in ms, authd CPU s, clients CPU s).
 
     With ``open_rate`` the ``procs`` clients share that many arrivals per
@@ -398,8 +421,9 @@ def drive(authd: AuthdProcess, pki: SitePki, procs: int, count: int, duration: f
     start = ctx.Event()
     results = ctx.Queue()
     if open_rate:
+        port, ca = (0, authd.gate_socket) if unix else (authd.port, pki.ca_cert)
         workers = [ctx.Process(target=open_loop_main, name=f"bench-open-{i}",
-                               args=(i, authd.port, pki.ca_cert, cert, key, uid,
+                               args=(i, port, ca, cert, key, uid,
                                      open_rate / procs, duration, conns, start, results))
                    for i in range(procs)]
     else:
@@ -429,7 +453,7 @@ def report(label: str, wall: float, lat: list[float], cpu_authd: float,
            cpu_clients: float) -> None:
     rate = len(lat) / wall
     print(f"{label}: decisions={len(lat)} wall_s={wall:.2f} rate={rate:.0f}/s "
-          f"(all allow, mTLS, persistent connections)", flush=True)
+          f"(all allow, persistent connections)", flush=True)
     print(f"{label}: latency_ms p50={percentile(lat, 50):.2f} p90={percentile(lat, 90):.2f} "
           f"p99={percentile(lat, 99):.2f} p99.9={percentile(lat, 99.9):.2f} "
           f"max={max(lat):.1f} mean={sum(lat) / len(lat):.2f}", flush=True)
@@ -491,6 +515,7 @@ def main() -> int:
             server = start_postgres()
             dsn = server.dsn
         authd = AuthdProcess(base / "authd", pki, munge.socket, policy=policy_text,
+                             authd={"gate_socket": str(base / "gate.sock")},
                              store=args.store, dsn=dsn)
         set_up_site(authd, pki)
         assert authd.proc is not None
@@ -499,6 +524,8 @@ def main() -> int:
               f"processes, {os.cpu_count()} CPUs", flush=True)
         open_run = drive(authd, pki, args.open_procs, 0, args.open_duration,
                          open_rate=args.open_rate, conns=args.open_conns)
+        unix_run = drive(authd, pki, args.open_procs, 0, args.open_duration,
+                         open_rate=args.open_rate, conns=args.open_conns, unix=True)
         closed_run = drive(authd, pki, args.procs, args.count, args.duration)
         if authd.proc.poll() is not None:
             raise SystemExit(f"authd exited with {authd.proc.returncode}:\n{authd.log()}")
@@ -513,8 +540,9 @@ def main() -> int:
         munge.stop()
         shutil.rmtree(base, ignore_errors=True)
 
-    report(f"open loop at {args.open_rate:g}/s", *open_run)
-    report("closed loop (maximum rate)", *closed_run)
+    report(f"mTLS, open loop at {args.open_rate:g}/s", *open_run)
+    report(f"gate socket, open loop at {args.open_rate:g}/s", *unix_run)
+    report("mTLS, closed loop (maximum rate)", *closed_run)
     _, lat, cpu_authd, _ = open_run
     max_rate = len(closed_run[1]) / closed_run[0]
     cpu_ms = cpu_authd / len(lat) * 1000
@@ -528,6 +556,10 @@ def main() -> int:
     print(f"evaluate: decisions {shown}", flush=True)
     print(f"evaluate: the gate's case (every rule to the catch-all) p99_us="
           f"{gate_case_p99 / 1000:.1f}", flush=True)
+    _, unix_lat, unix_cpu, _ = unix_run
+    print(f"pdp_latency_gate_socket p50_ms={percentile(unix_lat, 50):.2f} "
+          f"p99_ms={percentile(unix_lat, 99):.2f} "
+          f"cpu_ms={unix_cpu / len(unix_lat) * 1000:.3f}")
     print(f"pdp_latency p50_ms={percentile(lat, 50):.2f} p99_ms={percentile(lat, 99):.2f} "
           f"rate={max_rate:.0f} eval_p99_us={percentile(us, 99):.0f} cpu_ms={cpu_ms:.3f}")
     return 0

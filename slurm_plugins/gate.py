@@ -171,12 +171,15 @@ class JobResources:
 class GateSettings:
     """What the installer baked into the wrapper (no config file is read here)."""
 
-    __slots__ = ("authd_url", "ca_cert", "cert", "key", "scontrol", "slurm_conf", "squeue",
-                 "timeout_s", "unreachable")
+    __slots__ = ("authd_socket", "authd_url", "ca_cert", "cert", "key", "scontrol",
+                 "slurm_conf", "squeue", "timeout_s", "unreachable")
 
     def __init__(self, *, authd_url: str, ca_cert: str, cert: str, key: str,
                  squeue: str, scontrol: str, slurm_conf: str | None,
-                 timeout_s: float = 5.0, unreachable: str = "deny") -> None:
+                 timeout_s: float = 5.0, unreachable: str = "deny",
+                 authd_socket: str | None = None) -> None:
+        #: authd's gate socket on this host; when set, used instead of the URL.
+        self.authd_socket = authd_socket
         self.authd_url = authd_url
         self.ca_cert = ca_cert
         self.cert = cert
@@ -545,7 +548,7 @@ def _connect(host: str, port: int, timeout_s: float) -> socket.socket:
 MAX_REPLY_HEAD_BYTES = 8192
 
 
-def _read_reply(tls: ssl.SSLSocket) -> tuple[int, bytes]:
+def _read_reply(tls: socket.socket) -> tuple[int, bytes]:
     """(status, body) of one HTTP/1.1 reply with a Content-Length body.
 
     Written for this one exchange instead of importing http.client (whose
@@ -590,27 +593,35 @@ def _read_reply(tls: ssl.SSLSocket) -> tuple[int, bytes]:
     return int(status_text), body[:length]
 
 
-def ask_authd(job: GateJob, resources: JobResources, settings: GateSettings,
-              timeout_s: float) -> Verdict:
-    """POST /v1/gate; the whole exchange ends within ``timeout_s``.
-
-    Raises GateFault when authd cannot be reached, TLS fails, the answer is
-    late or not the documented reply.
-    """
+def _gate_request(job: GateJob, resources: JobResources, authority: str) -> bytes:
     import json
 
-    host, port = _host_port(settings.authd_url)
-    context = _client_context(settings)
     body = json.dumps({
         "job_id": job.job_id, "uid": job.uid, "user": job.user, "partition": job.partition,
         "account": job.account, "gpus_count": resources.gpus,
         "time_limit_s": resources.time_limit_s,
     }).encode()
+    return (f"POST /v1/gate HTTP/1.1\r\nHost: {authority}\r\n"
+            "Content-Type: application/json\r\nAccept: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode("ascii") + body
+
+
+def ask_authd(job: GateJob, resources: JobResources, settings: GateSettings,
+              timeout_s: float) -> Verdict:
+    """POST /v1/gate; the whole exchange ends within ``timeout_s``.
+
+    Over ``settings.authd_socket`` when authd runs on this host (the kernel
+    tells authd who is asking; no TLS), otherwise over mutual TLS to
+    ``settings.authd_url``. Raises GateFault when authd cannot be reached,
+    TLS fails, the answer is late or not the documented reply.
+    """
+    if settings.authd_socket is not None:
+        return _ask_local(job, resources, settings.authd_socket, timeout_s)
+    host, port = _host_port(settings.authd_url)
+    context = _client_context(settings)
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    request = (f"POST /v1/gate HTTP/1.1\r\nHost: {authority}\r\n"
-               "Content-Type: application/json\r\nAccept: application/json\r\n"
-               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-               ).encode("ascii") + body
+    request = _gate_request(job, resources, authority)
     tls: ssl.SSLSocket | None = None
     try:
         with _Deadline(timeout_s):
@@ -634,6 +645,27 @@ def ask_authd(job: GateJob, resources: JobResources, settings: GateSettings,
     finally:
         if tls is not None:
             tls.close()
+    return verdict_from_reply(status, raw)
+
+
+def _ask_local(job: GateJob, resources: JobResources, path: str, timeout_s: float) -> Verdict:
+    """The same exchange over authd's gate socket on this host."""
+    import socket
+
+    request = _gate_request(job, resources, "localhost")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _Deadline(timeout_s):
+            sock.settimeout(timeout_s)
+            sock.connect(path)
+            sock.sendall(request)
+            status, raw = _read_reply(sock)
+    except _Expired:
+        raise GateFault(f"authd at {path} did not answer within {timeout_s:.1f}s") from None
+    except OSError as exc:
+        raise GateFault(f"cannot reach authd at {path}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
     return verdict_from_reply(status, raw)
 
 
@@ -715,11 +747,13 @@ def run_gate(env: Mapping[str, str], settings: GateSettings) -> int:
     return EXIT_DENY
 
 
-def main(*, authd_url: str, ca_cert: str, cert: str, key: str, squeue: str, scontrol: str,
-         slurm_conf: str | None, timeout_s: float = 5.0, unreachable: str = "deny") -> int:
+def main(*, squeue: str, scontrol: str, slurm_conf: str | None, authd_url: str = "",
+         ca_cert: str = "", cert: str = "", key: str = "", authd_socket: str | None = None,
+         timeout_s: float = 5.0, unreachable: str = "deny") -> int:
     """Entry point used by the installed PrologSlurmctld wrapper."""
     settings = GateSettings(authd_url=authd_url, ca_cert=ca_cert, cert=cert, key=key,
                             squeue=squeue, scontrol=scontrol, slurm_conf=slurm_conf,
-                            timeout_s=timeout_s, unreachable=unreachable)
+                            timeout_s=timeout_s, unreachable=unreachable,
+                            authd_socket=authd_socket)
     return run_gate(os.environ, settings)
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import stat
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -491,3 +496,117 @@ def test_garbage_gets_4xx_and_never_a_grant(site: Site, body: Any) -> None:
         assert 400 <= info.value.status < 500, (path, info.value)
         client.close()
     site.clients.clear()
+
+
+# ---- the gate socket: the job gate beside authd, the caller known by the kernel ----
+
+GATE_CLIENT = r"""
+import json, socket, sys
+path, body = sys.argv[1], sys.argv[2].encode()
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(path)
+sock.sendall(b"POST " + sys.argv[3].encode() + b" HTTP/1.1\r\nHost: localhost\r\n"
+             b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+             + b"\r\nConnection: close\r\n\r\n" + body)
+data = b""
+while chunk := sock.recv(65536):
+    data += chunk
+head, _, payload = data.partition(b"\r\n\r\n")
+print(head.split(b" ")[1].decode(), payload.decode())
+"""
+
+
+def _ask_gate_socket(site: Site, body: dict[str, Any], *, user: str | None = None,
+                     path: str = "/v1/gate") -> tuple[int, dict[str, Any]]:
+    import subprocess
+    import sys
+
+    assert site.authd.gate_socket is not None
+    argv = [sys.executable, "-I", "-c", GATE_CLIENT, str(site.authd.gate_socket),
+            json.dumps(body), path]
+    if user is not None:
+        argv = ["runuser", "-u", user, "--", *argv]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+    status, _, payload = res.stdout.strip().partition(" ")
+    try:
+        return int(status), json.loads(payload)
+    except ValueError:  # aiohttp's own 404/405 pages are text
+        return int(status), {"text": payload}
+
+
+@pytest.fixture
+def gate_site(tmp_path: Path, munge_daemon: MungeDaemon) -> Iterator[Site]:
+    run = Path(tempfile.mkdtemp(prefix="ztgpu-gate-"))
+    run.chmod(0o755)  # nobody may reach the socket's directory (the socket mode decides)
+    made = Site(tmp_path, munge_daemon, authd={"gate_socket": str(run / "gate.sock")})
+    made.enroll_local("root")
+    made.authd.start()
+    try:
+        yield made
+    finally:
+        made.close()
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_the_gate_socket_answers_root_and_refuses_other_users(gate_site: Site) -> None:
+    site = gate_site
+    assert site.authd.gate_socket is not None
+    mode = site.authd.gate_socket.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+    enroll_nobody(site)
+    status, reply = _ask_gate_socket(site, job(job_id="501"))
+    assert status == 200 and reply["allow"] is False and reply["code"] == "mfa_required"
+    site.login("nobody")
+    status, reply = _ask_gate_socket(site, job(job_id="502"))
+    assert (status, reply["allow"]) == (200, True)
+    # The same decision is recorded as one over TLS would be.
+    decided = [e for e in _authd_events(site, "auth.decision") if e.get("job_id") == "502"]
+    assert decided and decided[0]["outcome"] == "allow" and decided[0]["stage"] == "gate"
+    # A user who is not SlurmUser (nobody) is refused by uid, and that is recorded, even
+    # where an admin opened the socket's mode to everyone: the uid check stands alone.
+    os.chmod(site.authd.gate_socket, 0o666)
+    status, reply = _ask_gate_socket(site, job(job_id="503"), user="nobody")
+    assert status == 403 and reply["code"] == "forbidden"
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    refused = _authd_events(site, "auth.refused")
+    assert any(e["peer"] == f"local uid {nobody}" for e in refused), refused
+    assert not [e for e in _authd_events(site, "auth.decision") if e.get("job_id") == "503"]
+    # Only the gate lives there: no logins, grants or admin actions without TLS.
+    status, _ = _ask_gate_socket(site, job(job_id="504"), path="/v1/grant")
+    assert status in (404, 405)
+    status, _ = _ask_gate_socket(site, {"credential": "x", "code": "1"}, path="/v1/login")
+    assert status in (404, 405)
+    # Malformed jobs get the same 400 as over TLS.
+    status, reply = _ask_gate_socket(site, {"job_id": "x; rm"})
+    assert status == 400
+
+
+def test_the_gate_socket_replaces_a_stale_socket_and_refuses_other_files(
+        tmp_path: Path, munge_daemon: MungeDaemon) -> None:
+    import socket
+
+    path = tmp_path / "gate.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # as left by a crashed authd
+    stale.close()
+    made = Site(tmp_path, munge_daemon, authd={"gate_socket": str(path)})
+    made.authd.start()
+    made.authd.stop()
+    assert not path.exists(), "authd removes its socket when it stops"
+    path.write_text("not a socket")
+    with pytest.raises(RuntimeError, match="not a socket"):
+        made.authd.start(timeout=10)
+    assert path.read_text() == "not a socket", "a file that is not a socket is left alone"
+    made.close()
+
+
+def test_an_unknown_gate_socket_user_stops_authd_with_the_name(
+        tmp_path: Path, munge_daemon: MungeDaemon) -> None:
+    made = Site(tmp_path, munge_daemon, authd={"gate_socket": str(tmp_path / "g.sock"),
+                                               "gate_socket_users": ["no-such-slurmuser"]})
+    with pytest.raises(RuntimeError, match="no-such-slurmuser"):
+        made.authd.start(timeout=10)
+    made.close()

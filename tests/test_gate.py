@@ -952,3 +952,23 @@ def test_a_gate_run_imports_neither_http_client_nor_email(tmp_path: Path, pki: S
     assert "ssl" in imported and "json" in imported, "the run reached authd"
     assert stub.requests, "authd was asked"
     assert not {"http.client", "email.parser", "urllib.parse"} & imported
+
+
+def test_with_authd_on_this_host_the_gate_needs_no_certificate(tmp_path: Path) -> None:
+    config = parse_config({"paths": {"hooks_dir": str(tmp_path / "libexec")},
+                           "authd": {"gate_socket": "/run/ztgpu-authd/gate.sock"}}, "test")
+    text = render_gate(config, tmp_path / "slurm.conf")
+    assert "authd_socket='/run/ztgpu-authd/gate.sock'" in text
+    assert "cert=" not in text and "authd_url=" not in text
+    # Without the socket the certificate and URL are still required, by name.
+    with pytest.raises(ConfigError, match=r"auth\.authd_url.*tls\.cert.*authd\.gate_socket"):
+        render_gate(parse_config({}, "test"), tmp_path / "slurm.conf")
+
+
+def test_the_gate_reports_an_unreachable_gate_socket(tmp_path: Path) -> None:
+    settings = gate.GateSettings(authd_url="", ca_cert="", cert="", key="", squeue="",
+                                 scontrol="", slurm_conf=None,
+                                 authd_socket=str(tmp_path / "missing.sock"))
+    job = gate.parse_gate_env(gate_env())
+    with pytest.raises(gate.GateFault, match=r"cannot reach authd at .*missing\.sock"):
+        gate.ask_authd(job, gate.JobResources(1, None, ""), settings, 2.0)

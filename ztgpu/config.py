@@ -336,8 +336,22 @@ class AuthdConfig(_Strict):
     #: A grant lives at least the job's time limit; jobs without one get this.
     default_grant_s: float = Field(default=86400.0, ge=60, le=30 * 86400)
     max_body_bytes: int = Field(default=65536, ge=1024, le=4 * 1024 * 1024)
+    #: A unix socket on which authd also answers the job gate (``POST
+    #: /v1/gate``, nothing else) for a PrologSlurmctld on the same host: no
+    #: TLS and no certificate; the caller's uid from the kernel (SO_PEERCRED)
+    #: must be root, authd's own or one of ``gate_socket_users``. Set, `ztgpu
+    #: install --gate` points the gate at it (a gate start then costs no
+    #: ``ssl`` import and no handshake).
+    gate_socket: AbsPath | None = None
+    gate_socket_users: list[str] = Field(default_factory=lambda: ["slurm"], max_length=16)
 
-
+    @field_validator("gate_socket_users")
+    @classmethod
+    def _check_gate_users(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if not _USER_RE.fullmatch(name)]
+        if bad:
+            raise ValueError(f"not user names: {', '.join(bad)}")
+        return value
 
     @model_validator(mode="after")
     def _check_store(self) -> AuthdConfig:

@@ -38,6 +38,25 @@ def open_authority(config: Config, *, with_holder: bool = True) -> tuple[Any, An
     return authority, store, spool
 
 
+def gate_uids(ac: Any) -> frozenset[int]:
+    """The uids that may ask the gate on ``authd.gate_socket``: root, authd's own, and
+    ``authd.gate_socket_users`` (ConfigError naming one that does not exist)."""
+    import os
+    import pwd
+
+    if ac.gate_socket is None:
+        return frozenset()
+    uids = {0, os.geteuid()}
+    for name in ac.gate_socket_users:
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            raise ConfigError(f"authd.gate_socket_users: user {name!r} does not exist "
+                              "(name SlurmUser, the user slurmctld runs its PrologSlurmctld "
+                              "as)") from None
+    return frozenset(uids)
+
+
 def serve(config_file: str | None, port_file: Path | None = None) -> int:
     from ztgpu import __version__
     from ztgpu.authd.service import AuthService
@@ -54,7 +73,7 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
                                [cert, key, ca_cert])
     authority, store, spool = open_authority(config)
     service = AuthService(authority, server_context=context.get,
-                          max_body_bytes=ac.max_body_bytes)
+                          max_body_bytes=ac.max_body_bytes, gate_uids=gate_uids(ac))
     from ztgpu.audit.forwarder import start_forwarder
 
     # authd's decisions go to the collector like a node's events, under its
@@ -65,7 +84,23 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
     ready = port_file_writer(port_file)
 
     async def run(stop: asyncio.Event) -> None:
-        await service.serve(ac.listen_host, ac.listen_port, stop, ready)
+        local: asyncio.Task[None] | None = None
+        if ac.gate_socket is not None:
+            # Listen on the gate socket before the TLS port is announced ready.
+            listening = asyncio.Event()
+            local = asyncio.create_task(service.serve_gate_socket(
+                ac.gate_socket, stop, lambda _: listening.set()))
+            waiter = asyncio.create_task(listening.wait())
+            await asyncio.wait({local, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if local.done():
+                local.result()  # a socket that could not be made: raise why
+        try:
+            await service.serve(ac.listen_host, ac.listen_port, stop, ready)
+        finally:
+            stop.set()
+            if local is not None:
+                await local
 
     try:
         run_until_stopped(run)

@@ -6,7 +6,9 @@ Who may call what:
   ``POST /v1/login``, ``POST /v1/status``;
 * admins, with no certificate (munge + a fresh MFA login + a policy role):
   ``POST /v1/admin/enroll|revoke|keys/rotate|jit``;
-* the controller, with a ``service`` certificate: ``POST /v1/gate``;
+* the controller, with a ``service`` certificate: ``POST /v1/gate``; or, on
+  the controller host itself, over ``authd.gate_socket`` (a unix socket,
+  only that route) as root, authd's own uid or a ``gate_socket_users`` uid;
 * nodes, with a ``node`` certificate: ``POST /v1/grant`` (for their own
   name only), ``GET /v1/revocations``, ``GET /v1/jit``;
 * any certificate of the site CA: ``GET /v1/jwks``.
@@ -25,6 +27,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -33,6 +36,7 @@ from ztgpu.authd.authority import AuthDenied, Authority, JobRequest
 from ztgpu.errors import InputRejected, ZtgpuError
 from ztgpu.net.ratelimit import RejectLimiter
 from ztgpu.net.tls_server import peer_address, peer_certificate, serve_tls
+from ztgpu.net.unix_server import peer_uid, serve_unix
 
 log = logging.getLogger("ztgpu.authd")
 T = TypeVar("T")
@@ -98,8 +102,12 @@ class AuthService:
     """The routes; decisions are delegated to an Authority on a worker thread."""
 
     def __init__(self, authority: Authority, *, server_context: Callable[[], ssl.SSLContext],
-                 max_body_bytes: int, handshake_timeout_s: float = 10.0) -> None:
+                 max_body_bytes: int, handshake_timeout_s: float = 10.0,
+                 gate_uids: frozenset[int] = frozenset()) -> None:
         self.authority = authority
+        #: Who may ask the gate over the unix socket (kernel-proven uids).
+        self.gate_uids = gate_uids
+        self.max_body_bytes = max_body_bytes
         self.server_context = server_context
         self.handshake_timeout_s = handshake_timeout_s
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="authd")
@@ -141,7 +149,7 @@ class AuthService:
             return await handler(request)
         except HttpRefusal as exc:
             if exc.status in (400, 403, 413, 415):
-                self.refuse(peer_address(request), exc.message)
+                self.refuse(self._peer(request), exc.message)
             return web.json_response({"error": exc.message, "code": exc.code},
                                      status=exc.status)
         except AuthDenied as exc:
@@ -151,9 +159,14 @@ class AuthService:
         except InputRejected as exc:
             return web.json_response({"error": str(exc), "code": "bad_request"}, status=400)
         except web.HTTPRequestEntityTooLarge:
-            self.refuse(peer_address(request), "request body too large")
+            self.refuse(self._peer(request), "request body too large")
             return web.json_response({"error": "body too large", "code": "too_large"},
                                      status=413)
+
+    @staticmethod
+    def _peer(request: web.Request) -> str:
+        uid = peer_uid(request)
+        return f"local uid {uid}" if uid is not None else peer_address(request)
 
     def _identity(self, request: web.Request, role: str | None) -> tuple[str, str] | None:
         """(role, name) of the client certificate; HttpRefusal(403) if ``role`` is not met."""
@@ -199,6 +212,16 @@ class AuthService:
     # -- controller and nodes -------------------------------------------------------
     async def gate(self, request: web.Request) -> web.Response:
         self._identity(request, "service")
+        return await self._decide_gate(request)
+
+    async def gate_local(self, request: web.Request) -> web.Response:
+        """``POST /v1/gate`` on the gate socket: the caller's uid instead of a certificate."""
+        uid = peer_uid(request)
+        if uid is None or uid not in self.gate_uids:
+            raise HttpRefusal(403, f"uid {uid} may not ask the job gate", "forbidden")
+        return await self._decide_gate(request)
+
+    async def _decide_gate(self, request: web.Request) -> web.Response:
         job = job_request(await self._json(request))
         decision = await self._run(self.authority.gate, job)
         return web.json_response({"allow": decision.allow, "code": decision.code,
@@ -293,6 +316,13 @@ class AuthService:
         await serve_tls(self.app, host, port, context=self.server_context, stop=stop,
                         on_refused=self.refuse, ready=ready,
                         handshake_timeout_s=self.handshake_timeout_s)
+
+    async def serve_gate_socket(self, path: Path, stop: asyncio.Event,
+                                ready: Callable[[Path], None] | None = None) -> None:
+        """Answer the job gate on the unix socket ``path`` (only that route)."""
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors])
+        app.add_routes([web.post("/v1/gate", self.gate_local)])
+        await serve_unix(app, path, stop=stop, ready=ready)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

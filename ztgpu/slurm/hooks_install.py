@@ -73,6 +73,17 @@ def gate_settings(config: Config, slurm_conf: Path | None) -> dict[str, object]:
     wins when set): the PrologSlurmctld environment has no SLURM_CONF.
     Raises ConfigError naming the keys the gate needs but the config lacks.
     """
+    conf = config.slurm.conf or (Path(os.path.abspath(slurm_conf)) if slurm_conf else None)
+    common: dict[str, object] = {
+        "squeue": str(config.slurm.bin_dir / "squeue"),
+        "scontrol": str(config.slurm.bin_dir / "scontrol"),
+        "slurm_conf": str(conf) if conf is not None else None,
+        "timeout_s": config.auth.request_timeout_s,
+        "unreachable": config.auth.unreachable_action,
+    }
+    if config.authd.gate_socket is not None:
+        # authd on this host: the kernel names the caller, no certificate needed.
+        return {"authd_socket": str(config.authd.gate_socket), **common}
     missing = [name for name, value in (("auth.authd_url", config.auth.authd_url),
                                         ("tls.cert", config.tls.cert),
                                         ("tls.key", config.tls.key)) if value is None]
@@ -80,18 +91,14 @@ def gate_settings(config: Config, slurm_conf: Path | None) -> dict[str, object]:
         raise ConfigError(
             f"the job gate needs {', '.join(missing)} set in the config (authd's URL and "
             "the controller's service certificate, e.g. from "
-            "`ztgpu pki issue --role service --name slurmctld`)")
-    conf = config.slurm.conf or (Path(os.path.abspath(slurm_conf)) if slurm_conf else None)
+            "`ztgpu pki issue --role service --name slurmctld`), or authd.gate_socket "
+            "when authd runs on this host")
     return {
         "authd_url": config.auth.authd_url,
         "ca_cert": str(config.tls.ca_cert),
         "cert": str(config.tls.cert),
         "key": str(config.tls.key),
-        "squeue": str(config.slurm.bin_dir / "squeue"),
-        "scontrol": str(config.slurm.bin_dir / "scontrol"),
-        "slurm_conf": str(conf) if conf is not None else None,
-        "timeout_s": config.auth.request_timeout_s,
-        "unreachable": config.auth.unreachable_action,
+        **common,
     }
 
 

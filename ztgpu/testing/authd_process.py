@@ -67,6 +67,8 @@ class AuthdProcess(ServiceProcess):
         if dsn is not None:
             section["postgres_dsn_file"] = str(self.write_dsn_file(base, dsn))
         section.update(authd or {})
+        #: authd's unix gate socket, when it has one.
+        self.gate_socket = Path(section["gate_socket"]) if section.get("gate_socket") else None
         self.config_path = base / "ztgpu.yaml"
         config: dict[str, dict[str, Any]] = {
             "tls": {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)},

@@ -82,11 +82,14 @@ class MfaCluster:
 
 @contextlib.contextmanager
 def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
-                policy: str = DEFAULT_POLICY, audit: bool = False) -> Iterator[MfaCluster]:
+                policy: str = DEFAULT_POLICY, audit: bool = False,
+                gate_socket: bool = True) -> Iterator[MfaCluster]:
     """A running cluster where GPUs need MFA; everything is removed afterwards.
 
     With ``audit`` the node agent also forwards its spool to a private
-    collector of the same site PKI, as a site with MFA runs it.
+    collector of the same site PKI, as a site with MFA runs it. The gate asks
+    authd over its unix gate socket (authd runs on the "controller", this
+    host) unless ``gate_socket`` is false, when it uses mutual TLS.
     """
     base = Path(tempfile.mkdtemp(prefix="ztgpu-mfa-"))
     base.chmod(0o755)
@@ -97,7 +100,9 @@ def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
         pki = SitePki(base / "pki")
 
         def prepare(cluster: SlurmTestCluster) -> dict[str, Any]:
+            local = {"gate_socket": str(base / "gate.sock")} if gate_socket else {}
             authd = AuthdProcess(base / "authd", pki, munge.socket, policy=policy,
+                                 authd=local,
                                  sections={"slurm": {"conf": str(cluster.slurm_conf),
                                                      "bin_dir": "/usr/bin"}})
             res = authd.ztgpu("admin", "enroll", "root", "--local")
@@ -144,7 +149,8 @@ def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
 
 
 def _install_gate(suite: SuiteCluster, pki: SitePki, authd: AuthdProcess) -> None:
-    """Write the PrologSlurmctld wrapper with a controller certificate, as on a controller."""
+    """Write the PrologSlurmctld wrapper as on a controller: with authd's gate socket when
+    authd has one, else with a controller certificate."""
     from ztgpu.config import parse_config
     from ztgpu.slurm.conf import gate_changes, install
     from ztgpu.slurm.hooks_install import gate_path, write_gate
@@ -154,6 +160,8 @@ def _install_gate(suite: SuiteCluster, pki: SitePki, authd: AuthdProcess) -> Non
     controller = dict(suite.config)
     controller["tls"] = {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)}
     controller["auth"] = {**controller.get("auth", {}), "authd_url": authd.url}
+    if authd.gate_socket is not None:
+        controller["authd"] = {"gate_socket": str(authd.gate_socket)}
     config = parse_config(controller, "controller config")
     write_gate(config, cluster.slurm_conf, dry_run=False)
     install(cluster.slurm_conf, gate_changes(gate_path(config)), dry_run=False)
