@@ -81,4 +81,5 @@ class Agent(Lifecycle, Confinement, Probing, Reconcile):
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=5)
+        self.probe_helper.close()
         self.spool.append("agent.stop", reason=reason, outcome="ok")

@@ -34,6 +34,7 @@ from ztgpu.gpu.backend import GpuBackend, GpuInfo, slurm_order
 from ztgpu.gpu.devices import gpu_device_path
 from ztgpu.noded.backlog import SpoolGuard
 from ztgpu.noded.grant_check import GrantChecker
+from ztgpu.noded.probe_helper import ProbeHelper
 from ztgpu.noded.state import JobRecord, StateStore
 from ztgpu.slurm.client import SlurmClient
 
@@ -115,6 +116,8 @@ class AgentCore:
         self.grant_checker: GrantChecker | None = None
         #: Jobs whose user's access was revoked: no GPU, whatever Slurm allocated.
         self.revoked_jobs: set[str] = set()
+        #: The isolation probe's helper process (started at the first probe).
+        self.probe_helper = ProbeHelper()
 
     def _rest_state(self) -> FileState:
         dev = self.config.devices

@@ -1,7 +1,9 @@
-"""Isolation probe, run by the agent as a short-lived child process.
+"""Isolation probe, run by the agent as a child process it keeps.
 
-Standard library only and self-contained: the agent runs it with
-``python -I -S`` and a JSON request on stdin::
+Standard library only and self-contained: the agent starts it once with
+``python -I -S probe_child.py --serve`` and sends one JSON request per line
+on stdin, each answered by one JSON line on stdout (without ``--serve`` it
+answers a single request read from the whole of stdin)::
 
     {"paths": ["/dev/nvidia0", ...],
      "targets": [{"cgroup_procs": [".../devices/.../cgroup.procs"],
@@ -85,10 +87,26 @@ def run_target(target: dict[str, object], paths: list[str]) -> dict[str, object]
     return parsed if isinstance(parsed, dict) else {"error": "malformed probe answer"}
 
 
+def answer(text: str) -> str:
+    """One request's answer line; a request that cannot be read is answered as such."""
+    try:
+        request = json.loads(text)
+        paths = [str(p) for p in request["paths"]]
+        targets = request["targets"]
+        assert isinstance(targets, list)
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        return json.dumps({"error": f"bad request: {type(exc).__name__}"})
+    return json.dumps([run_target(t, paths) for t in targets])
+
+
 def main() -> int:
-    request = json.loads(sys.stdin.read())
-    paths = [str(p) for p in request["paths"]]
-    print(json.dumps([run_target(t, paths) for t in request["targets"]]))
+    if sys.argv[1:] == ["--serve"]:
+        # Until the agent closes our stdin; a crash of ours is seen as EOF there.
+        for line in sys.stdin:
+            sys.stdout.write(answer(line) + "\n")
+            sys.stdout.flush()
+        return 0
+    print(answer(sys.stdin.read()))
     return 0
 
 

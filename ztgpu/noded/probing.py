@@ -10,8 +10,6 @@ exactly its GPUs). A mismatch is a critical event and triggers
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,8 +18,6 @@ from typing import Any
 from ztgpu.errors import Fault
 from ztgpu.noded.core import AgentCore, LiveJob, gpu_fields, log
 from ztgpu.noded.state import JobRecord
-
-PROBE_CHILD = Path(__file__).with_name("probe_child.py")
 
 
 class Probing(AgentCore):
@@ -38,7 +34,8 @@ class Probing(AgentCore):
                    ) -> list[dict[str, dict[str, str]] | str]:
         """Open every GPU from inside each (cgroup, uid, gid), as root and as uid:gid.
 
-        One helper process serves the whole batch (it forks per target).
+        The agent's kept helper process (``ProbeHelper``) serves the whole
+        batch; it forks per target.
         Each entry is ``{"cgroup_only": {...}, "user": {...}}`` mapping a path
         to ``open`` or the errno name that refused it, or an error string.
 
@@ -50,17 +47,16 @@ class Probing(AgentCore):
             "targets": [{"cgroup_procs": [str(cg / "cgroup.procs")], "uid": uid, "gid": gid}
                         for cg, uid, gid in targets]})
         timeout = self.config.isolation.probe_timeout_s * max(1, len(targets))
+        line = self.probe_helper.ask(request, timeout)
         try:
-            res = subprocess.run([sys.executable, "-I", "-S", str(PROBE_CHILD)],
-                                 input=request, capture_output=True, text=True,
-                                 timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise Fault(f"isolation probe timed out after {timeout:g}s") from None
-        try:
-            answers = json.loads(res.stdout)
+            answers = json.loads(line)
         except ValueError:
-            raise Fault(f"isolation probe failed: {res.stderr.strip()[-300:]}") from None
+            self.probe_helper.close()
+            raise Fault("isolation probe answered garbage") from None
+        if isinstance(answers, dict) and "error" in answers:
+            raise Fault(f"isolation probe failed: {str(answers['error'])[:300]}")
         if not isinstance(answers, list) or len(answers) != len(targets):
+            self.probe_helper.close()
             raise Fault("isolation probe answered garbage")
         results: list[dict[str, dict[str, str]] | str] = []
         for answer in answers:
