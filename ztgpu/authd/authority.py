@@ -55,6 +55,9 @@ class AuthDenied(Denied):
 class EventSink(Protocol):
     def append(self, code: str, **fields: Any) -> dict[str, Any]: ...
 
+    def append_many(self, items: Sequence[tuple[str, Mapping[str, Any]]]
+                    ) -> list[dict[str, Any]]: ...
+
 
 class UserDirectory(Protocol):
     """Names, uids and groups as the cluster knows them (pwd/grp, LDAP via NSS)."""
@@ -341,11 +344,11 @@ class Authority:
         from ztgpu.trust.grants import issue_grant
 
         decision = self.decide(job, gpus_held_on_node=gpus_held_on_node)
-        self.events.append("auth.decision", job_id=job.job_id, uid=job.uid, user=job.user,
-                           outcome="allow" if decision.allow else "deny",
-                           reason=decision.reason, rule=decision.rule, stage="grant",
-                           target_node=node)
+        decided = {"job_id": job.job_id, "uid": job.uid, "user": job.user,
+                   "outcome": "allow" if decision.allow else "deny", "reason": decision.reason,
+                   "rule": decision.rule, "stage": "grant", "target_node": node}
         if not decision.allow:
+            self.events.append("auth.decision", **decided)
             raise AuthDenied(decision.reason, decision.code)
         now = self.now()
         lifetime = (job.time_limit_s or self.store.time_limit(job.job_id)
@@ -358,9 +361,12 @@ class Authority:
                             node=node, gpus=bound, expires_at=expires, now=now, jti=jti)
         self.store.record_grant(jti, job.job_id, job.uid, job.user, node, bound,
                                 self._ts(now), self._ts(expires))
-        self.events.append("auth.grant", job_id=job.job_id, uid=job.uid, user=job.user,
-                           target_node=node, gpus=[dict(g) for g in gpus], jti=jti,
-                           expires=self._ts(expires), outcome="issued")
+        # The decision and the grant it led to: one durable write for both.
+        self.events.append_many([
+            ("auth.decision", decided),
+            ("auth.grant", {"job_id": job.job_id, "uid": job.uid, "user": job.user,
+                            "target_node": node, "gpus": [dict(g) for g in gpus], "jti": jti,
+                            "expires": self._ts(expires), "outcome": "issued"})])
         return token, self._ts(expires)
 
     # -- signing keys -----------------------------------------------------------
