@@ -17,7 +17,7 @@ import sys
 
 from ztgpu.errors import AgentUnreachable, Denied, Fault, InputRejected
 from ztgpu.node_client import call, send_checked
-from ztgpu.slurm.env import parse_job_env
+from ztgpu.slurm.env import parse_job_env, parse_job_id
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,6 +38,11 @@ def run_hook(hook: str, socket_path: str, env: Mapping[str, str],
         _say(hook, "internal error: unknown hook name")
         return EXIT_NODE_UNSAFE
     try:
+        if hook == "epilog":
+            # Release goes by job id alone: the agent undoes what it granted that
+            # job from its own record, whatever the environment or NSS says now
+            # (a user deleted while the job ran, LDAP down).
+            return _release(parse_job_id(env.get("SLURM_JOB_ID")), socket_path, timeout)
         job = parse_job_env(env)
     except InputRejected as exc:
         _say(hook, f"job refused, no GPU granted: {exc}")
@@ -63,6 +68,21 @@ def run_hook(hook: str, socket_path: str, env: Mapping[str, str],
         return EXIT_OK
     except Fault as exc:
         _say(hook, f"node unsafe: enforcement for job {job.job_id} failed: {exc}")
+        return EXIT_NODE_UNSAFE
+    return EXIT_OK
+
+
+def _release(job_id: str, socket_path: str, timeout: float) -> int:
+    try:
+        send_checked(socket_path, "epilog", timeout, job_id=job_id)
+    except AgentUnreachable as exc:
+        _say("epilog", f"node unsafe: {exc}; start it with 'systemctl start ztgpu-noded'")
+        return EXIT_NODE_UNSAFE
+    except Denied as exc:
+        _say("epilog", f"job {job_id}: the agent refused the release: {exc}")
+        return EXIT_OK
+    except Fault as exc:
+        _say("epilog", f"node unsafe: releasing job {job_id}'s GPUs failed: {exc}")
         return EXIT_NODE_UNSAFE
     return EXIT_OK
 

@@ -368,10 +368,30 @@ def test_socket_file_is_private_to_root_and_the_slurm_user(agent):
 
 
 def test_epilog_releases_a_known_job_even_if_its_user_vanished(agent):
+    """Through the installed Epilog: the job's user no longer resolves (deleted while
+    the job ran, or LDAP down), yet the GPU goes back and the release is recorded."""
     assert agent.run_hook("prolog", job_env("41", gpus="2")).returncode == 0
-    res = agent.call("epilog", job={"job_id": "41", "uid": 12345, "user": "gone", "gpus": []})
-    assert [g["minor"] for g in res["released"]] == [2]
+    assert owner_mode(agent.dev_dir / "nvidia2")[0] == NOBODY.pw_uid
+    vanished = {**job_env("41", gpus="2"), "SLURM_JOB_UID": "54321",
+                "SLURM_JOB_USER": "ztgpu-deleted-user"}
+    res = agent.run_hook("epilog", vanished)
+    assert res.returncode == 0, res.stderr
     assert owner_mode(agent.dev_dir / "nvidia2") == ROOT_0600
+    release = agent.events("job.release", "41")
+    assert release and release[-1]["outcome"] == "released"
+    assert release[-1]["user"] == "nobody" and release[-1]["uid"] == NOBODY.pw_uid, (
+        "recorded from the agent's own record, not the Epilog's environment")
+    assert [g["minor"] for g in release[-1]["gpus"]] == [2]
+    assert not agent.events("job.refused")
+
+
+def test_epilog_without_a_usable_job_id_is_recorded_and_leaves_nothing_open(agent):
+    assert agent.run_hook("prolog", job_env("42", gpus="1")).returncode == 0
+    res = agent.run_hook("epilog", {**job_env("42"), "SLURM_JOB_ID": "42; rm -rf"})
+    assert res.returncode == 0
+    assert agent.events("hook.error")[-1]["hook"] == "epilog"
+    assert owner_mode(agent.dev_dir / "nvidia1")[0] == NOBODY.pw_uid, (
+        "a release names its job: an unreadable id releases nothing of job 42")
 
 
 def test_prolog_rerun_with_other_gpus_returns_the_old_ones(agent):
