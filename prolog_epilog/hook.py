@@ -94,12 +94,26 @@ def run_task_prolog(task_socket: str, timeout: float = 10.0) -> int:
     reads a TaskProlog's stdout for ``export``/``print`` commands). A
     non-zero exit makes Slurm fail the task rather than run it unconfined.
     """
-    try:
-        send_checked(task_socket, "confine", timeout)
-    except (AgentUnreachable, Denied, Fault) as exc:
-        _say("task prolog", f"this task cannot be confined to its GPUs: {exc}")
+    import time
+
+    deadline = time.monotonic() + timeout
+    pause = 0.02
+    while True:
+        try:
+            send_checked(task_socket, "confine", max(0.1, deadline - time.monotonic()))
+            return EXIT_OK
+        except Fault as exc:
+            # "agent busy, retry" / "too many connections": another user may be
+            # flooding the task socket; try again within this task's budget.
+            if "retry" in str(exc) and time.monotonic() + pause < deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+                continue
+            problem: Exception = exc
+        except (AgentUnreachable, Denied) as exc:
+            problem = exc
+        _say("task prolog", f"this task cannot be confined to its GPUs: {problem}")
         return EXIT_NODE_UNSAFE
-    return EXIT_OK
 
 
 def main(hook: str, socket_path: str, timeout: float = 10.0) -> int:

@@ -317,3 +317,52 @@ def test_agent_killed_and_restarted_mid_job_keeps_enforcing(suite):
     release = suite.wait_event("job.release", job)
     assert release["outcome"] == "released"
     assert owner(c.gpu_path(minor)) == (0, 0, 0o600)
+
+
+FLOOD = r"""
+import socket, sys, time
+path, count, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+held, opened, end = [], 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(0.2)
+    try:
+        s.connect(path)
+        held.append(s)
+        opened += 1
+    except OSError:
+        s.close()
+    if len(held) >= count:
+        held.pop(0).close()
+    if opened == count:
+        print("flooding", flush=True)
+    time.sleep(0.001)
+print(opened, flush=True)
+"""
+
+
+def test_idle_connections_of_one_user_do_not_fail_other_users_tasks(suite):
+    """200 idle connections from ztbob, kept up while ztalice's tasks start: every
+    TaskProlog of hers still confines its task, and the flood is recorded, bounded."""
+    c = suite.cluster
+    task_socket = suite.config["paths"]["task_socket"]
+    flood = subprocess.Popen(["runuser", "-u", "ztbob", "--", sys.executable, "-I", "-c",
+                              FLOOD, task_socket, "200", "40"],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert flood.stdout is not None
+        assert flood.stdout.readline().strip() == "flooding"
+        before = len(suite.events("job.grant"))
+        for _ in range(5):
+            # check=True: a failed TaskProlog fails the step and srun exits non-zero.
+            c.slurm(["srun", "--gres=gpu:1", "-n1", f"--chdir={c.work_dir}", "true"],
+                    user="ztalice", timeout=60)
+        assert flood.poll() is None, "the flood was still on"
+    finally:
+        os.killpg(flood.pid, signal.SIGKILL)  # runuser and the flood under it
+        flood.communicate(timeout=10)
+    assert len(suite.events("job.grant")) == before + 5
+    rejected = [e for e in suite.events("request.rejected")
+                if e.get("peer_uid") == uid_of("ztbob")]
+    assert 1 <= len(rejected) <= 11, "recorded, at most 10 a minute plus a summary"
+    assert any("connections at once" in e["reason"] for e in rejected)

@@ -28,6 +28,12 @@ from ztgpu.errors import Denied, InputRejected, ZtgpuError
 log = logging.getLogger("ztgpu.noded")
 
 MAX_CONNECTIONS = 64
+#: Connections one uid may hold open at once (root and trusted uids are exempt):
+#: a local user cannot take the slots other users' tasks need.
+MAX_PER_UID = 4
+#: A client must send its first byte within this long; the whole request
+#: within ``timeout_s``. An idle connection holds a slot this long at most.
+FIRST_BYTE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -54,17 +60,25 @@ class _RequestHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         srv = self.server
         sock: socket.socket = self.request
-        if not srv.slots.acquire(blocking=False):
-            self._answer(sock, {"ok": False, "kind": "fault", "error": "agent busy, retry"})
+        peer = peer_of(sock)
+        if not srv.enter(peer.uid):
+            srv.reject(peer.uid, f"more than {MAX_PER_UID} connections at once")
+            self._answer(sock, {"ok": False, "kind": "fault",
+                                "error": "too many connections from this user, retry"})
             return
         try:
-            self._serve(sock)
+            if not srv.slots.acquire(blocking=False):
+                self._answer(sock, {"ok": False, "kind": "fault", "error": "agent busy, retry"})
+                return
+            try:
+                self._serve(sock, peer)
+            finally:
+                srv.slots.release()
         finally:
-            srv.slots.release()
+            srv.leave(peer.uid)
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: socket.socket, peer: Peer) -> None:
         srv = self.server
-        peer = peer_of(sock)
         uid = peer.uid
         if srv.allowed_uids is not None and uid not in srv.allowed_uids:
             srv.reject(uid, "peer uid not allowed on the agent socket")
@@ -109,13 +123,18 @@ class _RequestHandler(socketserver.BaseRequestHandler):
 
     def _read(self, sock: socket.socket) -> bytes:
         limit = self.server.max_bytes
-        deadline = time.monotonic() + self.server.timeout_s
+        started = time.monotonic()
+        deadline = started + self.server.timeout_s
         buf = bytearray()
         try:
             while b"\n" not in buf:
                 # The deadline covers the whole request, so a client that
-                # trickles bytes cannot hold a worker slot for long.
+                # trickles bytes cannot hold a worker slot for long; one that
+                # sends nothing at all is dropped sooner still.
                 remaining = deadline - time.monotonic()
+                if not buf:
+                    remaining = min(remaining, started + self.server.first_byte_s
+                                    - time.monotonic())
                 if remaining <= 0:
                     raise TimeoutError
                 sock.settimeout(remaining)
@@ -164,6 +183,11 @@ class AgentSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServ
         self.timeout_s = timeout_s
         self.on_reject = on_reject
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.first_byte_s = min(FIRST_BYTE_S, timeout_s)
+        #: Open connections per uid; uids in ``unlimited_uids`` are not counted.
+        self.active: dict[int, int] = {}
+        self.active_lock = threading.Lock()
+        self.unlimited_uids = {0} | (allowed_uids or set())
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         if path.exists() or path.is_symlink():
             path.unlink()
@@ -173,6 +197,26 @@ class AgentSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServ
         finally:
             os.umask(old)
         os.chmod(path, mode)
+
+    def enter(self, uid: int) -> bool:
+        """Count a connection of ``uid``; False when it already holds its share."""
+        if uid in self.unlimited_uids:
+            return True
+        with self.active_lock:
+            if self.active.get(uid, 0) >= MAX_PER_UID:
+                return False
+            self.active[uid] = self.active.get(uid, 0) + 1
+            return True
+
+    def leave(self, uid: int) -> None:
+        if uid in self.unlimited_uids:
+            return
+        with self.active_lock:
+            left = self.active.get(uid, 0) - 1
+            if left > 0:
+                self.active[uid] = left
+            else:
+                self.active.pop(uid, None)
 
     def reject(self, uid: int, reason: str) -> None:
         log.warning("rejected request from uid %d: %s", uid, reason)
