@@ -10,6 +10,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -169,3 +170,32 @@ def test_authd_unreachable_with_allow_grants_and_records_it(munge_daemon: MungeD
             assert action["action"] == "grant_without_authd"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_revocation_survives_an_agent_crash_even_with_authd_away(
+        site: tuple[Site, StandaloneAgent]) -> None:
+    """kill -9 after the revocation; the agent comes back while authd is down (so its
+    feed cannot be read again): the revoked job's GPUs stay at rest, the revocation is
+    reapplied from the agent's own state and the job is cancelled again."""
+    made, agent = site
+    made.login("nobody")
+    assert agent.run_hook("prolog", job_env("503")).returncode == 0
+    minors = granted_minors(agent, "503")
+    made.admin("/v1/admin/revoke", user="nobody", reason="laptop stolen")
+    wait_for(lambda: any(e["action"] == "revoke" for e in agent.events("job.action", "503")),
+             30, "the agent to act on the revocation")
+    assert all(owner(agent, m) == 0 for m in minors)
+    agent.stop(signal.SIGKILL)
+    made.authd.stop()
+    agent.start()
+    assert all(owner(agent, m) == 0 for m in minors), "the restart gave the GPUs back"
+    reapplied = [e for e in agent.events("job.action", "503")
+                 if e["action"] == "revoke" and "reapplied" in e["reason"]]
+    assert reapplied and "laptop stolen" in reapplied[0]["reason"]
+    wait_for(lambda: len([e for e in agent.events("job.action", "503")
+                          if e["action"] == "cancel_job"]) >= 2, 20, "the cancel to be retried")
+    time.sleep(1.2)  # a drift pass: it must not hand the files back either
+    assert all(owner(agent, m) == 0 for m in minors)
+    # The Epilog ends the revocation with the job.
+    assert agent.run_hook("epilog", job_env("503")).returncode == 0
+    assert agent.events("job.release", "503")

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from ztgpu.errors import SlurmError
+from ztgpu.slurm.client import LIVE_JOB_STATES
 
 log = logging.getLogger("ztgpu.authd")
 
@@ -33,9 +34,6 @@ class HoldingSlurm(Protocol):
     def job_state(self, job_id: str) -> str | None: ...
 
 
-#: States in which a cancelled job is still there to cancel.
-_LIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD",
-                   "REQUEUE_FED", "SUSPENDED"})
 
 
 class SlurmJobHolder:
@@ -75,11 +73,11 @@ class SlurmJobHolder:
                     before = self.slurm.job_state(job_id)
                     if before == "CONFIGURING":
                         raise SlurmError(f"job {job_id} is still in its PrologSlurmctld")
-                    if before is None or before not in _LIVE:
+                    if before is None or before not in LIVE_JOB_STATES:
                         log.info("job %s already ended (%s)", job_id, before or "gone")
                         return
                     self.slurm.cancel(job_id, reason)
-                    if self.slurm.job_state(job_id) in _LIVE:
+                    if self.slurm.job_state(job_id) in LIVE_JOB_STATES:
                         raise SlurmError(f"job {job_id} is still queued after scancel")
                 else:
                     self.slurm.release(job_id)

@@ -65,9 +65,9 @@ def _start_grant_checks(config: Config, agent: Agent) -> RevocationWatcher | Non
                            timeout_s=auth.request_timeout_s,
                            unreachable_action=auth.unreachable_action)
     agent.grant_checker = checker
-    watcher = RevocationWatcher(checker, agent.revoke_user, auth.revocation_poll_s)
-    watcher.start()
-    return watcher
+    # Started by the caller once the agent has loaded its state: a revocation
+    # acted on before that would find no job and be passed over.
+    return RevocationWatcher(checker, agent.revoke_user, auth.revocation_poll_s)
 
 
 def serve(config: Config, ready: threading.Event | None = None) -> int:
@@ -116,6 +116,8 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
         agent.audit_status = audit_status
         guard.check()
     agent.start()
+    if watcher is not None:
+        watcher.start()
 
     def on_reject(uid: int, reason: str) -> None:
         spool.append("request.rejected", peer_uid=uid, reason=reason[:300],

@@ -36,9 +36,14 @@ from ztgpu.noded.backlog import SpoolGuard
 from ztgpu.noded.grant_check import GrantChecker
 from ztgpu.noded.probe_helper import ProbeHelper
 from ztgpu.noded.state import JobRecord, StateStore
-from ztgpu.slurm.client import SlurmClient
+from ztgpu.slurm.client import LIVE_JOB_STATES, SlurmClient
 
 log = logging.getLogger("ztgpu.noded")
+
+#: Cancelling a job: attempts, and the pause between them (doubling up to the maximum).
+CANCEL_ATTEMPTS = 12
+CANCEL_FIRST_PAUSE_S = 1.0
+CANCEL_MAX_PAUSE_S = 30.0
 
 
 class EventSink(Protocol):
@@ -156,16 +161,43 @@ class AgentCore:
         return problems
 
     def _act_on_job(self, job_id: str, reason: str) -> None:
-        """End the job in the background (Slurm commands may take seconds)."""
+        """End the job in the background (Slurm commands may take seconds).
+
+        ``scancel`` is repeated, with backoff, until Slurm no longer lists the
+        job as live (a cancel can fail, or be undone by a requeue). Recorded:
+        the first failure at once (``failed``, retrying), then the end
+        (``cancelled`` once Slurm shows the job ended, or ``failed`` when the
+        attempts ran out).
+        """
         def work() -> None:
-            try:
-                self.slurm.cancel(job_id, reason)
-                outcome, detail = "cancelled", reason
-            except SlurmError as exc:
-                outcome, detail = "failed", f"{reason}; cancel failed: {exc}"
-                log.error("could not cancel job %s: %s", job_id, exc)
+            pause, problem, told = CANCEL_FIRST_PAUSE_S, "", False
+            for attempt in range(1, CANCEL_ATTEMPTS + 1):
+                try:
+                    self.slurm.cancel(job_id, reason)
+                    state = self.slurm.job_state(job_id)
+                    if state is None or state not in LIVE_JOB_STATES:
+                        self.spool.append("job.action", job_id=job_id, action="cancel_job",
+                                          outcome="cancelled",
+                                          reason=f"{reason} (Slurm: {state or 'gone'}; "
+                                                 f"attempt {attempt})"[:500])
+                        return
+                    problem = f"still {state} after scancel"
+                except SlurmError as exc:
+                    problem = f"cancel failed: {exc}"
+                if not told:
+                    log.error("could not cancel job %s yet (retrying): %s", job_id, problem)
+                    self.spool.append("job.action", job_id=job_id, action="cancel_job",
+                                      outcome="failed",
+                                      reason=f"{reason}; {problem}; retrying"[:500])
+                    told = True
+                if self._stop.wait(pause):
+                    return
+                pause = min(pause * 2, CANCEL_MAX_PAUSE_S)
+            log.error("giving up cancelling job %s: %s", job_id, problem)
             self.spool.append("job.action", job_id=job_id, action="cancel_job",
-                              outcome=outcome, reason=detail)
+                              outcome="failed",
+                              reason=f"{reason}; {problem}; gave up after "
+                                     f"{CANCEL_ATTEMPTS} attempts"[:500])
         threading.Thread(target=work, name=f"cancel-{job_id}", daemon=True).start()
 
     def status(self) -> dict[str, Any]:

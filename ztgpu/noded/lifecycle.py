@@ -137,6 +137,8 @@ class Lifecycle(AgentCore):
                        if live.record.user == user and granted_before(live.record)
                        and live.record.job_id not in self.revoked_jobs]
             for live in targets:
+                # Durable first: a restarted agent must not hand the GPU back.
+                self.state.put_revoked(live.record.job_id, f"access revoked: {reason}")
                 self.revoked_jobs.add(live.record.job_id)
         for live in targets:
             self._revoke_job(live, reason)

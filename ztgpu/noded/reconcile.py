@@ -34,9 +34,13 @@ class Reconcile(AgentCore):
                               outcome="discarded",
                               reason="the node rebooted since these grants were made")
             recovered = {}
+        revoked = {job_id: why for job_id, why in self.state.revoked().items()
+                   if job_id in recovered}
         with self.lock:
             for job_id, record in recovered.items():
                 self.jobs[job_id] = LiveJob(record=record)
+            # Before any file is put right: a revoked job's GPUs stay at rest.
+            self.revoked_jobs |= set(revoked)
             problems = self._reconcile_files()
         self.spool.append("agent.start", version=__version__, gpu_backend=self.backend.name,
                           gpus=gpu_fields(list(self.inventory)),
@@ -47,6 +51,12 @@ class Reconcile(AgentCore):
         if recovered:
             self.spool.append("agent.recovered", jobs=sorted(recovered, key=int),
                               outcome="ok", reason="job grants reloaded from agent state")
+        for job_id, why in sorted(revoked.items()):
+            # The agent may have died between taking the GPUs and the cancel.
+            self.spool.append("job.action", job_id=job_id, action="revoke",
+                              outcome="access_removed",
+                              reason=f"{why} (reapplied after an agent restart)"[:300])
+            self._act_on_job(job_id, why)
 
     def check_drift(self) -> list[dict[str, Any]]:
         """Find device files someone else changed, record and restore them."""

@@ -33,7 +33,7 @@ MAX_CONNECTIONS = 64
 MAX_PER_UID = 4
 #: A client must send its first byte within this long; the whole request
 #: within ``timeout_s``. An idle connection holds a slot this long at most.
-FIRST_BYTE_S = 0.5
+FIRST_BYTE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ def peer_of(sock: socket.socket) -> Peer:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
     return Peer(pid=int(pid), uid=int(uid), gid=int(gid))
+
+
+class _Late(Exception):
+    """The request did not arrive within its deadline."""
 
 
 class _RequestHandler(socketserver.BaseRequestHandler):
@@ -88,6 +92,12 @@ class _RequestHandler(socketserver.BaseRequestHandler):
         try:
             raw = self._read(sock)
             request = json.loads(raw)
+        except _Late as exc:
+            # Too slow: an idle connection, or a client starved of CPU. Not a
+            # malformed request: the answer says to retry.
+            srv.reject(uid, str(exc))
+            self._answer(sock, {"ok": False, "kind": "fault", "error": str(exc)})
+            return
         except InputRejected as exc:
             srv.reject(uid, str(exc))
             self._answer(sock, {"ok": False, "kind": "bad_request", "error": str(exc)})
@@ -145,7 +155,7 @@ class _RequestHandler(socketserver.BaseRequestHandler):
                 if len(buf) > limit:
                     raise InputRejected(f"request larger than {limit} bytes")
         except TimeoutError:
-            raise InputRejected("request not received in time") from None
+            raise _Late("request not received in time, retry") from None
         line = bytes(buf).split(b"\n", 1)[0]
         if not line.strip():
             raise InputRejected("empty request")

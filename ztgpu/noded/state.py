@@ -46,6 +46,10 @@ class StateStore:
                 " gid INTEGER NOT NULL, user TEXT NOT NULL, minors TEXT NOT NULL,"
                 " granted_at TEXT NOT NULL)")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            # Jobs whose user's access was revoked: they stay without GPUs after a
+            # restart of the agent until their Epilog (or a reboot) ends them.
+            self._db.execute("CREATE TABLE IF NOT EXISTS revoked (job_id TEXT PRIMARY KEY,"
+                             " reason TEXT NOT NULL)")
         except sqlite3.Error as exc:
             raise Fault(f"cannot open agent state {path}: {exc}") from exc
 
@@ -59,9 +63,26 @@ class StateStore:
             except sqlite3.Error as exc:
                 raise Fault(f"cannot record job {job.job_id} in agent state: {exc}") from exc
 
-    def delete(self, job_id: str) -> None:
+    def put_revoked(self, job_id: str, reason: str) -> None:
+        """Record a revoked job durably (before its GPUs are taken back)."""
         with self._lock:
             try:
+                self._db.execute("INSERT OR REPLACE INTO revoked VALUES (?, ?)",
+                                 (job_id, reason[:500]))
+            except sqlite3.Error as exc:
+                raise Fault(f"cannot record the revocation of job {job_id}: {exc}") from exc
+
+    def revoked(self) -> dict[str, str]:
+        """Revoked jobs and why."""
+        with self._lock:
+            rows = self._db.execute("SELECT job_id, reason FROM revoked").fetchall()
+        return {str(job_id): str(reason) for job_id, reason in rows}
+
+    def delete(self, job_id: str) -> None:
+        """Forget the job (and its revocation, which ends with it)."""
+        with self._lock:
+            try:
+                self._db.execute("DELETE FROM revoked WHERE job_id = ?", (job_id,))
                 self._db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
             except sqlite3.Error as exc:
                 raise Fault(f"cannot remove job {job_id} from agent state: {exc}") from exc

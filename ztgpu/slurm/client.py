@@ -19,7 +19,17 @@ from ztgpu.errors import SlurmError
 _JOB_ID = re.compile(r"[1-9][0-9]{0,9}")
 
 
+#: Slurm states in which a cancelled job is still there to cancel (a requeue may
+#: have undone the cancel, or it never arrived).
+LIVE_JOB_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD",
+                             "REQUEUE_FED", "SUSPENDED"})
+
+
 class SlurmClient(Protocol):
+    def job_state(self, job_id: str) -> str | None:
+        """The job's state, or None once Slurm no longer lists it."""
+        ...
+
     def cancel(self, job_id: str, reason: str) -> None:
         """End *job_id*, leaving *reason* where the user can read it."""
 
