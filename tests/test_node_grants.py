@@ -100,6 +100,19 @@ def granted_minors(agent: StandaloneAgent, job_id: str) -> list[int]:
     return [g["minor"] for g in agent.wait_event("job.grant", job_id)["gpus"]]
 
 
+def revoked_job(made: Site, agent: StandaloneAgent, job_id: str, reason: str) -> list[int]:
+    """nobody logs in, job ``job_id`` gets its GPUs, nobody is revoked and the agent has
+    taken them back; returns their minors."""
+    made.login("nobody")
+    assert agent.run_hook("prolog", job_env(job_id)).returncode == 0
+    minors = granted_minors(agent, job_id)
+    made.admin("/v1/admin/revoke", user="nobody", reason=reason)
+    wait_for(lambda: any(e["action"] == "revoke" for e in agent.events("job.action", job_id)),
+             30, "the agent to act on the revocation")
+    assert all(owner(agent, m) == 0 for m in minors)
+    return minors
+
+
 def test_without_mfa_the_job_gets_no_gpu_and_the_node_stays_up(
         site: tuple[Site, StandaloneAgent]) -> None:
     _, agent = site
@@ -129,14 +142,8 @@ def test_after_login_the_grant_is_verified_and_gpus_are_handed_over(
 def test_revocation_takes_the_gpus_back(
         site: tuple[Site, StandaloneAgent]) -> None:
     made, agent = site
-    made.login("nobody")
-    assert agent.run_hook("prolog", job_env("502")).returncode == 0
-    minors = granted_minors(agent, "502")
     # How fast is measured by bench/revocation.py; here only that it happens.
-    made.admin("/v1/admin/revoke", user="nobody", reason="token stolen")
-    wait_for(lambda: any(e["action"] == "revoke" for e in agent.events("job.action", "502")),
-             30, "the agent to act on the revocation")
-    assert all(owner(agent, m) == 0 for m in minors)
+    minors = revoked_job(made, agent, "502", "token stolen")
     actions = [e["action"] for e in agent.events("job.action", "502")]
     wait_for(lambda: "cancel_job" in [e["action"] for e in agent.events("job.action", "502")],
              10, "the job to be ended")
@@ -178,13 +185,7 @@ def test_a_revocation_survives_an_agent_crash_even_with_authd_away(
     feed cannot be read again): the revoked job's GPUs stay at rest, the revocation is
     reapplied from the agent's own state and the job is cancelled again."""
     made, agent = site
-    made.login("nobody")
-    assert agent.run_hook("prolog", job_env("503")).returncode == 0
-    minors = granted_minors(agent, "503")
-    made.admin("/v1/admin/revoke", user="nobody", reason="laptop stolen")
-    wait_for(lambda: any(e["action"] == "revoke" for e in agent.events("job.action", "503")),
-             30, "the agent to act on the revocation")
-    assert all(owner(agent, m) == 0 for m in minors)
+    minors = revoked_job(made, agent, "503", "laptop stolen")
     agent.stop(signal.SIGKILL)
     made.authd.stop()
     agent.start()

@@ -30,18 +30,36 @@ async def serve_tls(app: web.Application, host: str, port: int, *,
                     ready: Callable[[int], None] | None = None,
                     handshake_timeout_s: float = 10.0) -> None:
     """Serve ``app`` until ``stop`` is set; ``ready(port)`` once listening."""
+
+    async def listen(factory: Any) -> asyncio.Server:
+        return await asyncio.get_running_loop().create_server(
+            lambda: _TlsAcceptor(factory, context, on_refused, handshake_timeout_s),
+            host, port, reuse_address=True, backlog=512)
+
+    def announce(server: asyncio.Server) -> None:
+        bound = server.sockets[0].getsockname()[1]
+        log.info("listening on %s:%d (TLS 1.3)", host, bound)
+        if ready is not None:
+            ready(bound)
+
+    await serve_app(app, listen, announce, stop)
+
+
+async def serve_app(app: web.Application,
+                    listen: Callable[[Any], Awaitable[asyncio.Server]],
+                    announce: Callable[[asyncio.Server], None],
+                    stop: asyncio.Event) -> None:
+    """Run ``app`` on the server ``listen(factory)`` makes until ``stop`` is set.
+
+    ``announce(server)`` runs once it listens; on the way out the server
+    stops accepting, open requests finish (aiohttp's cleanup) and it closes.
+    """
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     factory = runner.server
     assert factory is not None
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: _TlsAcceptor(factory, context, on_refused, handshake_timeout_s),
-        host, port, reuse_address=True, backlog=512)
-    bound = server.sockets[0].getsockname()[1]
-    log.info("listening on %s:%d (TLS 1.3)", host, bound)
-    if ready is not None:
-        ready(bound)
+    server = await listen(factory)
+    announce(server)
     try:
         await stop.wait()
     finally:

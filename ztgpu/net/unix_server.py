@@ -19,10 +19,12 @@ import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from ztgpu.errors import ConfigError
+from ztgpu.net.tls_server import serve_app
 
 log = logging.getLogger("ztgpu.net")
 
@@ -64,26 +66,24 @@ def _bind(path: Path) -> socket.socket:
 async def serve_unix(app: web.Application, path: Path, *, stop: asyncio.Event,
                      ready: Callable[[Path], None] | None = None) -> None:
     """Serve ``app`` on the unix socket ``path`` until ``stop`` is set; removes it after."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    factory = runner.server
-    assert factory is not None
-    sock = _bind(path)
+
+    async def listen(factory: Any) -> asyncio.Server:
+        sock = _bind(path)
+        try:
+            return await asyncio.get_running_loop().create_unix_server(
+                factory, sock=sock, backlog=128)
+        except BaseException:
+            sock.close()
+            raise
+
+    def announce(server: asyncio.Server) -> None:
+        log.info("listening on %s (unix socket)", path)
+        if ready is not None:
+            ready(path)
+
     try:
-        server = await asyncio.get_running_loop().create_unix_server(
-            factory, sock=sock, backlog=128)
-    except BaseException:
-        sock.close()
-        raise
-    log.info("listening on %s (unix socket)", path)
-    if ready is not None:
-        ready(path)
-    try:
-        await stop.wait()
+        await serve_app(app, listen, announce, stop)
     finally:
-        server.close()
-        await runner.cleanup()
-        await server.wait_closed()
         with contextlib.suppress(OSError):
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 path.unlink()
