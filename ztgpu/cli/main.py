@@ -25,8 +25,11 @@ def _cmd_install(args: argparse.Namespace) -> int:
     from ztgpu.config import load_config
     from ztgpu.slurm.conf import gate_changes, install, suite_changes
     from ztgpu.slurm.hooks_install import gate_path, hook_path, render_gate, write_gate, write_hooks
+    from ztgpu.trust.safe_paths import require_trusted
 
     config = load_config(args.config)
+    # Slurm runs these as root: nobody else may be able to replace them.
+    require_trusted(config.paths.hooks_dir, "paths.hooks_dir")
     changes = suite_changes(hook_path("prolog", config), hook_path("epilog", config),
                             hook_path("task_prolog", config))
     if args.gate:
@@ -54,7 +57,8 @@ def _cmd_install(args: argparse.Namespace) -> int:
         print(f"dry run: {args.slurm_conf} not changed")
     else:
         print(f"updated: {args.slurm_conf} (backup: {result.backup})")
-        print("restart slurmd (and slurmctld) for Prolog/Epilog changes to take effect")
+        print("restart slurmctld, then slurmd on every node: both must read this slurm.conf "
+              "(a node whose controller still has the old one runs jobs without the hooks)")
         if args.gate:
             print("restart slurmctld for the job gate (PrologSlurmctld) to take effect")
     return 0
