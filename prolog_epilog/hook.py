@@ -22,6 +22,7 @@ from ztgpu.slurm.env import parse_job_env, parse_job_id
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_NODE_UNSAFE = 1
@@ -37,13 +38,18 @@ def run_hook(hook: str, socket_path: str, env: Mapping[str, str],
     if hook not in ("prolog", "epilog"):
         _say(hook, "internal error: unknown hook name")
         return EXIT_NODE_UNSAFE
+    fields: dict[str, Any] = {}
     try:
         if hook == "epilog":
             # Release goes by job id alone: the agent undoes what it granted that
             # job from its own record, whatever the environment or NSS says now
             # (a user deleted while the job ran, LDAP down).
-            return _release(parse_job_id(env.get("SLURM_JOB_ID")), socket_path, timeout)
-        job = parse_job_env(env)
+            job_id = parse_job_id(env.get("SLURM_JOB_ID"))
+        else:
+            job = parse_job_env(env)
+            job_id = job.job_id
+            fields = {"uid": job.uid, "user": job.user, "gpus": job.gpus,
+                      "partition": job.partition, "account": job.account}
     except InputRejected as exc:
         _say(hook, f"job refused, no GPU granted: {exc}")
         try:
@@ -56,33 +62,16 @@ def run_hook(hook: str, socket_path: str, env: Mapping[str, str],
             _say(hook, f"the agent did not record the refusal: {other}")
         return EXIT_OK
     try:
-        send_checked(socket_path, hook, timeout, job_id=job.job_id, uid=job.uid,
-                     user=job.user, gpus=job.gpus, partition=job.partition,
-                     account=job.account)
+        send_checked(socket_path, hook, timeout, job_id=job_id, **fields)
     except AgentUnreachable as exc:
         _say(hook, f"node unsafe: {exc}; start it with 'systemctl start ztgpu-noded'")
         return EXIT_NODE_UNSAFE
     except Denied as exc:
         # Includes InputRejected: a decision about this job, not a node fault.
-        _say(hook, f"job {job.job_id} refused, no GPU granted: {exc}")
+        _say(hook, f"job {job_id} refused, no GPU granted: {exc}")
         return EXIT_OK
     except Fault as exc:
-        _say(hook, f"node unsafe: enforcement for job {job.job_id} failed: {exc}")
-        return EXIT_NODE_UNSAFE
-    return EXIT_OK
-
-
-def _release(job_id: str, socket_path: str, timeout: float) -> int:
-    try:
-        send_checked(socket_path, "epilog", timeout, job_id=job_id)
-    except AgentUnreachable as exc:
-        _say("epilog", f"node unsafe: {exc}; start it with 'systemctl start ztgpu-noded'")
-        return EXIT_NODE_UNSAFE
-    except Denied as exc:
-        _say("epilog", f"job {job_id}: the agent refused the release: {exc}")
-        return EXIT_OK
-    except Fault as exc:
-        _say("epilog", f"node unsafe: releasing job {job_id}'s GPUs failed: {exc}")
+        _say(hook, f"node unsafe: enforcement for job {job_id} failed: {exc}")
         return EXIT_NODE_UNSAFE
     return EXIT_OK
 
@@ -94,26 +83,14 @@ def run_task_prolog(task_socket: str, timeout: float = 10.0) -> int:
     reads a TaskProlog's stdout for ``export``/``print`` commands). A
     non-zero exit makes Slurm fail the task rather than run it unconfined.
     """
-    import time
-
-    deadline = time.monotonic() + timeout
-    pause = 0.02
-    while True:
-        try:
-            send_checked(task_socket, "confine", max(0.1, deadline - time.monotonic()))
-            return EXIT_OK
-        except Fault as exc:
-            # "agent busy, retry" / "too many connections": another user may be
-            # flooding the task socket; try again within this task's budget.
-            if "retry" in str(exc) and time.monotonic() + pause < deadline:
-                time.sleep(pause)
-                pause = min(pause * 2, 0.5)
-                continue
-            problem: Exception = exc
-        except (AgentUnreachable, Denied) as exc:
-            problem = exc
-        _say("task prolog", f"this task cannot be confined to its GPUs: {problem}")
+    try:
+        # A busy agent (another user flooding this socket) is retried within
+        # the budget by the client.
+        send_checked(task_socket, "confine", timeout)
+    except (AgentUnreachable, Denied, Fault) as exc:
+        _say("task prolog", f"this task cannot be confined to its GPUs: {exc}")
         return EXIT_NODE_UNSAFE
+    return EXIT_OK
 
 
 def main(hook: str, socket_path: str, timeout: float = 10.0) -> int:

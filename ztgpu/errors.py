@@ -64,3 +64,7 @@ class SlurmError(Fault):
 
 class AgentUnreachable(Fault):
     """The node agent's socket could not be reached."""
+
+
+class AgentBusy(Fault):
+    """The node agent had no room for the request (it says to retry)."""

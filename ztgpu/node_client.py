@@ -2,7 +2,10 @@
 
 One request per connection: a single JSON object terminated by a newline,
 answered by a single JSON object ``{"ok": true, "result": ...}`` or
-``{"ok": false, "kind": "denied"|"bad_request"|"fault", "error": "..."}``.
+``{"ok": false, "kind": "denied"|"bad_request"|"fault"|"busy", "error": "..."}``.
+``busy`` (no room for the request: the agent's slots, this uid's share, or a
+request that came too slowly) is retried here, with backoff, within the
+caller's timeout, so that no hook fails because another user floods a socket.
 
 The Prolog, Epilog and TaskProlog use this module on every job, so it is
 written for interpreter start-up time: it talks to ``_socket`` directly
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import _socket
 
-from ztgpu.errors import AgentUnreachable, Denied, Fault, InputRejected
+from ztgpu.errors import AgentBusy, AgentUnreachable, Denied, Fault, InputRejected
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -26,10 +29,28 @@ PROTOCOL_VERSION = 1
 DEFAULT_TIMEOUT_S = 10.0
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 _OK_PREFIX = b'{"ok":true'
+_BUSY_PREFIX = b'{"ok":false,"kind":"busy"'
 
 
 def _exchange(socket_path: str, request: bytes, timeout: float) -> bytes:
-    """Send *request*, return the raw answer. Raises AgentUnreachable or Fault."""
+    """Send *request*, return the raw answer, trying again while the agent is busy.
+
+    Raises AgentUnreachable or Fault; AgentBusy once *timeout* is spent.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    pause = 0.02
+    while True:
+        raw = _exchange_once(socket_path, request, max(0.1, deadline - time.monotonic()))
+        if not raw.startswith(_BUSY_PREFIX) or time.monotonic() + pause >= deadline:
+            return raw
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
+def _exchange_once(socket_path: str, request: bytes, timeout: float) -> bytes:
+    """Send *request* once, return the raw answer. Raises AgentUnreachable or Fault."""
     try:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
@@ -85,6 +106,8 @@ def _result(raw: bytes) -> Any:
         raise InputRejected(error)
     if kind == "denied":
         raise Denied(error)
+    if kind == "busy":
+        raise AgentBusy(f"the node agent is busy ({error}); gave up retrying")
     raise Fault(error)
 
 
@@ -117,8 +140,10 @@ def send_checked(socket_path: str, op: str, timeout: float, *, job_id: str | Non
     """
     fields = [f'"v":{PROTOCOL_VERSION}', f'"op":"{op}"']
     if job_id is not None:
-        job = [f'"job_id":"{job_id}"', f'"uid":{int(uid or 0)}', f'"user":"{user}"',
-               f'"gpus":[{",".join(str(int(g)) for g in gpus or ())}]']
+        job = [f'"job_id":"{job_id}"']
+        if uid is not None:  # the Epilog sends the job id alone
+            job += [f'"uid":{int(uid)}', f'"user":"{user}"',
+                    f'"gpus":[{",".join(str(int(g)) for g in gpus or ())}]']
         # partition/account passed slurm_env.parse_word: no escaping needed.
         job += [f'"{k}":"{v}"' for k, v in (("partition", partition), ("account", account))
                 if v is not None]

@@ -67,12 +67,12 @@ class _RequestHandler(socketserver.BaseRequestHandler):
         peer = peer_of(sock)
         if not srv.enter(peer.uid):
             srv.reject(peer.uid, f"more than {MAX_PER_UID} connections at once")
-            self._answer(sock, {"ok": False, "kind": "fault",
-                                "error": "too many connections from this user, retry"})
+            self._answer(sock, {"ok": False, "kind": "busy",
+                                "error": "too many connections from this user"})
             return
         try:
             if not srv.slots.acquire(blocking=False):
-                self._answer(sock, {"ok": False, "kind": "fault", "error": "agent busy, retry"})
+                self._answer(sock, {"ok": False, "kind": "busy", "error": "agent busy"})
                 return
             try:
                 self._serve(sock, peer)
@@ -96,7 +96,7 @@ class _RequestHandler(socketserver.BaseRequestHandler):
             # Too slow: an idle connection, or a client starved of CPU. Not a
             # malformed request: the answer says to retry.
             srv.reject(uid, str(exc))
-            self._answer(sock, {"ok": False, "kind": "fault", "error": str(exc)})
+            self._answer(sock, {"ok": False, "kind": "busy", "error": str(exc)})
             return
         except InputRejected as exc:
             srv.reject(uid, str(exc))
@@ -155,7 +155,7 @@ class _RequestHandler(socketserver.BaseRequestHandler):
                 if len(buf) > limit:
                     raise InputRejected(f"request larger than {limit} bytes")
         except TimeoutError:
-            raise _Late("request not received in time, retry") from None
+            raise _Late("request not received in time") from None
         line = bytes(buf).split(b"\n", 1)[0]
         if not line.strip():
             raise InputRejected("empty request")
