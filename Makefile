@@ -20,7 +20,7 @@ STAMP_DEB := $(VENV)/.deb-installed
 STAMP_PIP := $(VENV)/.pip-installed
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: setup install demo test lint typecheck unit bench clean
+.PHONY: setup install demo test lint typecheck unit bench clean reachable
 
 setup: $(STAMP_PIP)
 
@@ -57,7 +57,19 @@ typecheck: setup
 	@for d in cgroups pam prolog_epilog slurm_plugins; do ln -s ../../../$$d $(TYPECHECK_TREE)/ztgpu/$$d; done
 	cd $(TYPECHECK_TREE) && ../../$(VENV)/bin/mypy --strict --config-file ../../pyproject.toml -p ztgpu
 
-test: install lint typecheck
+# The tests run the venv's interpreter as unprivileged test users (job tasks,
+# researchers' `ztgpu login`, munge clients), as a cluster runs the installed
+# suite: every directory above the checkout must let them through. A checkout
+# under a private directory (e.g. `mktemp -d`, mode 0700) gets search
+# permission (o+x: pass through, not list) on those of its directories that
+# lack it; each change is printed.
+reachable:
+	@d="$(CURDIR)"; while [ "$$d" != "/" ]; do \
+	  if [ -O "$$d" ] && ! stat -c %A "$$d" | grep -q '^d........[xt]'; then \
+	    echo "making $$d searchable by the test users (chmod o+x)"; chmod o+x "$$d"; \
+	  fi; d=$$(dirname "$$d"); done
+
+test: install lint typecheck reachable
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 demo: install
