@@ -42,9 +42,14 @@ def _exchange(socket_path: str, request: bytes, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
     pause = 0.02
     while True:
-        raw = _exchange_once(socket_path, request, max(0.1, deadline - time.monotonic()))
-        if not raw.startswith(_BUSY_PREFIX) or time.monotonic() + pause >= deadline:
-            return raw
+        try:
+            raw = _exchange_once(socket_path, request, max(0.1, deadline - time.monotonic()))
+        except AgentBusy:
+            if time.monotonic() + pause >= deadline:
+                raise
+        else:
+            if not raw.startswith(_BUSY_PREFIX) or time.monotonic() + pause >= deadline:
+                return raw
         time.sleep(pause)
         pause = min(pause * 2, 0.5)
 
@@ -73,6 +78,8 @@ def _exchange_once(socket_path: str, request: bytes, timeout: float) -> bytes:
     except FileNotFoundError:
         raise AgentUnreachable(f"ztgpu-noded is not running (no socket at {socket_path})") \
             from None
+    except BlockingIOError:  # EAGAIN: the agent's listen backlog is full (a flood)
+        raise AgentBusy(f"ztgpu-noded's socket {socket_path} is full") from None
     except ConnectionRefusedError:
         raise AgentUnreachable(f"ztgpu-noded is not accepting connections on {socket_path}") \
             from None
