@@ -95,7 +95,8 @@ def test_the_documented_codes_and_required_fields() -> None:
     assert set(REGISTRY) == {
         "agent.start", "agent.stop", "agent.recovered", "job.grant", "job.release",
         "job.refused", "job.action", "isolation.verified", "isolation.violated",
-        "enforcement.failed", "device.drift", "hook.error", "request.rejected",
+        "enforcement.failed", "device.drift", "device.holder", "device.held",
+        "device.freed", "node.drain", "node.unsafe", "hook.error", "request.rejected",
         "spool.full", "spool.drained", "collector.start", "collector.stop", "audit.gap",
         "audit.chain_broken", "audit.rejected", "audit.refused", "auth.enrolled",
         "auth.login", "auth.locked", "auth.decision", "auth.grant", "auth.released",

@@ -119,6 +119,15 @@ class GpuConfig(_Strict):
     backend: Literal["auto", "nvml", "simulated"] = "auto"
     nvml_timeout_s: float = Field(default=10.0, gt=0, le=300)
     simulated: list[SimulatedGpu] = Field(default_factory=list)
+    #: For the simulated backend: a file standing in for the driver's
+    #: ``/proc/driver/nvidia/params`` (``Key: value`` lines). Unset: the
+    #: simulated node has no driver that could change device files.
+    simulated_driver_params: AbsPath | None = None
+    #: For the simulated backend: the major number its device files carry.
+    #: Unset: the NVIDIA major (no driver behind it, so opens reach nothing).
+    #: Tests use the kernel's memory devices (major 1), which really open,
+    #: to show what a process holding a GPU open can and cannot keep.
+    simulated_major: int | None = Field(default=None, ge=1, le=4095)
 
     @model_validator(mode="after")
     def _check_unique(self) -> GpuConfig:
@@ -137,6 +146,20 @@ class DevicesConfig(_Strict):
     rest_mode: str = "0600"
     rest_owner: str = "root"
     rest_group: str = "root"
+    #: Accounts whose processes may keep GPU device files open while no job
+    #: holds the GPU (root always may). nvidia-persistenced holds every GPU by
+    #: design; DCGM's host engine runs as root. A name that does not exist on
+    #: the node exempts nobody.
+    holder_exempt_users: list[str] = Field(default_factory=lambda: ["nvidia-persistenced"],
+                                           max_length=32)
+
+    @field_validator("holder_exempt_users")
+    @classmethod
+    def _check_exempt(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _USER_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not a user name")
+        return value
 
     @field_validator("rest_mode")
     @classmethod
@@ -190,6 +213,11 @@ class IsolationConfig(_Strict):
     #: A grant whose job has had no cgroup on the node for this long (its
     #: Epilog never reached the agent) may be reclaimed for a new job.
     stale_grant_s: float = Field(default=30.0, ge=1, le=86400)
+    #: When a GPU is taken back, processes still holding it are killed and
+    #: waited for this long; one that outlives it keeps the GPU out of use
+    #: (and drains the node) until it is gone. Keep it well inside the hooks'
+    #: 10 s budget.
+    holder_kill_timeout_s: float = Field(default=5.0, gt=0, le=8)
 
 
 class SlurmConfig(_Strict):

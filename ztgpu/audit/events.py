@@ -116,6 +116,17 @@ EVENT_TYPES: tuple[EventType, ...] = (
         "path expected found action",
         "A GPU device file's owner or mode differed from the allowlist.",
     ),
+    _t("device.holder", _WARN, "pid uid command gpus context outcome",
+       "A process still held a GPU being taken back (descriptor, mapping or driver "
+       "context) and was ended."),
+    _t("device.held", _CRIT, "gpus pids reason",
+       "A process would not let go of a GPU: it is granted to no job until the process "
+       "is gone, and the node is drained."),
+    _t("device.freed", _INFO, "gpus reason", "A GPU held by a stuck process is free again."),
+    _t("node.drain", _WARN, "node_name outcome reason",
+       "The agent drained its node in Slurm (or tried to)."),
+    _t("node.unsafe", _CRIT, "check reason",
+       "A start-up check failed: the agent grants no GPU on this node until it is fixed."),
     _t("hook.error", _WARN, "hook reason", "A Slurm hook or PAM client failed."),
     _t(
         "request.rejected",

@@ -69,6 +69,23 @@ class GpuBackend(Protocol):
         """
         ...
 
+    def driver_params(self) -> dict[str, str] | None:
+        """The kernel driver's parameters (``/proc/driver/nvidia/params``), or None
+        when no driver stands behind the inventory.
+
+        Raises:
+            GpuError: the parameters could not be read.
+        """
+        ...
+
+    def gpu_pids(self, gpu: GpuInfo) -> set[int]:
+        """Pids the driver reports as running on *gpu* (compute and graphics).
+
+        Raises:
+            GpuError: the driver could not be asked.
+        """
+        ...
+
     def close(self) -> None:
         """Release the backend; later :meth:`inventory` calls raise GpuError.
 

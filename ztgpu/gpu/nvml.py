@@ -145,6 +145,36 @@ class NvmlBackend:
             count = _number(self._call(nvml, "nvmlDeviceGetCount"), "nvmlDeviceGetCount")
             return slurm_order(self._read_gpu(nvml, index) for index in range(count))
 
+    def driver_params(self) -> dict[str, str] | None:
+        """The loaded driver's ``/proc/driver/nvidia/params``.
+
+        Raises:
+            GpuError: the file cannot be read or parsed.
+        """
+        from ztgpu.gpu.driver_params import read_params
+
+        return read_params()
+
+    def gpu_pids(self, gpu: GpuInfo) -> set[int]:
+        """Pids with a compute or graphics context on *gpu*, as NVML lists them.
+
+        Raises:
+            GpuError: NVML failed or overran its deadline, or the backend is closed.
+        """
+        with self._lock:
+            if self._closed or not self._initialised:
+                raise GpuError("the NVML backend is closed")
+            nvml = self._pynvml()
+            handle = self._call(nvml, "nvmlDeviceGetHandleByUUID", gpu.uuid)
+            pids: set[int] = set()
+            for call in ("nvmlDeviceGetComputeRunningProcesses",
+                         "nvmlDeviceGetGraphicsRunningProcesses"):
+                for proc in self._call(nvml, call, handle) or ():
+                    pid = getattr(proc, "pid", None)
+                    if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+                        pids.add(pid)
+            return pids
+
     def close(self) -> None:
         """Shut NVML down (time-boxed) and stop the worker; idempotent.
 

@@ -16,7 +16,7 @@ log = logging.getLogger("ztgpu.gpu")
 
 
 def _simulated(config: GpuConfig) -> SimulatedBackend:
-    backend = SimulatedBackend(config.simulated)
+    backend = SimulatedBackend(config.simulated, config.simulated_driver_params)
     log.warning("Using %d simulated GPUs from gpu.simulated: no real GPU device is "
                 "protected by this inventory.", len(config.simulated))
     return backend

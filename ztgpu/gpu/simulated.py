@@ -7,10 +7,12 @@ declares under ``gpu.simulated``. No real GPU is protected by it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from ztgpu.config import SimulatedGpu
 from ztgpu.errors import GpuError
 from ztgpu.gpu.backend import GpuInfo, slurm_order
+from ztgpu.gpu.driver_params import read_params
 
 
 class SimulatedBackend:
@@ -19,8 +21,11 @@ class SimulatedBackend:
     name = "simulated"
     simulated = True
 
-    def __init__(self, gpus: Sequence[SimulatedGpu]) -> None:
+    def __init__(self, gpus: Sequence[SimulatedGpu], driver_params: Path | None = None) -> None:
         """Take the declared GPUs as they are (the config schema has validated them).
+
+        *driver_params* is a file standing in for ``/proc/driver/nvidia/params``
+        (read at each :meth:`driver_params` call, so a test can change it).
 
         Raises:
             GpuError: two GPUs share a minor number.
@@ -31,6 +36,7 @@ class SimulatedBackend:
             for gpu in gpus
         )
         self._closed = False
+        self._params = driver_params
 
     def inventory(self) -> tuple[GpuInfo, ...]:
         """The declared GPUs, sorted by minor number.
@@ -41,6 +47,19 @@ class SimulatedBackend:
         if self._closed:
             raise GpuError("the simulated GPU backend is closed")
         return self._gpus
+
+    def driver_params(self) -> dict[str, str] | None:
+        """The declared driver parameters, or None when none are declared.
+
+        Raises:
+            GpuError: the declared file cannot be read or parsed.
+        """
+        return None if self._params is None else read_params(self._params)
+
+    def gpu_pids(self, gpu: GpuInfo) -> set[int]:
+        """Nothing runs on a simulated GPU as far as a driver knows; the agent's
+        /proc scan finds processes that hold its device file."""
+        return set()
 
     def close(self) -> None:
         """Mark the backend closed; never raises."""

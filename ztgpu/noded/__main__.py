@@ -75,7 +75,7 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     # Heavy imports stay here, out of the thin clients' way.
     from ztgpu.audit.forwarder import start_forwarder
     from ztgpu.audit.spool import Spool
-    from ztgpu.gpu.devices import nvidia_major
+    from ztgpu.gpu.devices import MajorSource, nvidia_major
     from ztgpu.gpu.select import open_backend
     from ztgpu.net.ratelimit import RejectLimiter
     from ztgpu.noded.agent import Agent
@@ -95,7 +95,10 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
         require_trusted(path, what)
     backend = open_backend(config.gpu)
     major = nvidia_major()
-    if not major.from_proc:
+    if backend.simulated and config.gpu.simulated_major is not None:
+        major = MajorSource(major=config.gpu.simulated_major, from_proc=False)
+        log.info("simulated GPU device files carry major %d", major.major)
+    elif not major.from_proc:
         log.info("no NVIDIA driver in /proc/devices; using major %d", major.major)
     if backend.simulated:
         log.warning("GPU backend is SIMULATED (%d GPUs declared in config): no real GPU is "

@@ -15,12 +15,13 @@ each, and :class:`ztgpu.noded.agent.Agent` puts them together:
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import logging
 import pwd
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,9 +30,10 @@ from typing import Any, Protocol
 from ztgpu.cgroups.device_allowlist import DevicesV1
 from ztgpu.cgroups.device_files import FileState, apply_state
 from ztgpu.config import Config
-from ztgpu.errors import DeviceError, Fault, SlurmError
+from ztgpu.errors import DeviceError, Fault, GpuError, SlurmError
 from ztgpu.gpu.backend import GpuBackend, GpuInfo, slurm_order
 from ztgpu.gpu.devices import gpu_device_path
+from ztgpu.noded import holders
 from ztgpu.noded.backlog import SpoolGuard
 from ztgpu.noded.grant_check import GrantChecker
 from ztgpu.noded.probe_helper import ProbeHelper
@@ -121,6 +123,16 @@ class AgentCore:
         self.grant_checker: GrantChecker | None = None
         #: Jobs whose user's access was revoked: no GPU, whatever Slurm allocated.
         self.revoked_jobs: set[str] = set()
+        #: Jobs whose GPUs are being taken back (Epilog): their files stay at rest.
+        self.releasing: set[str] = set()
+        #: GPUs (by minor) a process would not let go of, and why: never granted
+        #: until it is gone (kept in the state across restarts).
+        self.held_gpus: dict[int, str] = {}
+        #: Why this node grants nothing at all (set at start), if anything.
+        self.unsafe: list[str] = []
+        #: Processes of these uids may hold idle GPUs (root, the rest owner,
+        #: devices.holder_exempt_users that exist here).
+        self.exempt_uids = self._exempt_uids()
         #: The isolation probe's helper process (started at the first probe).
         self.probe_helper = ProbeHelper()
 
@@ -132,6 +144,13 @@ class AgentCore:
         except KeyError as exc:
             raise Fault(f"devices.rest_owner/rest_group: {exc.args[0]} does not exist") from None
         return FileState(uid=uid, gid=gid, mode=dev.rest_mode_bits)
+
+    def _exempt_uids(self) -> frozenset[int]:
+        uids = {0, self.rest.uid}
+        for name in self.config.devices.holder_exempt_users:
+            with contextlib.suppress(KeyError):
+                uids.add(pwd.getpwnam(name).pw_uid)
+        return frozenset(uids)
 
     def _held_state(self, job: JobRecord) -> FileState:
         return FileState(uid=job.uid, gid=self.rest.gid, mode=self.rest.mode | 0o600)
@@ -145,7 +164,8 @@ class AgentCore:
 
     def _expected_state(self, minor: int) -> tuple[FileState, JobRecord | None]:
         for live in self.jobs.values():
-            if minor in live.record.minors and live.record.job_id not in self.revoked_jobs:
+            if (minor in live.record.minors and live.record.job_id not in self.revoked_jobs
+                    and live.record.job_id not in self.releasing):
                 return self._held_state(live.record), live.record
         return self.rest, None
 
@@ -159,6 +179,96 @@ class AgentCore:
                 problems.append(str(exc))
                 log.error("%s", exc)
         return problems
+
+    def _take_back(self, minors: Collection[int], *, context: str,
+                   job: JobRecord | None = None, spare_uid: int | None = None) -> list[str]:
+        """End every process still holding these GPUs, recording each; returns
+        one problem per GPU a process would not let go of.
+
+        Call it once the GPUs' files are at rest and their cgroups deny them,
+        so nothing new can open them meanwhile. Processes of *spare_uid* (the
+        user of the job that holds the GPU now) are left alone. A GPU whose
+        holder outlives ``isolation.holder_kill_timeout_s`` is held: recorded
+        (critical), kept out of every grant, also across restarts, and the
+        node is drained with a reason naming the process and the GPU.
+        """
+        targets = sorted(m for m in set(minors) if m in self.by_minor)
+        if not targets:
+            return []
+        reported: dict[int, set[int]] = {}
+        if not self.backend.simulated:
+            for minor in targets:
+                try:
+                    for pid in self.backend.gpu_pids(self.by_minor[minor]):
+                        reported.setdefault(pid, set()).add(minor)
+                except GpuError as exc:
+                    log.warning("cannot ask the driver what runs on minor %d: %s", minor, exc)
+        paths = [self.device_path(self.by_minor[m]) for m in targets]
+        found = holders.take_back(
+            self.major, targets, nodes=holders.device_nodes(paths),
+            exempt_uids=self.exempt_uids, spare_uid=spare_uid, reported=reported,
+            timeout_s=self.config.isolation.holder_kill_timeout_s)
+        job_fields: dict[str, Any] = {} if job is None else {"job_id": job.job_id}
+        for holder in found.ended:
+            self.spool.append(
+                "device.holder", **job_fields, pid=holder.pid, uid=holder.uid,
+                command=holder.command, how=list(holder.how), context=context,
+                gpus=gpu_fields([self.by_minor[m] for m in sorted(holder.minors)]),
+                outcome="ended", reason="held a GPU that was being taken back; killed")
+        problems: list[str] = []
+        fresh: list[int] = []
+        for minor in targets:
+            stuck = [h for h in found.survivors if minor in h.minors]
+            if not stuck:
+                continue
+            gpu = self.by_minor[minor]
+            if minor not in self.held_gpus:
+                fresh.append(minor)
+            reason = (f"GPU {gpu.index} (minor {minor}, {gpu.uuid}) is still held by "
+                      + ", ".join(h.describe() for h in stuck) + " after SIGKILL; it is not "
+                      "granted again until that process is gone")
+            self.state.put_held(minor, reason)
+            self.held_gpus[minor] = reason
+            self.spool.append("device.held", **job_fields, gpus=gpu_fields([gpu]),
+                              pids=[h.pid for h in stuck], context=context,
+                              outcome="held", reason=reason[:500])
+            log.critical("%s", reason)
+            problems.append(reason)
+        if fresh:
+            self._drain("; ".join(self.held_gpus[m] for m in fresh))
+        return problems
+
+    def _check_held(self, minors: Collection[int]) -> list[str]:
+        """Problems for the GPUs among *minors* that a process still holds.
+
+        A held GPU whose holder has gone (or is ended now) is freed, recorded.
+        """
+        problems = []
+        for minor in sorted(set(minors) & set(self.held_gpus)):
+            # Any holder was killed already; give a late one a short while.
+            if self._take_back([minor], context="prolog"):
+                problems.append(self.held_gpus[minor])
+                continue
+            del self.held_gpus[minor]
+            self.state.delete_held(minor)
+            self.spool.append("device.freed", gpus=gpu_fields([self.by_minor[minor]]),
+                              outcome="freed", reason="the process that held it is gone")
+        return problems
+
+    def _drain(self, reason: str) -> None:
+        """Drain this node in Slurm in the background, recorded."""
+        node = self.config.node_name
+
+        def work() -> None:
+            try:
+                self.slurm.drain(node, reason)
+                outcome, why = "drained", reason
+            except SlurmError as exc:
+                outcome, why = "failed", f"{reason}; drain failed: {exc}"
+                log.error("could not drain %s: %s", node, exc)
+            self.spool.append("node.drain", node_name=node, outcome=outcome,
+                              reason=why[:500])
+        threading.Thread(target=work, name="drain", daemon=True).start()
 
     def _act_on_job(self, job_id: str, reason: str) -> None:
         """End the job in the background (Slurm commands may take seconds).

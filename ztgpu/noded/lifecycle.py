@@ -53,6 +53,11 @@ class Lifecycle(AgentCore):
         except InputRejected as exc:
             self._refuse("prolog", str(exc), job)
             raise
+        if self.unsafe:
+            reason = "; ".join(self.unsafe)
+            self.spool.append("job.refused", job_id=job_id, uid=uid, user=user,
+                              outcome="node_unsafe", reason=reason[:500])
+            raise Fault(reason)
         if self.grant_checker is not None:
             self._check_grant(job, job_id, uid, user, gpus)
         if self.guard is not None and self.guard.check():
@@ -67,6 +72,12 @@ class Lifecycle(AgentCore):
                            minors=tuple(g.minor for g in gpus),
                            granted_at=self.clock().isoformat())
         with self.lock:
+            held = self._check_held([g.minor for g in gpus])
+            if held:
+                reason = "; ".join(held)
+                self.spool.append("job.refused", job_id=job_id, uid=uid, user=user,
+                                  outcome="node_unsafe", reason=reason[:500])
+                raise Fault(reason)
             existing = self.jobs.get(job_id)
             if existing is not None and existing.record.uid != uid:
                 self._refuse("prolog", f"job {job_id} is already registered for uid "
@@ -162,9 +173,13 @@ class Lifecycle(AgentCore):
             for cgroup in cgroups:
                 with contextlib.suppress(CgroupError):
                     self.devices.deny(cgroup, own)
+        # Nothing opens them any more; now end whatever still has them open,
+        # the job's own processes included.
+        stuck = self._take_back(record.minors, context="revoke", job=record)
         self.spool.append("job.action", job_id=record.job_id, uid=record.uid,
-                          user=record.user, action="revoke", outcome="access_removed",
-                          reason=f"access revoked: {reason}"[:300])
+                          user=record.user, action="revoke",
+                          outcome="failed" if stuck else "access_removed",
+                          reason="; ".join([f"access revoked: {reason}", *stuck])[:500])
         for cgroup in list(live.probed):
             live.probed[cgroup] = 0.0  # probe again now, against "no GPU at all"
         self.verify(record.job_id)
@@ -190,10 +205,10 @@ class Lifecycle(AgentCore):
                 if problems:
                     raise Fault("; ".join(problems))
                 return {"job_id": job_id, "released": []}
-            held = [self.by_minor[m] for m in live.record.minors if m in self.by_minor]
-            problems = self._release(live, "")
-            if problems:
-                raise Fault("; ".join(problems))
+        held = [self.by_minor[m] for m in live.record.minors if m in self.by_minor]
+        problems = self._release(live, "")
+        if problems:
+            raise Fault("; ".join(problems))
         return {"job_id": job_id, "released": gpu_fields(held)}
 
     def _stale(self, record: JobRecord) -> bool:
@@ -212,16 +227,31 @@ class Lifecycle(AgentCore):
                       "this node and its Epilog never reached the agent")
 
     def _release(self, live: LiveJob, why: str) -> list[str]:
-        """Undo the job's grant and record it; returns what could not be restored."""
+        """Undo the job's grant and record it; returns what could not be restored.
+
+        The GPUs' files go to rest first, then every process still holding
+        them is ended, and only then is the grant forgotten (the GPUs free).
+        A GPU a process would not let go of stays held (see ``_take_back``).
+        """
         record = live.record
         held = [self.by_minor[m] for m in record.minors if m in self.by_minor]
-        problems = self._undo_grant(live)
-        self.revoked_jobs.discard(record.job_id)
-        self.spool.append("job.release", job_id=record.job_id, uid=record.uid,
-                          user=record.user, gpus=gpu_fields(held),
-                          outcome="failed" if problems else "released",
-                          reason="; ".join([why, *problems] if why else problems))
-        return problems
+        with self.lock:
+            self.releasing.add(record.job_id)
+            for gpu in held:  # rest now: the job's record no longer counts
+                with contextlib.suppress(DeviceError):  # retried, and reported, below
+                    apply_state(self.device_path(gpu), self.major, gpu.minor,
+                                self._expected_state(gpu.minor)[0])
+        stuck = self._take_back(record.minors, context="release", job=record)
+        with self.lock:
+            problems = self._undo_grant(live)
+            self.revoked_jobs.discard(record.job_id)
+            self.releasing.discard(record.job_id)
+            self.spool.append("job.release", job_id=record.job_id, uid=record.uid,
+                              user=record.user, gpus=gpu_fields(held),
+                              outcome="failed" if problems else "held" if stuck
+                              else "released",
+                              reason="; ".join([r for r in (why, *problems, *stuck) if r])[:500])
+        return problems + stuck
 
     def _undo_grant(self, live: LiveJob) -> list[str]:
         """Restore rest state for the job's GPUs and forget it; returns problems."""

@@ -12,7 +12,8 @@ from typing import Any
 
 from ztgpu import __version__
 from ztgpu.cgroups.device_files import apply_state, read_state
-from ztgpu.errors import DeviceError
+from ztgpu.errors import DeviceError, GpuError
+from ztgpu.gpu.driver_params import device_file_problem
 from ztgpu.noded.core import AgentCore, LiveJob, boot_id, gpu_fields, log
 
 
@@ -34,6 +35,16 @@ class Reconcile(AgentCore):
                               outcome="discarded",
                               reason="the node rebooted since these grants were made")
             recovered = {}
+        held = self.state.held()
+        if held and rebooted:  # a reboot ended whatever held them
+            for minor in held:
+                self.state.delete_held(minor)
+                if minor in self.by_minor:
+                    self.spool.append("device.freed", gpus=gpu_fields([self.by_minor[minor]]),
+                                      outcome="freed", reason="the node rebooted")
+            held = {}
+        self.held_gpus.update(held)
+        self.unsafe = self._start_checks()
         revoked = {job_id: why for job_id, why in self.state.revoked().items()
                    if job_id in recovered}
         with self.lock:
@@ -44,8 +55,9 @@ class Reconcile(AgentCore):
             problems = self._reconcile_files()
         self.spool.append("agent.start", version=__version__, gpu_backend=self.backend.name,
                           gpus=gpu_fields(list(self.inventory)),
-                          outcome="degraded" if problems else "ok",
-                          reason="; ".join(problems) if problems else
+                          outcome="degraded" if problems or self.unsafe else "ok",
+                          reason="; ".join(problems + self.unsafe) if problems or self.unsafe
+                          else
                           ("simulated GPUs: no real device is protected"
                            if self.backend.simulated else ""))
         if recovered:
@@ -58,13 +70,38 @@ class Reconcile(AgentCore):
                               reason=f"{why} (reapplied after an agent restart)"[:300])
             self._act_on_job(job_id, why)
 
+    def _start_checks(self) -> list[str]:
+        """What makes this node unsafe to grant on (each recorded critical)."""
+        problems = []
+        for check, problem in (("driver_params", self._driver_problem()),):
+            if problem:
+                log.critical("%s", problem)
+                self.spool.append("node.unsafe", check=check, outcome="refusing_grants",
+                                  reason=problem[:1000])
+                problems.append(problem)
+        return problems
+
+    def _driver_problem(self) -> str | None:
+        try:
+            params = self.backend.driver_params()
+            if params is None:
+                return None
+            return device_file_problem(params, self.rest)
+        except GpuError as exc:
+            return f"cannot tell whether the NVIDIA driver may reopen device files: {exc}"
+
     def check_drift(self) -> list[dict[str, Any]]:
-        """Find device files someone else changed, record and restore them."""
+        """Find device files someone else changed, record and restore them.
+
+        Whoever opened a GPU while its file was wrong loses it: every process
+        holding it is ended, but for the user of the job holding the GPU.
+        """
         found = []
+        drifted: dict[int, int | None] = {}
         with self.lock:
             for gpu in self.inventory:
                 path = self.device_path(gpu)
-                wanted, _ = self._expected_state(gpu.minor)
+                wanted, holder = self._expected_state(gpu.minor)
                 try:
                     current = read_state(path, self.major, gpu.minor)
                 except DeviceError as exc:
@@ -78,6 +115,7 @@ class Reconcile(AgentCore):
                 try:
                     apply_state(path, self.major, gpu.minor, wanted)
                     outcome = "restored"
+                    drifted[gpu.minor] = None if holder is None else holder.uid
                 except DeviceError as exc:
                     outcome = f"restore failed: {exc}"
                 self.spool.append("device.drift", path=str(path), expected=wanted.describe(),
@@ -86,4 +124,6 @@ class Reconcile(AgentCore):
                                          "with NVreg_ModifyDeviceFiles=1)")
                 found.append({"path": str(path), "found": current.describe(),
                               "expected": wanted.describe(), "outcome": outcome})
+        for minor, spare in sorted(drifted.items()):
+            self._take_back([minor], context="drift", spare_uid=spare)
         return found

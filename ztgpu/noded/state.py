@@ -50,6 +50,10 @@ class StateStore:
             # restart of the agent until their Epilog (or a reboot) ends them.
             self._db.execute("CREATE TABLE IF NOT EXISTS revoked (job_id TEXT PRIMARY KEY,"
                              " reason TEXT NOT NULL)")
+            # GPUs a process would not let go of: never granted until it is gone,
+            # across restarts of the agent (a reboot ends the process).
+            self._db.execute("CREATE TABLE IF NOT EXISTS held (minor INTEGER PRIMARY KEY,"
+                             " reason TEXT NOT NULL)")
         except sqlite3.Error as exc:
             raise Fault(f"cannot open agent state {path}: {exc}") from exc
 
@@ -77,6 +81,29 @@ class StateStore:
         with self._lock:
             rows = self._db.execute("SELECT job_id, reason FROM revoked").fetchall()
         return {str(job_id): str(reason) for job_id, reason in rows}
+
+    def put_held(self, minor: int, reason: str) -> None:
+        """Record that a process still holds the GPU of *minor* (before saying so)."""
+        self._write("INSERT OR REPLACE INTO held VALUES (?, ?)", (minor, reason[:500]),
+                    f"the hold on GPU minor {minor}")
+
+    def held(self) -> dict[int, str]:
+        """GPUs (by minor) still held by a process that would not die, and why."""
+        with self._lock:
+            rows = self._db.execute("SELECT minor, reason FROM held").fetchall()
+        return {int(minor): str(reason) for minor, reason in rows}
+
+    def delete_held(self, minor: int) -> None:
+        """The GPU of *minor* is held no more."""
+        self._write("DELETE FROM held WHERE minor = ?", (minor,),
+                    f"the end of the hold on GPU minor {minor}")
+
+    def _write(self, sql: str, args: tuple[object, ...], what: str) -> None:
+        with self._lock:
+            try:
+                self._db.execute(sql, args)
+            except sqlite3.Error as exc:
+                raise Fault(f"cannot record {what} in agent state: {exc}") from exc
 
     def delete(self, job_id: str) -> None:
         """Forget the job (and its revocation, which ends with it)."""

@@ -17,6 +17,7 @@ from typing import Protocol
 from ztgpu.errors import SlurmError
 
 _JOB_ID = re.compile(r"[1-9][0-9]{0,9}")
+_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 #: Slurm states in which a cancelled job is still there to cancel (a requeue may
@@ -32,6 +33,9 @@ class SlurmClient(Protocol):
 
     def cancel(self, job_id: str, reason: str) -> None:
         """End *job_id*, leaving *reason* where the user can read it."""
+
+    def drain(self, node: str, reason: str) -> None:
+        """Take *node* out of scheduling, with *reason* for ``sinfo -R``."""
 
 
 class CliSlurmClient:
@@ -73,6 +77,19 @@ class CliSlurmClient:
             self._run(["scontrol", "update", f"JobId={job_id}", f"AdminComment={comment}"])
         finally:
             self._run(["scancel", job_id])
+
+    def drain(self, node: str, reason: str) -> None:
+        if not _NODE.fullmatch(node):
+            raise SlurmError(f"refusing to drain malformed node name {node!r}")
+        text = "ztgpu: " + re.sub(r"[^\w .,:;()/+=-]", "_", reason)[:200]
+        self._run(["scontrol", "update", f"NodeName={node}", "State=DRAIN",
+                   f"Reason={text}"])
+
+    def resume(self, node: str) -> None:
+        """Put a drained *node* back into service."""
+        if not _NODE.fullmatch(node):
+            raise SlurmError(f"refusing to resume malformed node name {node!r}")
+        self._run(["scontrol", "update", f"NodeName={node}", "State=RESUME"])
 
     def hold(self, job_id: str, reason: str) -> None:
         """Hold a pending job with a reason its user can read (AdminComment)."""

@@ -37,24 +37,44 @@ from ztgpu.testing.slurm_cluster import (
 SIM_INDEX_FOR_MINOR = (2, 0, 3, 1, 6, 4, 7, 5)
 
 
-def make_gpu_nodes(dev_dir: Path, count: int) -> None:
-    """Character devices nvidia0..N-1 (195:N) and nvidiactl (195:255), mode 0666."""
+#: Minors of the kernel's memory devices (major 1: null, zero, full, random,
+#: urandom): stand-ins for GPUs that really open, so a test can hold one.
+OPENABLE_MAJOR = 1
+OPENABLE_MINORS = (3, 5, 7, 8, 9)
+
+
+def gpu_minors(count: int, openable: bool = False) -> tuple[int, ...]:
+    """The minors of *count* simulated GPUs: 0..count-1, or memory-device minors."""
+    if openable and count > len(OPENABLE_MINORS):
+        raise ValueError(f"at most {len(OPENABLE_MINORS)} openable simulated GPUs")
+    return OPENABLE_MINORS[:count] if openable else tuple(range(count))
+
+
+def make_gpu_nodes(dev_dir: Path, count: int, openable: bool = False) -> None:
+    """Character devices nvidia<minor> for *count* GPUs and nvidiactl (195:255), mode 0666.
+
+    The GPUs carry the NVIDIA major (195; opens reach no driver) or, with
+    *openable*, the memory devices' (major 1), which really open.
+    """
     dev_dir.mkdir(parents=True, exist_ok=True)
     dev_dir.chmod(0o755)
-    for name, minor in [*((f"nvidia{m}", m) for m in range(count)), ("nvidiactl", 255)]:
+    major = OPENABLE_MAJOR if openable else NVIDIA_MAJOR
+    nodes = [*((f"nvidia{m}", major, m) for m in gpu_minors(count, openable)),
+             ("nvidiactl", NVIDIA_MAJOR, 255)]
+    for name, node_major, minor in nodes:
         path = dev_dir / name
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        os.mknod(path, 0o666 | 0o020000, os.makedev(NVIDIA_MAJOR, minor))
+        os.mknod(path, 0o666 | 0o020000, os.makedev(node_major, minor))
         path.chmod(0o666)
 
 
-def simulated_gpus(count: int) -> list[dict[str, Any]]:
-    """Config entries for *count* simulated GPUs on minors 0..count-1."""
-    return [{"index": SIM_INDEX_FOR_MINOR[m], "minor": m,
+def simulated_gpus(count: int, openable: bool = False) -> list[dict[str, Any]]:
+    """Config entries for *count* simulated GPUs (on the minors :func:`gpu_minors` gives)."""
+    return [{"index": SIM_INDEX_FOR_MINOR[pos], "minor": m,
              "uuid": f"GPU-5{m:07d}-0000-4000-8000-0000000000{m:02d}",
              "pci_bus_id": f"00000000:{0x17 + m * 0x10:02X}:00.0", "name": "Simulated H100"}
-            for m in range(count)]
+            for pos, m in enumerate(gpu_minors(count, openable))]
 
 
 @dataclass
@@ -166,21 +186,23 @@ class StandaloneAgent(AgentProcess):
 
 
 @contextlib.contextmanager
-def standalone_agent(base: Path, gpus: int = 4, **overrides: Any) -> Iterator[StandaloneAgent]:
+def standalone_agent(base: Path, gpus: int = 4, openable: bool = False,
+                     **overrides: Any) -> Iterator[StandaloneAgent]:
     from ztgpu.config import parse_config
     from ztgpu.slurm.hooks_install import write_hooks
 
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)
     dev_dir = base / "dev"
-    make_gpu_nodes(dev_dir, gpus)
+    make_gpu_nodes(dev_dir, gpus, openable)
     config: dict[str, Any] = {
         "node": {"name": "testnode"},
         "paths": {"socket": str(base / "run" / "noded.sock"),
                   "task_socket": str(base / "run" / "task.sock"), "state_dir": str(base / "state"),
                   "spool_dir": str(base / "spool"), "device_dir": str(dev_dir),
                   "hooks_dir": str(base / "libexec")},
-        "gpu": {"backend": "simulated", "simulated": simulated_gpus(gpus)},
+        "gpu": {"backend": "simulated", "simulated": simulated_gpus(gpus, openable),
+                **({"simulated_major": OPENABLE_MAJOR} if openable else {})},
         "cgroups": {"name": f"ztgpu_test_{secrets.token_hex(4)}"},
         "isolation": {"sweep_interval_s": 0.2, "drift_interval_s": 0.5},
         "slurm": {"user": "root", "bin_dir": "/nonexistent-slurm-bin"},

@@ -1,0 +1,276 @@
+"""Processes that still hold a GPU, found in /proc and ended before the GPU is free.
+
+Putting a device file back to root and denying it in a cgroup stops new
+opens only: a descriptor opened earlier, or a mapping of the device made
+through one, keeps working. So whenever the agent takes a GPU back (Epilog,
+revocation, drift repair) it looks for every process that holds one of the
+GPU's device numbers, as an open descriptor (``/proc/PID/fd``), as a
+mapping (``/proc/PID/maps``, confirmed through ``/proc/PID/map_files``) or
+as a context the driver reports (NVML), and ends it. Processes are signalled
+through a pidfd opened once their start time is checked, so a pid that was
+reused meanwhile is never signalled.
+
+Processes whose every uid (real, effective, saved, filesystem) is exempt
+(root and the configured service accounts, such as nvidia-persistenced,
+which holds every GPU by design) are left alone. A user cannot hide by
+making a process non-dumpable: the uids come from ``status``, not from
+the owner of ``/proc/PID``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import stat
+import time
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: After the kills, look again this many times (a holder may have passed its
+#: descriptor on, or forked, before it died).
+ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One process holding one or more of the GPUs being taken back."""
+
+    pid: int
+    uid: int
+    #: Start time in clock ticks since boot (``/proc/PID/stat`` field 22): with
+    #: the pid, it names one process for the whole life of the node.
+    start: int
+    command: str
+    #: Minor numbers (of the NVIDIA major) the process holds.
+    minors: frozenset[int]
+    #: How it holds them: ``fd``, ``mmap`` or both.
+    how: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"pid {self.pid} (uid {self.uid}, {self.command!r})"
+
+
+@dataclass
+class TakeBack:
+    """What ending the holders of some GPUs came to."""
+
+    #: Processes ended (or found gone when signalled).
+    ended: list[Holder] = field(default_factory=list)
+    #: Processes still holding a GPU when the deadline passed.
+    survivors: list[Holder] = field(default_factory=list)
+    #: Processes seen holding a GPU, but exempt.
+    exempt: list[Holder] = field(default_factory=list)
+
+
+def _uids(status: str) -> tuple[int, ...]:
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            return tuple(int(x) for x in line.split()[1:5])
+    return ()
+
+
+def start_time(pid: int, proc_root: Path = Path("/proc")) -> int | None:
+    """The process's start time in clock ticks, or None once it has exited."""
+    try:
+        text = (proc_root / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command may hold spaces and ')': the fields follow the last ')'.
+    fields = text.rsplit(")", 1)[1].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+def _command(pid_dir: Path) -> str:
+    with contextlib.suppress(OSError):
+        raw = (pid_dir / "cmdline").read_bytes()
+        if raw:
+            return raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()[:200]
+    with contextlib.suppress(OSError):
+        return "[" + (pid_dir / "comm").read_text().strip() + "]"
+    return "?"
+
+
+def _fd_minors(pid_dir: Path, major: int, minors: Collection[int]) -> set[int]:
+    found: set[int] = set()
+    try:
+        names = os.listdir(pid_dir / "fd")
+    except OSError:
+        return found
+    for name in names:
+        try:
+            st = os.stat(pid_dir / "fd" / name)  # the open file itself
+        except OSError:
+            continue
+        if (stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == major
+                and os.minor(st.st_rdev) in minors):
+            found.add(os.minor(st.st_rdev))
+    return found
+
+
+def _map_minors(pid_dir: Path, major: int, minors: Collection[int],
+                nodes: Collection[tuple[int, int]]) -> set[int]:
+    """Minors mapped into the process, through a device node in *nodes* (st_dev, st_ino)."""
+    found: set[int] = set()
+    try:
+        text = (pid_dir / "maps").read_text()
+    except OSError:
+        return found
+    for line in text.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or parts[4] == "0":
+            continue
+        fs_major, _, fs_minor = parts[3].partition(":")
+        try:
+            key = (os.makedev(int(fs_major, 16), int(fs_minor, 16)), int(parts[4]))
+        except ValueError:
+            continue
+        if key not in nodes:
+            continue
+        try:
+            st = os.stat(pid_dir / "map_files" / parts[0])
+        except OSError:
+            continue
+        if (stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == major
+                and os.minor(st.st_rdev) in minors):
+            found.add(os.minor(st.st_rdev))
+    return found
+
+
+def device_nodes(paths: Iterable[Path]) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of each existing device file, to recognise its mappings."""
+    nodes = set()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            nodes.add((st.st_dev, st.st_ino))
+    return nodes
+
+
+def find_holders(major: int, minors: Collection[int], *, nodes: Collection[tuple[int, int]],
+                 exempt_uids: Collection[int],
+                 reported: Mapping[int, Collection[int]] | None = None,
+                 proc_root: Path = Path("/proc")) -> tuple[list[Holder], list[Holder]]:
+    """Every process holding one of *minors* (of *major*): (to end, exempt).
+
+    *reported* adds what the driver says runs where (pid -> minors, from
+    NVML): such a process counts as a holder even if it shows no descriptor.
+    Never raises for a process that exits while it is being read.
+    """
+    reported = reported or {}
+    targets = frozenset(minors)
+    holders: list[Holder] = []
+    exempt: list[Holder] = []
+    if not targets:
+        return holders, exempt
+    me = os.getpid()
+    try:
+        entries = [e.name for e in os.scandir(proc_root) if e.name.isdigit()]
+    except OSError:
+        return holders, exempt
+    for name in entries:
+        pid = int(name)
+        if pid == me:
+            continue
+        pid_dir = proc_root / name
+        try:
+            uids = _uids((pid_dir / "status").read_text())
+        except OSError:
+            continue
+        if not uids:
+            continue
+        by_fd = _fd_minors(pid_dir, major, targets)
+        by_map = _map_minors(pid_dir, major, targets, nodes)
+        by_driver = targets.intersection(reported.get(pid, ()))
+        if not by_fd and not by_map and not by_driver:
+            continue
+        started = start_time(pid, proc_root)
+        if started is None:
+            continue
+        how = tuple(kind for kind, got in (("fd", by_fd), ("mmap", by_map),
+                                           ("driver", by_driver)) if got)
+        holder = Holder(pid=pid, uid=uids[0], start=started, command=_command(pid_dir),
+                        minors=frozenset(by_fd | by_map | by_driver), how=how)
+        (exempt if all(u in exempt_uids for u in uids) else holders).append(holder)
+    return holders, exempt
+
+
+def _kill(holder: Holder, proc_root: Path) -> int | None:
+    """SIGKILL *holder* through a pidfd; returns the pidfd to wait on, None if it is gone."""
+    try:
+        pidfd = os.pidfd_open(holder.pid)
+    except ProcessLookupError:
+        return None
+    # The pidfd now names whatever process has this pid; make sure it is ours.
+    if start_time(holder.pid, proc_root) != holder.start:
+        os.close(pidfd)
+        return None
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def _wait(pidfds: dict[int, Holder], deadline: float) -> None:
+    """Wait until every pidfd reports an exit or *deadline*; exited ones are removed."""
+    poller = select.poll()
+    for pidfd in pidfds:
+        poller.register(pidfd, select.POLLIN)
+    while pidfds:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        for pidfd, _ in poller.poll(left * 1000):
+            poller.unregister(pidfd)
+            os.close(pidfd)
+            pidfds.pop(pidfd, None)
+
+
+def take_back(major: int, minors: Collection[int], *, nodes: Collection[tuple[int, int]],
+              exempt_uids: Collection[int], timeout_s: float,
+              spare_uid: int | None = None,
+              reported: Mapping[int, Collection[int]] | None = None,
+              proc_root: Path = Path("/proc")) -> TakeBack:
+    """End every non-exempt process holding one of *minors*, within *timeout_s*.
+
+    Processes of *spare_uid* are left alone (the user of the job that now
+    holds the GPU). Looks again after the kills, up to :data:`ROUNDS`
+    times, so a descriptor passed on before its holder died is found too.
+    """
+    result = TakeBack()
+    deadline = time.monotonic() + timeout_s
+    seen: set[tuple[int, int]] = set()
+    for _ in range(ROUNDS):
+        found, exempt = find_holders(major, minors, nodes=nodes, exempt_uids=exempt_uids,
+                                     reported=reported, proc_root=proc_root)
+        if not result.exempt:
+            result.exempt = exempt
+        found = [h for h in found if spare_uid is None or h.uid != spare_uid]
+        fresh = [h for h in found if (h.pid, h.start) not in seen]
+        if not found:
+            result.survivors = []
+            return result
+        if not fresh:  # all already signalled and still there: they will not die
+            break
+        pidfds: dict[int, Holder] = {}
+        for holder in fresh:
+            seen.add((holder.pid, holder.start))
+            pidfd = _kill(holder, proc_root)
+            result.ended.append(holder)
+            if pidfd is not None:
+                pidfds[pidfd] = holder
+        _wait(pidfds, deadline)
+        for pidfd in pidfds:
+            os.close(pidfd)
+        if pidfds and time.monotonic() >= deadline:
+            break
+    found, _ = find_holders(major, minors, nodes=nodes, exempt_uids=exempt_uids,
+                            reported=reported, proc_root=proc_root)
+    result.survivors = [h for h in found if spare_uid is None or h.uid != spare_uid]
+    survivors = {(h.pid, h.start) for h in result.survivors}
+    result.ended = [h for h in result.ended if (h.pid, h.start) not in survivors]
+    return result
