@@ -267,3 +267,56 @@ def test_a_mapping_of_a_gpu_is_a_hold_even_without_a_descriptor(tmp_path):
                                 exempt_uids={0}, proc_root=tmp_path / "proc")[0] == []
     assert holders.find_holders(195, [2], nodes=holders.device_nodes([node]),
                                 exempt_uids={0, 1001}, proc_root=tmp_path / "proc")[0] == []
+
+
+# ---- the probe sees the job's user as a job would (item 6) ------------------
+
+@contextlib.contextmanager
+def user_in_group() -> Iterator[tuple[pwd.struct_passwd, str]]:
+    """A throwaway user that is a supplementary member of a throwaway group."""
+    tag = secrets.token_hex(3)
+    group, user = f"ztgpu_mon_{tag}", f"ztgpu_job_{tag}"
+    subprocess.run(["groupadd", "--system", group], check=True, capture_output=True)
+    try:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                        "--user-group", "--groups", group, user], check=True,
+                       capture_output=True)
+        try:
+            yield pwd.getpwnam(user), group
+        finally:
+            subprocess.run(["userdel", user], capture_output=True, check=False)
+            subprocess.run(["groupdel", user], capture_output=True, check=False)
+    finally:
+        subprocess.run(["groupdel", group], capture_output=True, check=False)
+
+
+def test_the_probe_opens_as_the_user_with_the_users_groups(tmp_path):
+    """With a group-readable rest state (monitoring in a group the job's user is
+    in), the user gets past file permissions on the job's other GPUs and only
+    the cgroup stops it: the probe must see that (EPERM), not EACCES."""
+    base = Path(tempfile.mkdtemp(prefix="ztgpu-groups-"))
+    job_dir = CGROUP_ROOT / "freezer" / f"slurm_ztgpu_t{secrets.token_hex(3)}"
+    with user_in_group() as (user, group):
+        sleeper: subprocess.Popen[bytes] | None = None
+        try:
+            with standalone_agent(base, gpus=2, devices={"rest_group": group,
+                                                         "rest_mode": "0660"}) as agent:
+                env = job_env("81", uid=user.pw_uid, user=user.pw_name, gpus="0")
+                assert agent.run_hook("prolog", env).returncode == 0
+                # The job's process, where Slurm's proctrack/cgroup would put it.
+                cgroup = job_dir / f"uid_{user.pw_uid}" / "job_81"
+                cgroup.mkdir(parents=True)
+                sleeper = subprocess.Popen(["sleep", "60"], user=user.pw_uid,
+                                           group=user.pw_gid, extra_groups=[])
+                (cgroup / "cgroup.procs").write_text(str(sleeper.pid))
+                verified = agent.wait_event("isolation.verified", "81")
+                assert verified["probe"]["user"] == {"nvidia0": "open", "nvidia1": "EPERM",
+                                                     "nvidiactl": "open"}
+        finally:
+            if sleeper is not None:
+                sleeper.kill()
+                sleeper.wait()
+            for directory in sorted(job_dir.rglob("*"), reverse=True) + [job_dir]:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+            shutil.rmtree(base, ignore_errors=True)

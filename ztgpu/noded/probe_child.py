@@ -7,15 +7,16 @@ answers a single request read from the whole of stdin)::
 
     {"paths": ["/dev/nvidia0", ...],
      "targets": [{"cgroup_procs": [".../devices/.../cgroup.procs"],
-                  "uid": 1001, "gid": 1001}, ...]}
+                  "uid": 1001, "gid": 1001, "groups": [1001, 44]}, ...]}
 
 For each target it forks (this process is single-threaded, so forking is
 safe and costs far less than starting another interpreter). The child, as
 root, joins the target's cgroups, so the kernel applies exactly the job's
 device rules, and opens every path read-write: root passes file permissions,
 so this shows what the cgroup alone allows. It then drops to the job's
-uid/gid with no supplementary groups and opens every path again: the job's
-effective access. It prints one JSON list, one entry per target, in order:
+uid/gid with the user's supplementary groups (as the job has them: a
+group-readable rest mode, e.g. for DCGM, is seen as the job would see it)
+and opens every path again: the job's effective access. It prints one JSON list, one entry per target, in order:
 ``{"cgroup_only": {path: outcome}, "user": {path: outcome}}`` or
 ``{"error": "..."}``, where an outcome is ``open`` (the open succeeded, or
 reached the driver: ENXIO on a node with no driver behind it) or the errno
@@ -55,7 +56,9 @@ def probe_one(target: dict[str, object], paths: list[str]) -> dict[str, object]:
         finally:
             os.close(fd)
     cgroup_only = try_open(paths)
-    os.setgroups([])
+    groups = target.get("groups", [])
+    assert isinstance(groups, list)
+    os.setgroups([int(str(g)) for g in groups])
     os.setgid(int(str(target["gid"])))
     os.setuid(int(str(target["uid"])))
     if os.getuid() == 0 or os.geteuid() == 0:

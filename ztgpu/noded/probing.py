@@ -10,6 +10,7 @@ exactly its GPUs). A mismatch is a critical event and triggers
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,18 @@ from typing import Any
 from ztgpu.errors import Fault
 from ztgpu.noded.core import AgentCore, LiveJob, gpu_fields, log
 from ztgpu.noded.state import JobRecord
+
+
+def user_groups(job: JobRecord) -> list[int]:
+    """The job user's groups as a login would get them (initgroups), its gid first.
+
+    A user the user database no longer knows gets its primary group only.
+    """
+    try:
+        groups = os.getgrouplist(job.user, job.gid)
+    except (KeyError, OSError):
+        groups = [job.gid]
+    return [job.gid, *sorted(set(groups) - {job.gid})]
 
 
 class Probing(AgentCore):
@@ -30,9 +43,10 @@ class Probing(AgentCore):
             paths.append(ctl)
         return paths
 
-    def run_probes(self, targets: list[tuple[Path, int, int]]
+    def run_probes(self, targets: list[tuple[Path, JobRecord]]
                    ) -> list[dict[str, dict[str, str]] | str]:
-        """Open every GPU from inside each (cgroup, uid, gid), as root and as uid:gid.
+        """Open every GPU from inside each (cgroup, job), as root and as the job's user
+        (its uid, gid and supplementary groups).
 
         The agent's kept helper process (``ProbeHelper``) serves the whole
         batch; it forks per target.
@@ -44,8 +58,9 @@ class Probing(AgentCore):
         """
         request = json.dumps({
             "paths": [str(p) for p in self.probe_paths()],
-            "targets": [{"cgroup_procs": [str(cg / "cgroup.procs")], "uid": uid, "gid": gid}
-                        for cg, uid, gid in targets]})
+            "targets": [{"cgroup_procs": [str(cg / "cgroup.procs")], "uid": job.uid,
+                         "gid": job.gid, "groups": user_groups(job)}
+                        for cg, job in targets]})
         timeout = self.config.isolation.probe_timeout_s * max(1, len(targets))
         line = self.probe_helper.ask(request, timeout)
         try:
@@ -125,8 +140,7 @@ class Probing(AgentCore):
         if not due:
             return []
         try:
-            outcomes = self.run_probes([(cg, live.record.uid, live.record.gid)
-                                        for live, cg, _ in due])
+            outcomes = self.run_probes([(cg, live.record) for live, cg, _ in due])
         except Fault as exc:
             outcomes = [str(exc)] * len(due)
         results = []
