@@ -422,3 +422,18 @@ def test_job_cgroup_paths_match_whole_components():
     assert in_job_cgroup("/ztgpu/job_4", "4")
     assert not in_job_cgroup("/slurm_n1/uid_5/job_41/step_0", "4")
     assert not in_job_cgroup("/", "4")
+
+
+def test_a_device_file_swapped_for_a_link_is_never_changed_through_it(agent):
+    target = agent.base / "not-a-gpu"
+    target.write_text("root's file\n")
+    target.chmod(0o600)
+    gpu = agent.dev_dir / "nvidia1"
+    gpu.unlink()
+    gpu.symlink_to(target)
+    res = agent.run_hook("prolog", job_env("45", gpus="1"))
+    assert res.returncode == 1 and "not a character device" in res.stderr
+    drift = agent.wait_event("device.drift")
+    assert drift["path"] == str(gpu) and drift["outcome"] == "unrecoverable"
+    assert owner_mode(target) == ROOT_0600  # never handed to the job's user
+    assert gpu.is_symlink()
