@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,6 @@ def test_multi_group_names_vary_the_last_group_fastest(tmp_path: Path) -> None:
 @given(st.permutations(range(8)))
 def test_any_comma_order_is_kept(order: list[int]) -> None:
     # hypothesis forbids function-scoped fixtures such as tmp_path here.
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         files = ",".join(nvidia(*order))
         assert files_of(Path(tmp), f"Name=gpu File={files}\n") == nvidia(*order)
