@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_root
 from test_node_agent import job_env, owner_mode
+
 from ztgpu.noded import holders
 from ztgpu.testing.agent_process import StandaloneAgent, standalone_agent
 from ztgpu.testing.slurm_cluster import CGROUP_ROOT
@@ -192,48 +192,6 @@ def test_whoever_opened_an_idle_gpu_while_its_file_had_drifted_loses_it(openable
     assert owner_mode(gpu) == (0, 0, 0o600)
 
 
-# ---- the NVIDIA driver's device-file parameters (item 4) -------------------
-
-def params_text(modify: int, mode: int, uid: int = 0, gid: int = 0) -> str:
-    return (f"ResmanDebugLevel: 4294967295\nModifyDeviceFiles: {modify}\n"
-            f"DeviceFileUID: {uid}\nDeviceFileGID: {gid}\nDeviceFileMode: {mode}\n")
-
-
-@pytest.mark.parametrize(("params", "safe"), [
-    (params_text(1, 0o666), False),   # the driver default: 0666 root:root
-    (params_text(1, 0o660, gid=44), False),
-    (params_text(1, 0o600), True),    # recreated exactly as the rest state
-    (params_text(0, 0o666), True),    # the driver leaves the files alone
-    ("ModifyDeviceFiles 1\n", False),  # unreadable: not taken as safe
-])
-def test_a_driver_that_could_reopen_gpus_stops_every_grant(tmp_path, params, safe):
-    base = Path(tempfile.mkdtemp(prefix="ztgpu-params-"))
-    params_file = base / "driver-params"
-    base.mkdir(exist_ok=True)
-    params_file.write_text(params)
-    try:
-        with standalone_agent(base, gpus=2,
-                              gpu={"simulated_driver_params": str(params_file)}) as agent:
-            res = agent.run_hook("prolog", job_env("71", gpus="0"))
-            start = agent.events("agent.start")[-1]
-            if safe:
-                assert res.returncode == 0, res.stderr
-                assert start["outcome"] == "ok" and not agent.events("node.unsafe")
-                return
-            assert res.returncode == 1
-            unsafe = agent.events("node.unsafe")[-1]
-            assert unsafe["check"] == "driver_params" and start["outcome"] == "degraded"
-            if "ModifyDeviceFiles: 1" in params:
-                assert "NVreg_DeviceFileMode=0600" in res.stderr
-                assert "/etc/modprobe.d/" in unsafe["reason"]
-            else:
-                assert "cannot tell" in unsafe["reason"]
-            assert agent.events("job.refused", "71")[-1]["outcome"] == "node_unsafe"
-            assert owner_mode(agent.dev_dir / "nvidia0") == (0, 0, 0o600)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
 # ---- the scanner on a recorded /proc tree ----------------------------------
 
 def test_a_mapping_of_a_gpu_is_a_hold_even_without_a_descriptor(tmp_path):
@@ -316,7 +274,7 @@ def test_the_probe_opens_as_the_user_with_the_users_groups(tmp_path):
             if sleeper is not None:
                 sleeper.kill()
                 sleeper.wait()
-            for directory in sorted(job_dir.rglob("*"), reverse=True) + [job_dir]:
+            for directory in [*sorted(job_dir.rglob("*"), reverse=True), job_dir]:
                 with contextlib.suppress(OSError):
                     directory.rmdir()
             shutil.rmtree(base, ignore_errors=True)

@@ -227,9 +227,18 @@ class SlurmConfig(_Strict):
     #: slurm.conf the agent's own Slurm commands (scancel) use; None means
     #: Slurm's default lookup.
     conf: AbsPath | None = None
+    #: The node's gres.conf, checked at start against the agent's mapping of
+    #: gres indices to device files. None: gres.conf beside ``conf`` (or
+    #: /etc/slurm/gres.conf).
+    gres_conf: AbsPath | None = None
     bin_dir: AbsPath = Path("/usr/bin")
     command_timeout_s: float = Field(default=10.0, gt=0, le=120)
 
+    @property
+    def gres_conf_path(self) -> Path:
+        if self.gres_conf is not None:
+            return self.gres_conf
+        return (self.conf.parent if self.conf is not None else Path("/etc/slurm")) / "gres.conf"
 
 
 class NodedConfig(_Strict):

@@ -16,7 +16,8 @@ device rules, and opens every path read-write: root passes file permissions,
 so this shows what the cgroup alone allows. It then drops to the job's
 uid/gid with the user's supplementary groups (as the job has them: a
 group-readable rest mode, e.g. for DCGM, is seen as the job would see it)
-and opens every path again: the job's effective access. It prints one JSON list, one entry per target, in order:
+and opens every path again: the job's effective access. It prints one JSON
+list, one entry per target, in order:
 ``{"cgroup_only": {path: outcome}, "user": {path: outcome}}`` or
 ``{"error": "..."}``, where an outcome is ``open`` (the open succeeded, or
 reached the driver: ENXIO on a node with no driver behind it) or the errno

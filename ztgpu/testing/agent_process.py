@@ -205,7 +205,8 @@ def standalone_agent(base: Path, gpus: int = 4, openable: bool = False,
                 **({"simulated_major": OPENABLE_MAJOR} if openable else {})},
         "cgroups": {"name": f"ztgpu_test_{secrets.token_hex(4)}"},
         "isolation": {"sweep_interval_s": 0.2, "drift_interval_s": 0.5},
-        "slurm": {"user": "root", "bin_dir": "/nonexistent-slurm-bin"},
+        "slurm": {"user": "root", "bin_dir": "/nonexistent-slurm-bin",
+                  "gres_conf": str(base / "gres.conf")},
     }
     for section, values in overrides.items():
         config.setdefault(section, {}).update(values)
