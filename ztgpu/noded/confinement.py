@@ -9,12 +9,13 @@ cgroup. It only ever narrows access.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
 from ztgpu.cgroups.device_allowlist import CharDevice
 from ztgpu.errors import CgroupError, Denied
-from ztgpu.noded import job_cgroups
+from ztgpu.noded import holders, job_cgroups
 from ztgpu.noded.core import AgentCore, LiveJob
 from ztgpu.noded.state import JobRecord
 
@@ -73,7 +74,26 @@ class Confinement(AgentCore):
                 return None
             if not own.exists():
                 self._prepare_own_cgroup(record)
-        return own if self.devices.attach(own, pid) else None
+        return own if self._attach_job_process(own, pid, record) else None
+
+    def _attach_job_process(self, cgroup: Path, pid: int, record: JobRecord) -> bool:
+        """Move *pid* into *cgroup* only while it is still a process of the job.
+
+        The pid was read a while ago; the process is pinned by a pidfd, its
+        job re-read, and the pidfd checked for an exit before the move, so a
+        pid reused meanwhile by another process is never moved.
+        """
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # gone
+            return False
+        try:
+            if (job_cgroups.job_of_pid(pid) != (record.uid, record.job_id)
+                    or holders.exited(pidfd)):
+                return False
+            return self.devices.attach(cgroup, pid)
+        finally:
+            os.close(pidfd)
 
     def _confine(self, live: LiveJob) -> None:
         record = live.record

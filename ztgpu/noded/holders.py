@@ -197,6 +197,13 @@ def find_holders(major: int, minors: Collection[int], *, nodes: Collection[tuple
     return holders, exempt
 
 
+def exited(pidfd: int) -> bool:
+    """Whether the process a pidfd names has exited (its pid may be reused)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _kill(holder: Holder, proc_root: Path) -> int | None:
     """SIGKILL *holder* through a pidfd; returns the pidfd to wait on, None if it is gone."""
     try:
