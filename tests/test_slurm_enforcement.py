@@ -366,3 +366,51 @@ def test_idle_connections_of_one_user_do_not_fail_other_users_tasks(suite):
                 if e.get("peer_uid") == uid_of("ztbob")]
     assert 1 <= len(rejected) <= 11, "recorded, at most 10 a minute plus a summary"
     assert any("connections at once" in e["reason"] for e in rejected)
+
+
+def test_a_job_that_ended_while_the_agent_was_down_loses_its_gpu_and_recover_resumes(suite):
+    c = suite.cluster
+    job, minor = running_verified(suite, "ztalice", job_script(suite))
+    suite.stop_agent(signal.SIGKILL)
+    # While the agent is down: a new job's Prolog fails (Slurm drains the node
+    # and holds the job), and the running job ends (its Epilog fails too).
+    held = c.sbatch("ztbob", "sleep 1", gpus=1)
+    wait_for(lambda: c.job_state(held).get("Reason") == "launch_failed_requeued_held", 60,
+             "the job to be held after its failed launch")
+    assert "drain" in c.node_state()
+    c.slurm(["scancel", job])
+    wait_for(lambda: c.job_state(job).get("JobState") in ("CANCELLED", "COMPLETED", None, ""),
+             60, "the job to end")
+    assert owner(c.gpu_path(minor))[0] == uid_of("ztalice")  # nobody took it back yet
+    suite.start_agent()
+    release = suite.wait_event("job.release", job)
+    assert release["outcome"] == "released"
+    assert "ended while the agent was down" in release["reason"]
+    assert owner(c.gpu_path(minor)) == (0, 0, 0o600)
+    # One command brings the node back: checked, resumed, the held job released.
+    res = suite.ztgpu("node", "recover")
+    assert "resumed node" in res.stdout and f"released job {held}" in res.stdout, res.stdout
+    recovered = suite.wait_event("node.recover")
+    assert recovered["outcome"] == "recovered" and recovered["released_jobs"] == [held]
+    assert "Prolog error" in recovered["was"] or "Epilog error" in recovered["was"]
+    c.wait_job(held, ["COMPLETED"], timeout=60)
+    assert c.node_state() in ("idle", "mixed", "allocated")
+
+
+def test_recover_refuses_to_resume_a_node_that_is_not_safe(suite):
+    c = suite.cluster
+    suite.stop_agent(signal.SIGKILL)
+    held = c.sbatch("ztbob", "sleep 1", gpus=1)
+    wait_for(lambda: "drain" in c.node_state(), 60, "the node to drain")
+    suite.start_agent()
+    os.unlink(c.gpu_path(2))  # a GPU's device file the agent cannot restore
+    try:
+        res = suite.ztgpu("node", "recover", check=False)
+        assert res.returncode == 1 and "NOT SAFE" in res.stderr, res.stderr
+        assert "drain" in c.node_state()
+        assert c.job_state(held).get("Reason") == "launch_failed_requeued_held"
+        assert suite.wait_event("node.recover")["outcome"] == "failed"
+    finally:
+        c._mknod(c.gpu_path(2), 2)
+        suite.call("drift")
+    c.slurm(["scancel", held])

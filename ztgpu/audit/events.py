@@ -125,6 +125,9 @@ EVENT_TYPES: tuple[EventType, ...] = (
     _t("device.freed", _INFO, "gpus reason", "A GPU held by a stuck process is free again."),
     _t("node.drain", _WARN, "node_name outcome reason",
        "The agent drained its node in Slurm (or tried to)."),
+    _t("node.recover", _WARN, "node_name outcome resumed reason",
+       "An admin's `ztgpu node recover`: grants of ended jobs released, the node checked "
+       "and, if safe, resumed in Slurm."),
     _t("node.unsafe", _CRIT, "check reason",
        "A start-up check failed: the agent grants no GPU on this node until it is fixed."),
     _t("hook.error", _WARN, "hook reason", "A Slurm hook or PAM client failed."),

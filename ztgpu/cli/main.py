@@ -128,6 +128,36 @@ def _cmd_node_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _cmd_node_recover(args: argparse.Namespace) -> int:
+    from ztgpu.config import load_config
+    from ztgpu.node_client import call
+
+    config = load_config(args.config)
+    report = call(str(config.paths.socket), "recover", release_held=not args.keep_held,
+                  timeout=120)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0 if report["ok"] else 1
+    for job_id in report["released_grants"]:
+        print(f"released the GPUs of job {job_id} (it ended while the agent was down)")
+    for item in report["drift"]:
+        print(f"device file {item['path']}: {item['found']} -> {item.get('outcome', 'left')}")
+    print(f"probed {report['probes']} job cgroup(s)")
+    if not report["ok"]:
+        for problem in report["problems"]:
+            print(f"NOT SAFE: {problem}", file=sys.stderr)
+        print(f"node {report['node']} left as it is; fix the above and run this again",
+              file=sys.stderr)
+        return 1
+    if report["resumed"]:
+        print(f"resumed node {report['node']} (was {report['was']}: {report['was_reason']})")
+    else:
+        print(f"node {report['node']} was not drained ({report['was']})")
+    for job_id in report["released_jobs"]:
+        print(f"released job {job_id} (held by Slurm after a failed launch)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ztgpu.cli.demo import run_demo
 
@@ -177,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     nverify = node.add_parser("verify", help="probe running jobs' GPU isolation now")
     nverify.add_argument("--job", help="only this job id")
     nverify.set_defaults(func=_cmd_node_verify)
+    nrecover = node.add_parser(
+        "recover", help="after an agent crash: release ended jobs' GPUs, check the node and, "
+        "if it is safe, resume it in Slurm and release the jobs Slurm held")
+    nrecover.add_argument("--keep-held", action="store_true",
+                          help="leave jobs held after a failed launch as they are")
+    nrecover.add_argument("--json", action="store_true")
+    nrecover.set_defaults(func=_cmd_node_recover)
 
     demo = sub.add_parser("demo", help="run the local demonstration cluster")
     demo.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)

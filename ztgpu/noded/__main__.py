@@ -13,7 +13,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ztgpu.config import Config, load_config
-from ztgpu.errors import ConfigError, InputRejected, ZtgpuError
+from ztgpu.errors import ConfigError, Denied, InputRejected, ZtgpuError
 
 if TYPE_CHECKING:
     from ztgpu.audit.forwarder import Forwarder
@@ -161,6 +161,10 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
             return agent.verify(job_id)
         if op == "drift":
             return agent.check_drift()
+        if op == "recover":
+            if peer.uid != 0:
+                raise Denied("only root may recover the node")
+            return agent.recover(release_held=req.get("release_held") is not False)
         on_reject(-1, f"unknown op {op[:40]!r}")
         raise InputRejected(f"unknown op {op[:40]!r}")
 

@@ -336,6 +336,14 @@ class AgentCore:
                              "cannot be accounted for")
 
     # ---- provided by the parts ------------------------------------------
+    def sweep(self) -> None:
+        """Confine every process of every local job (``ztgpu.noded.confinement``)."""
+        raise NotImplementedError
+
+    def _release(self, live: LiveJob, why: str) -> list[str]:
+        """Take the job's GPUs back and forget its grant (``ztgpu.noded.lifecycle``)."""
+        raise NotImplementedError
+
     def verify(self, job_id: str | None = None, *, due_only: bool = False
                ) -> list[dict[str, Any]]:
         """Probe jobs' cgroups now (``ztgpu.noded.probing``)."""

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from typing import Any
 
 from ztgpu import __version__
 from ztgpu.cgroups.device_files import apply_state, read_state
-from ztgpu.errors import ConfigError, DeviceError, GpuError
+from ztgpu.errors import ConfigError, DeviceError, GpuError, SlurmError
 from ztgpu.gpu.driver_params import device_file_problem
+from ztgpu.noded import job_cgroups
 from ztgpu.noded.core import AgentCore, LiveJob, boot_id, gpu_fields, log
 from ztgpu.slurm.gres_conf import gpu_files
+
+#: Slurm states in which a job may still have processes on its node.
+RUNNING_HERE = frozenset({"RUNNING", "CONFIGURING", "SUSPENDED"})
 
 
 class Reconcile(AgentCore):
@@ -66,12 +71,90 @@ class Reconcile(AgentCore):
         if recovered:
             self.spool.append("agent.recovered", jobs=sorted(recovered, key=int),
                               outcome="ok", reason="job grants reloaded from agent state")
+        if recovered:
+            threading.Thread(target=self.release_ended, args=(sorted(recovered, key=int),),
+                             name="release-ended", daemon=True).start()
         for job_id, why in sorted(revoked.items()):
             # The agent may have died between taking the GPUs and the cancel.
             self.spool.append("job.action", job_id=job_id, action="revoke",
                               outcome="access_removed",
                               reason=f"{why} (reapplied after an agent restart)"[:300])
             self._act_on_job(job_id, why)
+
+    def release_ended(self, job_ids: list[str]) -> list[str]:
+        """Release the grants of jobs that ended while the agent was down; returns them.
+
+        A job keeps its grant while it has cgroups on this node or Slurm
+        shows it running here; otherwise (ended, gone, requeued) its GPUs are
+        taken back at once, recorded. When Slurm cannot be asked, the job is
+        left to the stale-grant rule.
+        """
+        released = []
+        for job_id in job_ids:
+            with self.lock:
+                live = self.jobs.get(job_id)
+            if live is None:
+                continue
+            found = job_cgroups.find_job_cgroups(self.config.cgroups.root, live.record.uid,
+                                                 job_id)
+            if found.freezer or found.devices:
+                continue
+            try:
+                state = self.slurm.job_state(job_id)
+            except SlurmError as exc:
+                log.warning("cannot ask Slurm about recovered job %s: %s", job_id, exc)
+                continue
+            if state in RUNNING_HERE:
+                continue
+            self._release(live, f"the job ended while the agent was down (Slurm: "
+                                f"{state or 'no longer listed'})")
+            released.append(job_id)
+        return released
+
+    def recover(self, release_held: bool = True) -> dict[str, Any]:
+        """Bring the node back after a crash, if it is safe: one command for an admin.
+
+        Releases jobs that ended meanwhile, puts device files right, confines
+        and probes every job; then, only when nothing is wrong (no start-up
+        check failing, no GPU held by a stuck process, no violation, no
+        device file that cannot be restored), resumes the node in Slurm and
+        (with *release_held*) releases the jobs Slurm held after a failed
+        launch. Recorded as ``node.recover``.
+        """
+        with self.lock:
+            ids = sorted(self.jobs, key=int)
+        released = self.release_ended(ids)
+        drift = self.check_drift()
+        self.sweep()
+        probes = self.verify()
+        problems = [*self.unsafe, *self.held_gpus.values()]
+        problems += [f"job {r['job_id']}: " + "; ".join(r.get("problems", []))
+                     for r in probes if not r["ok"]]
+        problems += [f"{d['path']}: {d['found']}" for d in drift
+                     if d.get("outcome") != "restored"]
+        node = self.config.node_name
+        state, reason, resumed, jobs = "", "", False, []
+        if not problems:
+            try:
+                state, reason = self.slurm.node_state(node)
+                if "DRAIN" in state:
+                    self.slurm.resume(node)
+                    resumed = True
+                if release_held:
+                    for job_id in self.slurm.launch_failed_held():
+                        self.slurm.release_held(job_id)
+                        jobs.append(job_id)
+            except SlurmError as exc:
+                problems.append(f"Slurm: {exc}")
+        self.spool.append("node.recover", node_name=node,
+                          outcome="failed" if problems else "recovered",
+                          released_grants=released, resumed=resumed, released_jobs=jobs,
+                          was=f"{state} {reason}".strip()[:300],
+                          reason="; ".join(problems)[:1000])
+        return {"node": node, "ok": not problems, "problems": problems,
+                "released_grants": released, "drift": drift, "probes": len(probes),
+                "was": state, "was_reason": reason, "resumed": resumed,
+                "released_jobs": jobs}
 
     def _start_checks(self) -> list[str]:
         """What makes this node unsafe to grant on (each recorded critical)."""

@@ -37,6 +37,20 @@ class SlurmClient(Protocol):
     def drain(self, node: str, reason: str) -> None:
         """Take *node* out of scheduling, with *reason* for ``sinfo -R``."""
 
+    def node_state(self, node: str) -> tuple[str, str]:
+        """The node's state (e.g. ``IDLE+DRAIN``) and its reason ('' when none)."""
+        ...
+
+    def resume(self, node: str) -> None:
+        """Put a drained *node* back into service."""
+
+    def launch_failed_held(self) -> list[str]:
+        """Jobs Slurm requeued and held because their launch failed (e.g. a Prolog)."""
+        ...
+
+    def release_held(self, job_id: str) -> None:
+        """Release a job Slurm held after a failed launch, to start as soon as it can."""
+
 
 class CliSlurmClient:
     """Slurm through its command-line tools (works with any Slurm version)."""
@@ -86,10 +100,31 @@ class CliSlurmClient:
                    f"Reason={text}"])
 
     def resume(self, node: str) -> None:
-        """Put a drained *node* back into service."""
         if not _NODE.fullmatch(node):
             raise SlurmError(f"refusing to resume malformed node name {node!r}")
         self._run(["scontrol", "update", f"NodeName={node}", "State=RESUME"])
+
+    def node_state(self, node: str) -> tuple[str, str]:
+        if not _NODE.fullmatch(node):
+            raise SlurmError(f"refusing to query malformed node name {node!r}")
+        out = self._run(["scontrol", "-o", "show", "node", node])
+        state = re.search(r"(?:^|\s)State=(\S+)", out)
+        reason = re.search(r"(?:^|\s)Reason=(.*?)(?:\s+\w+=|$)", out.strip())
+        if state is None:
+            raise SlurmError(f"scontrol show node {node}: no State= in its answer")
+        return state.group(1), reason.group(1).strip() if reason else ""
+
+    def launch_failed_held(self) -> list[str]:
+        out = self._run(["squeue", "-h", "-t", "PENDING", "-o", "%i|%r"])
+        return [line.split("|", 1)[0].strip() for line in out.splitlines()
+                if line.partition("|")[2].strip() == "launch failed requeued held"]
+
+    def release_held(self, job_id: str) -> None:
+        if not _JOB_ID.fullmatch(job_id):
+            raise SlurmError(f"refusing to release malformed job id {job_id!r}")
+        self._run(["scontrol", "release", job_id])
+        # A requeued job waits ~2 minutes (BeginTime) after a release otherwise.
+        self._run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     def hold(self, job_id: str, reason: str) -> None:
         """Hold a pending job with a reason its user can read (AdminComment)."""
