@@ -530,3 +530,56 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
                             text=True, timeout=60, check=False)
     problems = [line for line in result.stderr.splitlines() if "ztgpu-noded.service" in line]
     assert result.returncode == 0 and problems == [], result.stderr
+
+
+# ---- `ztgpu config check` checks what the node agent checks ------------------
+
+def test_config_check_says_when_it_shows_the_defaults() -> None:
+    result = run_ztgpu("config", "check")
+    default = Path("/etc/ztgpu/ztgpu.yaml")
+    if default.exists():
+        assert f"{default}: OK" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert f"{default}: no such file; showing the built-in defaults" in result.stderr
+        assert "OK" not in result.stderr.splitlines()[0]
+
+
+def _sim_node(tmp_path: Path, extra: str = "") -> Path:
+    dev = tmp_path / "dev"
+    dev.mkdir(parents=True)
+    for minor in range(2):
+        os.mknod(dev / f"nvidia{minor}", 0o600 | 0o020000, os.makedev(195, minor))
+    gpus = "".join(f"    - {{index: {m}, minor: {m}, uuid: GPU-00000000-0000-0000-0000-00000000000"
+                   f"{m}, pci_bus_id: '00000000:0{m}:00.0'}}\n" for m in range(2))
+    return write(tmp_path, f"paths:\n  device_dir: {dev}\n  state_dir: {tmp_path}/state\n"
+                           f"gpu:\n  backend: simulated\n  simulated:\n{gpus}"
+                           f"slurm:\n  gres_conf: {tmp_path}/gres.conf\n{extra}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (device nodes)")
+def test_config_check_runs_the_agents_checks_and_fails_where_the_agent_would(
+        tmp_path: Path) -> None:
+    path = _sim_node(tmp_path)
+    good = run_ztgpu("config", "check", str(path))
+    assert good.returncode == 0, good.stderr
+    assert "# ok    devices: 2 GPUs (simulated)" in good.stderr
+    # A rest group that does not exist: the agent would not start at all.
+    bad = run_ztgpu("config", "check", str(_sim_node(tmp_path / "g", "devices:\n"
+                                                     "  rest_group: no-such-group\n")))
+    assert bad.returncode == 1
+    assert "FAIL  rest_state: devices.rest_group: group no-such-group does not exist" \
+        in bad.stderr
+    # gres.conf naming the GPUs in another order, and a device file missing.
+    (tmp_path / "gres.conf").write_text(
+        f"NodeName={SHORT_HOSTNAME} Name=gpu File={tmp_path}/dev/nvidia1,{tmp_path}/dev/nvidia0\n")
+    (tmp_path / "dev" / "nvidia1").unlink()
+    bad = run_ztgpu("config", "check", str(path))
+    assert bad.returncode == 1
+    assert "FAIL  devices:" in bad.stderr and "nvidia1 does not exist" in bad.stderr
+    assert "FAIL  gres_order:" in bad.stderr
+    # A state directory others may change.
+    (tmp_path / "state").mkdir(mode=0o777)
+    (tmp_path / "state").chmod(0o777)
+    bad = run_ztgpu("config", "check", str(path))
+    assert "FAIL  trusted_path: paths.state_dir" in bad.stderr

@@ -13,11 +13,30 @@ from ztgpu.errors import ZtgpuError
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     from ztgpu.config import config_path, dump_effective, load_config
+    from ztgpu.noded.checks import agent_checks
 
     file = args.file or args.config
     config = load_config(file)
-    print(f"# {config_path(file)}: OK", file=sys.stderr)
+    path = config_path(file)
+    if path.exists():
+        print(f"# {path}: OK", file=sys.stderr)
+    else:
+        print(f"# {path}: no such file; showing the built-in defaults", file=sys.stderr)
     print(dump_effective(config), end="")
+    if args.no_agent_checks:
+        return 0
+    # What ztgpu-noded checks at start, checked here the same way.
+    failed = 0
+    for check in agent_checks(config):
+        if check.problem is None:
+            print(f"# ok    {check.name}: {check.note}", file=sys.stderr)
+        else:
+            failed += 1
+            print(f"# FAIL  {check.name}: {check.problem}", file=sys.stderr)
+    if failed:
+        print(f"# {failed} check(s) the node agent makes failed: it would refuse to start or "
+              "to grant GPUs with this configuration on this host", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -175,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="config_command", required=True)
     check = config.add_parser("check", help="validate and print the effective config")
     check.add_argument("file", nargs="?", help="file to check (default: the active config)")
+    check.add_argument("--no-agent-checks", action="store_true",
+                       help="validate the file only; skip the checks ztgpu-noded makes at "
+                       "start on this host (users, groups, trusted paths, device files, "
+                       "gres.conf order, driver parameters)")
     check.set_defaults(func=_cmd_config_check)
 
     inst = sub.add_parser("install", help="install the node hooks into slurm.conf")

@@ -80,19 +80,17 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     from ztgpu.net.ratelimit import RejectLimiter
     from ztgpu.noded.agent import Agent
     from ztgpu.noded.backlog import SpoolGuard
+    from ztgpu.noded.checks import require_trusted_paths
     from ztgpu.noded.server import AgentSocketServer, Peer
     from ztgpu.noded.state import StateStore
     from ztgpu.slurm.client import CliSlurmClient
-    from ztgpu.trust.safe_paths import require_trusted
 
     log = logging.getLogger("ztgpu.noded")
     # What the agent trusts (its state, its spool, the sockets the hooks talk to)
     # must be changeable by root alone, all the way up.
-    for what, path in (("paths.state_dir", config.paths.state_dir),
-                       ("paths.spool_dir", config.paths.spool_dir),
-                       ("the directory of paths.socket", config.paths.socket.parent),
-                       ("the directory of paths.task_socket", config.paths.task_socket.parent)):
-        require_trusted(path, what)
+    require_trusted_paths(config, ("paths.state_dir", "paths.spool_dir",
+                                   "the directory of paths.socket",
+                                   "the directory of paths.task_socket"))
     backend = open_backend(config.gpu)
     major = nvidia_major()
     if backend.simulated and config.gpu.simulated_major is not None:

@@ -16,7 +16,6 @@ each, and :class:`ztgpu.noded.agent.Agent` puts them together:
 from __future__ import annotations
 
 import contextlib
-import grp
 import logging
 import pwd
 import threading
@@ -30,10 +29,10 @@ from typing import Any, Protocol
 from ztgpu.cgroups.device_allowlist import DevicesV1
 from ztgpu.cgroups.device_files import FileState, apply_state
 from ztgpu.config import Config
-from ztgpu.errors import DeviceError, Fault, GpuError, SlurmError
+from ztgpu.errors import DeviceError, GpuError, SlurmError
 from ztgpu.gpu.backend import GpuBackend, GpuInfo, slurm_order
 from ztgpu.gpu.devices import gpu_device_path
-from ztgpu.noded import holders
+from ztgpu.noded import checks, holders
 from ztgpu.noded.backlog import SpoolGuard
 from ztgpu.noded.grant_check import GrantChecker
 from ztgpu.noded.probe_helper import ProbeHelper
@@ -137,13 +136,7 @@ class AgentCore:
         self.probe_helper = ProbeHelper()
 
     def _rest_state(self) -> FileState:
-        dev = self.config.devices
-        try:
-            uid = pwd.getpwnam(dev.rest_owner).pw_uid
-            gid = grp.getgrnam(dev.rest_group).gr_gid
-        except KeyError as exc:
-            raise Fault(f"devices.rest_owner/rest_group: {exc.args[0]} does not exist") from None
-        return FileState(uid=uid, gid=gid, mode=dev.rest_mode_bits)
+        return checks.rest_state(self.config)
 
     def _exempt_uids(self) -> frozenset[int]:
         uids = {0, self.rest.uid}

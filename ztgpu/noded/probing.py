@@ -143,20 +143,49 @@ class Probing(AgentCore):
             outcomes = self.run_probes([(cg, live.record) for live, cg, _ in due])
         except Fault as exc:
             outcomes = [str(exc)] * len(due)
+        judged = [self._judge(live, cgroup, outcome) for (live, cgroup, _), outcome
+                  in zip(due, outcomes, strict=True)]
+        # A mismatch is critical only once confirmed: the job still holds its
+        # grant, and a second probe finds the same. A job ending meanwhile (its
+        # Epilog taking the GPUs back under the probe) is not a violation.
+        doubtful = [i for i, (_, problems) in enumerate(judged)
+                    if problems is not None and problems and self._in_force(due[i][0])]
+        if doubtful:
+            try:
+                again = self.run_probes([(due[i][1], due[i][0].record) for i in doubtful])
+            except Fault as exc:
+                again = [str(exc)] * len(doubtful)
+            for i, outcome in zip(doubtful, again, strict=True):
+                judged[i] = self._judge(due[i][0], due[i][1], outcome)
         results = []
-        for (live, cgroup, last), outcome in zip(due, outcomes, strict=True):
-            if isinstance(outcome, str):
-                if not cgroup.exists():  # the step ended while being probed
-                    live.probed.pop(cgroup, None)
-                    continue
-                layers: dict[str, dict[str, str]] = {"cgroup_only": {}, "user": {}}
-                problems = [f"probe failed: {outcome}"]
-            else:
-                layers, problems = outcome, self.compare(live.record, outcome)
+        for (live, cgroup, last), (layers, problems) in zip(due, judged, strict=True):
+            if problems is None:
+                continue
+            if problems and not self._in_force(live):
+                log.info("probe of job %s found %s while its grant ended; not a violation",
+                         live.record.job_id, "; ".join(problems))
+                continue
             live.probed[cgroup] = time.monotonic()
             results.append(self._record_probe(live, cgroup, layers, problems,
                                               announce=not (due_only and last)))
         return results
+
+    def _in_force(self, live: LiveJob) -> bool:
+        """Whether the job's grant still stands as it did when the probe began."""
+        with self.lock:
+            return (self.jobs.get(live.record.job_id) is live
+                    and live.record.job_id not in self.releasing)
+
+    def _judge(self, live: LiveJob, cgroup: Path, outcome: dict[str, dict[str, str]] | str
+               ) -> tuple[dict[str, dict[str, str]], list[str] | None]:
+        """A probe's layers and problems; problems None when there is nothing to judge
+        (the probed cgroup is gone: its step ended)."""
+        if isinstance(outcome, str):
+            if not cgroup.exists():
+                live.probed.pop(cgroup, None)
+                return {}, None
+            return {"cgroup_only": {}, "user": {}}, [f"probe failed: {outcome}"]
+        return outcome, self.compare(live.record, outcome)
 
     def _record_probe(self, live: LiveJob, cgroup: Path,
                       outcome: Mapping[str, Mapping[str, str]],

@@ -8,18 +8,14 @@ driver with ``NVreg_ModifyDeviceFiles=1``), recording each change.
 
 from __future__ import annotations
 
-import os
-import stat
 import threading
 from typing import Any
 
 from ztgpu import __version__
 from ztgpu.cgroups.device_files import apply_state, read_state
-from ztgpu.errors import ConfigError, DeviceError, GpuError, SlurmError
-from ztgpu.gpu.driver_params import device_file_problem
-from ztgpu.noded import job_cgroups
+from ztgpu.errors import DeviceError, SlurmError
+from ztgpu.noded import checks, job_cgroups
 from ztgpu.noded.core import AgentCore, LiveJob, boot_id, gpu_fields, log
-from ztgpu.slurm.gres_conf import gpu_files
 
 #: Slurm states in which a job may still have processes on its node.
 RUNNING_HERE = frozenset({"RUNNING", "CONFIGURING", "SUSPENDED"})
@@ -169,48 +165,13 @@ class Reconcile(AgentCore):
         return problems
 
     def _driver_problem(self) -> str | None:
-        try:
-            params = self.backend.driver_params()
-            if params is None:
-                return None
-            return device_file_problem(params, self.rest)
-        except GpuError as exc:
-            return f"cannot tell whether the NVIDIA driver may reopen device files: {exc}"
+        return checks.driver_problem(self.backend, self.rest)
 
     def _gres_problem(self) -> str | None:
-        """Whether Slurm numbers this node's GPUs as the agent does (gres index
-        *i* = the GPU with the *i*-th smallest minor), from gres.conf ``File=``."""
-        path = self.config.slurm.gres_conf_path
-        try:
-            found = gpu_files(path, self.config.node_name)
-        except ConfigError as exc:
-            return f"cannot check Slurm's GPU order: {exc}"
-        if found is None or not found.files:
-            log.info("%s lists no GPU files for this node: GPU order not cross-checked", path)
-            return None
-        if not found.in_index_order:
-            log.info("%s: AutoDetect=%s orders the GPUs; order not cross-checked",
-                     path, found.autodetect)
-            return None
-        slurm: list[str] = []
-        for file in found.files:
-            try:
-                st = os.stat(file)
-            except OSError as exc:
-                return (f"{path} lists {file}, which cannot be read ({exc.strerror}): "
-                        f"slurmd then numbers the GPUs after it differently")
-            slurm.append(f"{file}" if not stat.S_ISCHR(st.st_mode) or
-                         os.major(st.st_rdev) != self.major else f"minor {os.minor(st.st_rdev)}")
-        mine = [f"minor {gpu.minor}" for gpu in self.inventory]
-        if slurm == mine:
-            return None
-
-        def show(items: list[str]) -> str:
-            return ", ".join(f"{i}={item}" for i, item in enumerate(items)) or "none"
-        return (f"Slurm's GPU order ({path}, File=) is not the agent's: Slurm gres index -> "
-                f"{show(slurm)}; agent -> {show(mine)}. List the GPU files in ascending "
-                f"minor order (e.g. File=/dev/nvidia[0-{max(len(mine) - 1, 0)}]) and restart "
-                f"slurmd, so SLURM_JOB_GPUS names the GPUs the agent grants")
+        problem, note = checks.gres_problem(self.config, self.inventory, self.major)
+        if note:
+            log.info("%s", note)
+        return problem
 
     def check_drift(self) -> list[dict[str, Any]]:
         """Find device files someone else changed, record and restore them.
