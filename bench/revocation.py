@@ -1,198 +1,328 @@
-"""Revocation latency: from an admin's revoke request to the GPUs taken back on a node.
+"""Revocation latency on real Slurm: from an admin's revoke until the job has lost its
+GPUs and until it is gone from Slurm.
 
-Starts a private munged, a site PKI, a real authd process (``ztgpu-authd``,
-SQLite store, TLS 1.3) and a standalone node agent (``ztgpu-noded`` on
-simulated GPUs, no Slurm) named ``gpu01``, configured with ``auth.authd_url``
-and a node certificate of that name. The agent's ``auth.revocation_poll_s``
-is left at the configuration default (reported), so the figures are what a
-site gets out of the box. The bootstrap admin root is enrolled locally and
-logs in (again when its MFA session nears the admin age limit).
+Runs on the private Slurm cluster with MFA switched on
+(``ztgpu.testing.mfa_cluster``, no job gate): a private munged, a site PKI, a
+real ``ztgpu-authd`` (SQLite, the harness's default policy), slurmctld and
+slurmd with 4 simulated GPUs, and the suite installed by ``ztgpu install``
+with its node agent asking authd for a signed grant in every Prolog and
+polling authd's revocation feed. The harness polls that feed every 0.5 s;
+the bench restarts the agent (before any job) with
+``auth.revocation_poll_s`` at the configuration default (printed), so the
+figures are what a site gets out of the box. root is enrolled locally and
+logs in once (again when its MFA session nears the admin age limit).
 
 Each of ``--runs`` rounds:
 
-1. root enrols ``nobody`` through the admin API (a revocation deletes the
-   enrolment, so every round enrols again) and ``nobody`` logs in with a TOTP
-   code;
-2. the installed Prolog hook runs for a new job id with GPUs 0,1; the agent
-   must record job.grant and hand both device files to ``nobody``;
+1. root enrols the test user (``ztalice``) through the admin API (a
+   revocation deletes the enrolment, so every round enrols again) and the
+   user runs ``ztgpu login`` with a TOTP code;
+2. the user submits a batch job holding 1 GPU (odd rounds) or 2 (even
+   rounds) whose script starts a second, background process and waits; the
+   bench waits until Slurm shows it RUNNING, the agent has recorded
+   job.grant and the device files belong to the user;
 3. after a random wait of 0 to ``revocation_poll_s`` (``--no-jitter``: none;
    without it the rounds lock onto the agent's poll cycle and every revoke
    lands just after a poll, the worst case), root's revoke request
-   (``POST /v1/admin/revoke``) is timed from just before it is sent (its
-   munge credential is made beforehand); the spool is
-   then polled every ``--poll-ms`` ms (``agent.events``) until it holds a
-   job.action event with action "revoke" for the job, and the device files
-   are checked (``os.lstat``) until both are owned by root again;
-4. the Epilog hook ends the job, so the next round starts from a clean node.
+   (``POST /v1/admin/revoke``, its munge credential made beforehand) is
+   timed from just before it is sent:
+
+   * **lost its GPUs** (``A``): the agent's spool (checked every
+     ``--poll-ms`` ms) holds the job.action event with action "revoke" and
+     outcome "access_removed" (recorded only after every process that held
+     one of the job's GPUs was killed) *and* the device files are owned by
+     root again (``os.lstat``). A revoke event with another outcome counts as
+     never: ``inf``.
+   * **gone from Slurm** (``C``): ``squeue -h -j JOB`` prints nothing (polled
+     every ``--squeue-ms`` ms in a thread; a failing squeue never counts as
+     gone). The time the job left RUNNING is printed too.
+
+4. the job's final state is read with ``scontrol -o show job`` (the cluster
+   keeps ended jobs for ``MinJobAge``), and the bench waits (up to 15 s) for
+   the agent's job.action cancel_job events to settle and for its job.release
+   (the Epilog). Each round prints the revoke event's outcome, every
+   cancel_job event's outcome (a failed cancel is reported, never hidden),
+   the final Slurm state, the release outcome and any isolation.violated or
+   device.holder events of the job, and (from the events' own timestamps)
+   when the agent saw the job ended after its cancel and when the Epilog's
+   release was recorded, which splits ``C`` into its parts.
+
+The simulated GPUs are device nodes without a driver (an open that access
+control allows fails with ENXIO), so no process of the job can really hold
+one open; "lost every handle" is therefore what the agent records once it
+has killed every holder it found, together with the files back at rest.
+
+One round takes about 5 s here (2 CPUs); with start and teardown the default
+20 rounds take about 2-3 minutes.
 
 Prints per-run figures and never asserts on them. The last line is:
 
-    revocation p50_s=A p99_s=B
+    revocation p50_s=A p99_s=B gone_p99_s=C runs=N cancel_failures=F
 
-(the time to the agent's revoke event, over all runs).
+where ``F`` counts the rounds in which the agent recorded a failed cancel_job
+or no successful one.
 
-Usage (root): python bench/revocation.py [--runs 20] [--poll-ms 20] [--no-jitter]
+Usage (root): python bench/revocation.py [--runs 20] [--poll-ms 20] [--squeue-ms 30]
+    [--no-jitter]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pwd
 import random
-import re
-import shutil
+import subprocess
 import sys
-import tempfile
+import threading
 import time
-from datetime import UTC, datetime
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from benchlib import percentile
 
-from ztgpu.testing.agent_process import StandaloneAgent, standalone_agent
-from ztgpu.testing.authd_process import AuthdProcess, secret_from_uri
-from ztgpu.testing.collector_process import SitePki
-from ztgpu.testing.munge import MungeDaemon
+from ztgpu.testing.mfa_cluster import MfaCluster, mfa_cluster
+from ztgpu.testing.slurm_cluster import ClusterSpec, SlurmTestCluster
 
-USER = "nobody"
-NODE = "gpu01"
-GPUS = "0,1"
-ROUND_TIMEOUT_S = 30.0
+USER = "ztalice"
+ROUND_TIMEOUT_S = 60.0
+#: How long after the job left squeue the agent's cancel and release may take
+#: to show in its spool.
+SETTLE_S = 15.0
 #: Log root in again when its session is older than this (authd wants admin
 #: actions within admin_mfa_max_age_s, 900 s by default).
 ROOT_RELOGIN_S = 600.0
+JOB_SCRIPT = """#!/bin/sh
+# a second process of the job, as a real job has workers
+sleep 600 &
+wait
+"""
 
 
-class Site:
-    """authd with root as the bootstrap admin; researcher and admin calls over TLS."""
+class Admin:
+    """root's admin calls to authd over TLS, with one MFA login kept fresh."""
 
-    def __init__(self, base: Path, munge: MungeDaemon) -> None:
-        self.pki = SitePki(base / "pki")
-        self.authd = AuthdProcess(base / "authd", self.pki, munge.socket)
-        self.secrets: dict[str, bytes] = {}
-        self.steps: dict[str, int] = {}
-        self.root_login_at = 0.0
+    def __init__(self, mfa: MfaCluster) -> None:
+        self.mfa = mfa
+        self.login_at = -math.inf
 
-    def start(self) -> None:
-        res = self.authd.ztgpu("admin", "enroll", "root", "--local")
-        found = re.search(r"otpauth://\S+", res.stdout)
-        if res.returncode != 0 or found is None:
-            raise SystemExit(f"enrolling root failed ({res.returncode}): {res.stderr.strip()}")
-        self.secrets["root"] = secret_from_uri(found.group(0))
-        self.authd.start()
+    def login(self) -> None:
+        res = self.mfa.authd.ztgpu("login", "--code-stdin", stdin=self.mfa.code("root") + "\n")
+        if res.returncode != 0:
+            raise SystemExit(f"root login failed ({res.returncode}): {res.stderr.strip()}")
+        self.login_at = time.monotonic()
+
+    def credential(self) -> str:
+        from ztgpu.authd.authority import ADMIN
+
+        if time.monotonic() - self.login_at > ROOT_RELOGIN_S:
+            self.login()
+        return self.mfa.authd.credential_as(None, ADMIN)
 
     def request(self, path: str, body: dict[str, Any]) -> Any:
         from ztgpu.auth_client import AuthdClient
         from ztgpu.trust.pki import client_context
 
-        with AuthdClient(self.authd.url, client_context(self.pki.ca_cert, None, None)
-                         ) as client:
+        with AuthdClient(self.mfa.authd.url,
+                         client_context(self.mfa.pki.ca_cert, None, None)) as client:
             return client.request("POST", path, body)
 
-    def code(self, user: str) -> str:
-        """A code of a step this user has not used yet (the next step's if need be:
-        authd accepts one step either side), so the bench never waits for the clock."""
-        from ztgpu.trust.totp import code_at
-
-        moment = datetime.now(UTC)
-        step = int(moment.timestamp()) // 30
-        if step <= self.steps.get(user, -1):
-            step = self.steps[user] + 1
-            if step > int(moment.timestamp()) // 30 + 1:
-                time.sleep((step - 1) * 30 - moment.timestamp() + 0.5)
-            moment = datetime.fromtimestamp(step * 30 + 1, UTC)
-        self.steps[user] = step
-        return code_at(self.secrets[user], moment)
-
-    def login(self, user: str | None) -> None:
-        from ztgpu.authd.authority import LOGIN
-
-        name = user or "root"
-        self.request("/v1/login", {"credential": self.authd.credential_as(user, LOGIN),
-                                   "code": self.code(name)})
-        if user is None:
-            self.root_login_at = time.monotonic()
-
-    def admin_credential(self) -> str:
-        from ztgpu.authd.authority import ADMIN
-
-        if time.monotonic() - self.root_login_at > ROOT_RELOGIN_S:
-            self.login(None)
-        return self.authd.credential_as(None, ADMIN)
-
     def enroll(self, user: str) -> None:
-        reply = self.request("/v1/admin/enroll",
-                             {"credential": self.admin_credential(), "user": user})
-        self.secrets[user] = secret_from_uri(reply["otpauth_uri"])
-        self.steps.pop(user, None)  # a new secret: its steps are all unused
+        from ztgpu.testing.authd_process import secret_from_uri
+
+        reply = self.request("/v1/admin/enroll", {"credential": self.credential(),
+                                                  "user": user})
+        self.mfa.secrets[user] = secret_from_uri(reply["otpauth_uri"])
+        # A new secret: none of its steps is used yet (authd resets them too).
+        self.mfa.codes._steps.pop(user, None)
 
 
-def job_env(job_id: str, hook_context: str) -> dict[str, str]:
-    entry = pwd.getpwnam(USER)
-    return {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": job_id,
-            "SLURM_JOB_UID": str(entry.pw_uid), "SLURM_JOB_USER": USER,
-            "SLURM_SCRIPT_CONTEXT": hook_context, "SLURM_JOB_GPUS": GPUS,
-            "SLURM_JOB_PARTITION": "gpu"}
+@dataclass
+class SqueueWatch:
+    """Polls ``squeue -h -j JOB`` in a thread: when the job left RUNNING and left squeue."""
+
+    cluster: SlurmTestCluster
+    job_id: str
+    interval_s: float
+    left_running: float | None = None
+    gone: float | None = None
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="squeue", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        argv = ["squeue", "-h", "-j", self.job_id, "-o", "%T"]
+        while not self.stop.is_set():
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                                 env=self.cluster.env(), check=False)
+            seen = time.monotonic()
+            if res.returncode != 0:
+                if len(self.errors) < 5:
+                    self.errors.append(f"rc {res.returncode}: {res.stderr.strip()[:200]}")
+            else:
+                states = res.stdout.split()
+                if self.left_running is None and "RUNNING" not in states:
+                    self.left_running = seen
+                if not states:
+                    self.gone = seen
+                    return
+            self.stop.wait(self.interval_s)
+
+    def join(self, timeout: float) -> None:
+        assert self.thread is not None
+        self.thread.join(timeout)
+        self.stop.set()
+        self.thread.join(5)
 
 
-def owners(agent: StandaloneAgent, minors: list[int]) -> list[int]:
-    return [os.lstat(agent.dev_dir / f"nvidia{m}").st_uid for m in minors]
+def owners(cluster: SlurmTestCluster, minors: list[int]) -> list[int]:
+    return [os.lstat(cluster.gpu_path(m)).st_uid for m in minors]
 
 
-def one_round(site: Site, agent: StandaloneAgent, job_id: str, poll_s: float,
-              delay_s: float) -> dict[str, float]:
-    """One enrol/login/prolog/revoke/epilog round; the timings in seconds."""
+def settled_cancels(events: list[dict[str, Any]]) -> bool:
+    """Whether the agent's cancel of the job has come to an end (done or given up)."""
+    return any(e.get("outcome") == "cancelled" or "gave up" in str(e.get("reason", ""))
+               for e in events)
+
+
+def use_default_revocation_poll(mfa: MfaCluster) -> float:
+    """Restart the agent (no job runs yet) with auth.revocation_poll_s at the default."""
+    from ztgpu.config import parse_config
+
+    suite = mfa.suite
+    suite.config["auth"].pop("revocation_poll_s", None)
+    suite.config_path.write_text(yaml.safe_dump(suite.config, sort_keys=False))
+    suite.stop_agent()
+    suite.start_agent()
+    return parse_config(suite.config, str(suite.config_path)).auth.revocation_poll_s
+
+
+def one_round(mfa: MfaCluster, admin: Admin, gpus: int, delay_s: float, poll_s: float,
+              squeue_s: float) -> dict[str, Any]:
+    """One enrol/login/submit/revoke round; its timings (s) and what the agent recorded."""
+    suite, cluster = mfa.suite, mfa.suite.cluster
     uid = pwd.getpwnam(USER).pw_uid
     t_setup = time.monotonic()
-    site.enroll(USER)
-    site.login(USER)
-    res = agent.run_hook("prolog", job_env(job_id, "prolog_slurmd"))
-    if res.returncode != 0:
-        raise SystemExit(f"job {job_id}: prolog failed ({res.returncode}): {res.stderr[-500:]}")
-    grant = agent.wait_event("job.grant", job_id, timeout=ROUND_TIMEOUT_S)
+    admin.enroll(USER)
+    login = mfa.login(USER)
+    if login.returncode != 0:
+        raise SystemExit(f"ztgpu login as {USER} failed: {login.stderr.strip()}")
+    job = cluster.sbatch(USER, JOB_SCRIPT, gpus=gpus)
+    cluster.wait_job(job, ["RUNNING"], timeout=ROUND_TIMEOUT_S)
+    grant = suite.wait_event("job.grant", job, timeout=ROUND_TIMEOUT_S)
     minors = [int(g["minor"]) for g in grant["gpus"]]
-    if not minors or owners(agent, minors) != [uid] * len(minors):
-        raise SystemExit(f"job {job_id}: granted minors {minors} are not all owned by "
-                         f"{USER}: {owners(agent, minors)}")
+    if len(minors) != gpus or owners(cluster, minors) != [uid] * gpus:
+        raise SystemExit(f"job {job}: granted minors {minors} are not {gpus} GPUs all owned "
+                         f"by {USER}: {owners(cluster, minors)}")
     setup_s = time.monotonic() - t_setup
 
     time.sleep(delay_s)
-    body = {"credential": site.admin_credential(), "user": USER, "reason": "bench revocation"}
-    sent = time.monotonic()
-    site.request("/v1/admin/revoke", body)
+    body = {"credential": admin.credential(), "user": USER, "reason": "bench revocation"}
+    watch = SqueueWatch(cluster, job, squeue_s)
+    watch.start()
+    sent, sent_wall = time.monotonic(), time.time()
+    admin.request("/v1/admin/revoke", body)
     answered = time.monotonic() - sent
-    event_s = devices_s = None
+    event_s = files_s = removed_s = None
+    revoke_outcome = "none"
     deadline = sent + ROUND_TIMEOUT_S
-    while True:
-        # The event first: the agent writes it after the files are back to root, so
-        # once it shows, the device check below sees root in the same pass.
-        if event_s is None and any(e.get("action") == "revoke"
-                                   for e in agent.events("job.action", job_id)):
-            event_s = time.monotonic() - sent
-        if devices_s is None and owners(agent, minors) == [0] * len(minors):
-            devices_s = time.monotonic() - sent
-        if event_s is not None and devices_s is not None:
+    while removed_s is None and time.monotonic() < deadline:
+        if event_s is None:
+            revokes = [e for e in suite.events("job.action", job) if e.get("action") == "revoke"]
+            if revokes:
+                event_s = time.monotonic() - sent
+                revoke_outcome = str(revokes[0].get("outcome"))
+        if files_s is None and owners(cluster, minors) == [0] * gpus:
+            files_s = time.monotonic() - sent
+        if event_s is not None and files_s is not None:
+            removed_s = max(event_s, files_s) if revoke_outcome == "access_removed" else math.inf
             break
-        if time.monotonic() > deadline:
-            raise SystemExit(f"job {job_id}: no revoke event ({event_s}) or devices not back "
-                             f"to root ({owners(agent, minors)}) {ROUND_TIMEOUT_S:.0f}s after "
-                             f"the revoke request; agent log:\n{agent.log()}")
         time.sleep(poll_s)
+    if removed_s is None:
+        removed_s = math.inf
+    watch.join(max(0.0, deadline - time.monotonic()))
+    gone_s = math.inf if watch.gone is None else watch.gone - sent
+    left_s = math.inf if watch.left_running is None else watch.left_running - sent
+    cleanup = ""
+    if watch.gone is None:  # end it ourselves so the next round starts clean
+        cluster.slurm(["scancel", job], check=False)
+        cleanup = "; the bench had to scancel it"
+        end = time.monotonic() + 30
+        while cluster.slurm(["squeue", "-h", "-j", job], check=False).strip():
+            if time.monotonic() > end:
+                raise SystemExit(f"job {job} still in squeue after the bench's scancel")
+            time.sleep(0.2)
 
-    res = agent.run_hook("epilog", job_env(job_id, "epilog_slurmd"))
-    if res.returncode != 0:
-        raise SystemExit(f"job {job_id}: epilog failed ({res.returncode}): {res.stderr[-500:]}")
-    return {"setup": setup_s, "delay": delay_s, "answer": answered, "event": event_s,
-            "devices": devices_s}
+    state = cluster.job_state(job)
+    end = time.monotonic() + SETTLE_S
+    while time.monotonic() < end:
+        cancels = [e for e in suite.events("job.action", job) if e.get("action") == "cancel_job"]
+        if settled_cancels(cancels) and suite.events("job.release", job):
+            break
+        time.sleep(0.2)
+    cancels = [e for e in suite.events("job.action", job) if e.get("action") == "cancel_job"]
+    releases = suite.events("job.release", job)
+    done = [e for e in cancels if e.get("outcome") == "cancelled"]
+    return {
+        "job": job, "gpus": gpus, "setup": setup_s, "delay": delay_s, "answer": answered,
+        "event": event_s, "files": files_s, "removed": removed_s, "left": left_s,
+        "gone": gone_s, "revoke_outcome": revoke_outcome,
+        "cancels": [(str(e.get("outcome")), str(e.get("reason", ""))) for e in cancels],
+        "cancel_failed": (not any(e.get("outcome") == "cancelled" for e in cancels)
+                          or any(e.get("outcome") == "failed" for e in cancels)),
+        "state": state.get("JobState", "?"), "reason": state.get("Reason", "?"),
+        "exit": state.get("ExitCode", "?"),
+        "release": [str(e.get("outcome")) for e in releases],
+        # From the events' own timestamps (wall clock, microseconds):
+        "cancelled_at": event_age(done[0], sent_wall) if done else None,
+        "released_at": event_age(releases[0], sent_wall) if releases else None,
+        "violations": [str(e.get("reason", "")) for e in suite.events("isolation.violated",
+                                                                        job)],
+        "holders": len(suite.events("device.holder", job)),
+        "squeue_errors": watch.errors, "cleanup": cleanup,
+        "node": cluster.node_state(),
+    }
 
 
+def event_age(event: dict[str, Any], since: float) -> float:
+    """Seconds from the wall-clock time *since* to the event's timestamp."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(event["ts"]).replace("Z", "+00:00")).timestamp() - since
+
+
+def fmt(value: float | None) -> str:
+    return "never" if value is None or math.isinf(value) else f"{value:.3f}s"
 
 
 def summary(values: list[float]) -> str:
     return (f"p50={percentile(values, 50):.2f} p90={percentile(values, 90):.2f} "
             f"p99={percentile(values, 99):.2f} min={min(values):.2f} max={max(values):.2f}")
+
+
+def report(i: int, r: dict[str, Any]) -> None:
+    cancels = ", ".join(f"{o} ({why[-90:]})" for o, why in r["cancels"]) or "NONE"
+    print(f"run {i:2d} job {r['job']} ({r['gpus']} GPU): lost GPUs {fmt(r['removed'])} "
+          f"(revoke event {fmt(r['event'])} outcome {r['revoke_outcome']}; files root "
+          f"{fmt(r['files'])}); left RUNNING {fmt(r['left'])}; gone from squeue "
+          f"{fmt(r['gone'])}{r['cleanup']}; agent's cancel done {fmt(r['cancelled_at'])}, "
+          f"Epilog release {fmt(r['released_at'])}", flush=True)
+    print(f"    Slurm {r['state']} reason {r['reason']} exit {r['exit']}; cancel_job: "
+          f"{cancels}; release: {', '.join(r['release']) or 'NONE'}; node {r['node']}; "
+          f"revoke answered {r['answer'] * 1000:.0f} ms; enrol+login+start "
+          f"{r['setup']:.2f}s; waited {r['delay']:.2f}s", flush=True)
+    for what, items in (("isolation.violated", r["violations"]),
+                        ("squeue failed", r["squeue_errors"])):
+        for item in items:
+            print(f"    {what}: {item}", flush=True)
+    if r["holders"]:
+        print(f"    device.holder events: {r['holders']}", flush=True)
 
 
 def main() -> int:
@@ -201,67 +331,72 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20, help="revocations (default 20)")
     parser.add_argument("--poll-ms", type=float, default=20.0,
                         help="how often the spool and device files are checked (default 20)")
+    parser.add_argument("--squeue-ms", type=float, default=30.0,
+                        help="pause between squeue calls while waiting for the job to leave "
+                             "(default 30)")
     parser.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=True,
                         help="wait a random 0 to revocation_poll_s before each revoke, so "
                              "revocations land anywhere in the agent's poll cycle (default); "
                              "--no-jitter sends it as soon as the job runs")
     args = parser.parse_args()
-    if args.runs < 1 or args.poll_ms <= 0:
-        parser.error("--runs must be >= 1 and --poll-ms > 0")
+    if args.runs < 1 or args.poll_ms <= 0 or args.squeue_ms <= 0:
+        parser.error("--runs must be >= 1, --poll-ms and --squeue-ms > 0")
     if os.geteuid() != 0:
-        print("needs root (private munged, device nodes, cgroups, runuser)", file=sys.stderr)
+        print("needs root (starts Slurm daemons, munged, device nodes, cgroups)",
+              file=sys.stderr)
         return 2
 
-    from ztgpu.config import parse_config
+    runs: list[dict[str, Any]] = []
+    started = time.monotonic()
+    with mfa_cluster(ClusterSpec(), gate=False) as mfa:
+        poll = use_default_revocation_poll(mfa)
+        admin = Admin(mfa)
+        admin.login()
+        print(f"cluster up in {time.monotonic() - started:.1f}s; authd at {mfa.authd.url}; "
+              f"agent on {mfa.suite.cluster.node} with auth.revocation_poll_s={poll:g} "
+              f"(config default); spool checked every {args.poll_ms:g} ms, squeue every "
+              f"{args.squeue_ms:g} ms; jitter "
+              f"{'0-' + format(poll, 'g') + 's' if args.jitter else 'off'}; "
+              f"{os.cpu_count()} CPUs", flush=True)
+        rng = random.Random(20240601)
+        t_rounds = time.monotonic()
+        for i in range(1, args.runs + 1):
+            delay = rng.uniform(0, poll) if args.jitter else 0.0
+            figures = one_round(mfa, admin, 1 if i % 2 else 2, delay, args.poll_ms / 1000,
+                                args.squeue_ms / 1000)
+            runs.append(figures)
+            report(i, figures)
+        rounds_s = time.monotonic() - t_rounds
+    print(f"{len(runs)} rounds in {rounds_s:.1f}s ({rounds_s / len(runs):.1f}s each); "
+          f"{time.monotonic() - started:.1f}s with start and teardown", flush=True)
 
-    base = Path(tempfile.mkdtemp(prefix="ztgpu-bench-revoke-"))
-    base.chmod(0o755)
-    munge = MungeDaemon()
-    site: Site | None = None
-    runs: list[dict[str, float]] = []
-    try:
-        munge.start()
-        site = Site(base, munge)
-        site.start()
-        site.login(None)
-        cert, key = site.pki.issue("node", NODE)
-        auth = {"authd_url": site.authd.url}  # revocation_poll_s: the default
-        tls = {"ca_cert": str(site.pki.ca_cert), "cert": str(cert), "key": str(key)}
-        with standalone_agent(base / "agent", node={"name": NODE}, auth=auth,
-                              tls=tls) as agent:
-            poll = parse_config(agent.config, str(agent.config_path)).auth.revocation_poll_s
-            print(f"authd at {site.authd.url}; agent {NODE} with auth.revocation_poll_s="
-                  f"{poll:g} (config default); spool checked every {args.poll_ms:g} ms; "
-                  f"jitter {'0-' + format(poll, 'g') + 's' if args.jitter else 'off'}; "
-                  f"{os.cpu_count()} CPUs", flush=True)
-            rng = random.Random(20240601)
-            for i in range(args.runs):
-                job_id = str(810_000 + i)
-                delay = rng.uniform(0, poll) if args.jitter else 0.0
-                figures = one_round(site, agent, job_id, args.poll_ms / 1000, delay)
-                runs.append(figures)
-                print(f"run {i + 1:2d} job {job_id}: revoke event {figures['event']:.3f}s "
-                      f"devices root {figures['devices']:.3f}s (revoke answered "
-                      f"{figures['answer'] * 1000:.0f} ms; enrol+login+prolog "
-                      f"{figures['setup']:.2f}s; waited {figures['delay']:.2f}s before "
-                      "revoking)", flush=True)
-    finally:
-        if site is not None:
-            code = site.authd.stop()
-            if code not in (0, None):
-                print(f"authd exited with {code} on SIGTERM; log tail:\n{site.authd.log()}",
-                      flush=True)
-        munge.stop()
-        shutil.rmtree(base, ignore_errors=True)
-
-    events = [r["event"] for r in runs]
+    removed = [r["removed"] for r in runs]
+    gone = [r["gone"] for r in runs]
+    print(f"to the GPUs lost (revoke event access_removed and files root) (s): "
+          f"{summary(removed)}", flush=True)
+    events = [math.inf if r["event"] is None else r["event"] for r in runs]
     print(f"to the revoke event (s): {summary(events)}", flush=True)
-    print(f"to the devices back to root (s): {summary([r['devices'] for r in runs])}",
+    print(f"to leaving RUNNING in squeue (s): {summary([r['left'] for r in runs])}",
           flush=True)
+    for label, key in (("the agent's cancel recorded done", "cancelled_at"),
+                       ("the Epilog's release recorded", "released_at")):
+        seen = [r[key] for r in runs if r[key] is not None]
+        if seen:
+            print(f"to {label} (s, event timestamps; {len(seen)} runs): {summary(seen)}",
+                  flush=True)
+    print(f"to gone from squeue (s): {summary(gone)}", flush=True)
     answers = [r["answer"] * 1000 for r in runs]
     print(f"revoke request answered (ms): p50={percentile(answers, 50):.0f} "
           f"max={max(answers):.0f}", flush=True)
-    print(f"revocation p50_s={percentile(events, 50):.2f} p99_s={percentile(events, 99):.2f}")
+    outcomes: dict[str, int] = {}
+    for r in runs:
+        key = f"revoke={r['revoke_outcome']} slurm={r['state']}"
+        outcomes[key] = outcomes.get(key, 0) + 1
+    print("outcomes: " + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items())),
+          flush=True)
+    failures = sum(1 for r in runs if r["cancel_failed"])
+    print(f"revocation p50_s={percentile(removed, 50):.2f} p99_s={percentile(removed, 99):.2f} "
+          f"gone_p99_s={percentile(gone, 99):.2f} runs={len(runs)} cancel_failures={failures}")
     return 0
 
 

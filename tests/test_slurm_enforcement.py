@@ -414,3 +414,36 @@ def test_recover_refuses_to_resume_a_node_that_is_not_safe(suite):
         c._mknod(c.gpu_path(2), 2)
         suite.call("drift")
     c.slurm(["scancel", held])
+
+
+def test_install_check_sees_the_hooks_live_and_a_controller_on_an_old_file(suite):
+    import yaml
+
+    c = suite.cluster
+    res = suite.ztgpu("install", "--check", "--slurm-conf", str(c.slurm_conf), timeout=200,
+                      check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    probe = re.search(r"ok    slurmd: probe job (\d+)", res.stdout)
+    assert probe, res.stdout
+    assert suite.events("job.grant", probe.group(1)) and suite.events("job.release",
+                                                                      probe.group(1))
+    # The admin moves the hooks and installs again, but restarts nothing.
+    moved = {**suite.config, "paths": {**suite.config["paths"],
+                                       "hooks_dir": str(suite.base / "libexec-moved")}}
+    moved_path = suite.base / "moved.yaml"
+    moved_path.write_text(yaml.safe_dump(moved, sort_keys=False))
+    ztgpu = str(Path(sys.executable).with_name("ztgpu"))
+
+    def as_moved(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([ztgpu, "--config", str(moved_path), *args], capture_output=True,
+                              text=True, timeout=200, check=False, env=suite.env())
+    try:
+        assert as_moved("install", "--slurm-conf", str(c.slurm_conf)).returncode == 0
+        res = as_moved("install", "--check", "--slurm-conf", str(c.slurm_conf))
+        assert res.returncode == 1, res.stdout
+        assert (f"FAIL  slurmctld: Prolog is {suite.config['paths']['hooks_dir']}/prolog, "
+                f"slurm.conf says {suite.base}/libexec-moved/prolog") in res.stdout, res.stdout
+        assert "restart slurmctld" in res.stdout
+        assert "no probe job: fix the above first" in res.stdout
+    finally:
+        suite.ztgpu("install", "--slurm-conf", str(c.slurm_conf))

@@ -40,7 +40,69 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_install_check(args: argparse.Namespace) -> int:
+    """Are the hooks in slurm.conf, run by slurmctld, and live on this node's slurmd?"""
+    import os
+    import time
+
+    from ztgpu.audit.spool import Spool
+    from ztgpu.config import load_config
+    from ztgpu.errors import SlurmError
+    from ztgpu.slurm import install_check as ic
+    from ztgpu.slurm.conf import install, suite_changes
+    from ztgpu.slurm.hooks_install import hook_path
+
+    config = load_config(args.config)
+    conf = Path(args.slurm_conf)
+    hooks = {"Prolog": hook_path("prolog", config), "Epilog": hook_path("epilog", config),
+             "TaskProlog": hook_path("task_prolog", config)}
+    findings: list[ic.Finding] = []
+    missing = [str(p) for p in hooks.values() if not os.access(p, os.X_OK)]
+    findings.append(ic.Finding("hooks", f"missing or not executable: {', '.join(missing)}; "
+                               "run ztgpu install" if missing else None,
+                               f"in {config.paths.hooks_dir}"))
+    written = install(conf, suite_changes(hooks["Prolog"], hooks["Epilog"],
+                                          hooks["TaskProlog"]), dry_run=True)
+    findings.append(ic.Finding("slurm.conf", f"{conf} does not name the suite's hooks yet: run "
+                               f"ztgpu install --slurm-conf {conf}" if written.changed else None,
+                               f"{conf} names the suite's hooks"))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    try:
+        shown = ic.show_config(config.slurm.bin_dir, env, config.slurm.command_timeout_s)
+        findings += ic.controller_findings(shown, {k: str(v) for k, v in hooks.items()},
+                                           ("Alloc", "Contain"))
+    except SlurmError as exc:
+        findings.append(ic.Finding("slurmctld", f"cannot ask slurmctld: {exc}"))
+    if args.no_probe_job:
+        findings.append(ic.Finding("slurmd", None, "not checked (--no-probe-job)"))
+    elif any(f.problem for f in findings):
+        findings.append(ic.Finding("slurmd", None, "no probe job: fix the above first"))
+    else:
+        try:
+            job = ic.probe_job(config.slurm.bin_dir, env, config.node_name)
+            spool_path = config.paths.spool_dir / "events.db"
+            codes: list[str] = []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with Spool.open(spool_path, config.node_name) as spool:
+                    codes = [e["code"] for e in spool.read(job_id=job, limit=1000)]
+                if "job.release" in codes:
+                    break
+                time.sleep(0.5)
+            findings.append(ic.job_findings(job, codes))
+        except SlurmError as exc:
+            findings.append(ic.Finding("slurmd", f"the probe job failed: {exc}"))
+    for finding in findings:
+        if finding.problem is None:
+            print(f"ok    {finding.check}: {finding.detail}")
+        else:
+            print(f"FAIL  {finding.check}: {finding.problem}")
+    return 1 if any(f.problem for f in findings) else 0
+
+
 def _cmd_install(args: argparse.Namespace) -> int:
+    if args.check:
+        return _cmd_install_check(args)
     from ztgpu.config import load_config
     from ztgpu.slurm.conf import gate_changes, install, suite_changes
     from ztgpu.slurm.hooks_install import gate_path, hook_path, render_gate, write_gate, write_hooks
@@ -77,10 +139,33 @@ def _cmd_install(args: argparse.Namespace) -> int:
     else:
         print(f"updated: {args.slurm_conf} (backup: {result.backup})")
         print("restart slurmctld, then slurmd on every node: both must read this slurm.conf "
-              "(a node whose controller still has the old one runs jobs without the hooks)")
+              "(a node whose controller still has the old one runs jobs without the hooks); "
+              "then check with: ztgpu install --check --slurm-conf " + args.slurm_conf)
+        _print_driver_advice(config)
         if args.gate:
             print("restart slurmctld for the job gate (PrologSlurmctld) to take effect")
     return 0
+
+
+def _print_driver_advice(config: Any) -> None:
+    """Say which modprobe.d line the agent will want, where a GPU driver is here."""
+    from ztgpu.errors import Fault, GpuError
+    from ztgpu.gpu.select import open_backend
+    from ztgpu.noded.checks import driver_problem, rest_state
+
+    try:
+        backend = open_backend(config.gpu)
+    except GpuError:
+        return  # no GPUs on this host (a controller, say)
+    try:
+        problem = driver_problem(backend, rest_state(config))
+    except Fault as exc:
+        problem = str(exc)
+    finally:
+        backend.close()
+    if problem:
+        print(f"warning: ztgpu-noded will grant no GPU here until this is fixed: {problem}",
+              file=sys.stderr)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -206,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--gate", action="store_true",
                       help="also install the job gate (PrologSlurmctld asking authd before a "
                       "GPU job starts; needs auth.authd_url, tls.cert, tls.key)")
+    inst.add_argument("--check", action="store_true",
+                      help="change nothing; check that slurm.conf names the hooks, that "
+                      "slurmctld runs them and (with one short 1-GPU probe job on this node) "
+                      "that slurmd here does")
+    inst.add_argument("--no-probe-job", action="store_true",
+                      help="with --check: skip the probe job")
     inst.set_defaults(func=_cmd_install)
 
     from ztgpu.cli.pki import add_pki_parser

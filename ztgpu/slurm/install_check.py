@@ -1,0 +1,124 @@
+"""``ztgpu install --check``: are the hooks written, and are they live?
+
+Three things must agree before a node's jobs are protected:
+
+1. slurm.conf names the suite's hooks (what ``ztgpu install`` writes);
+2. slurmctld runs with that slurm.conf (``scontrol show config``): a
+   controller still on the old file starts jobs whose nodes run no Prolog;
+3. slurmd on this node runs them: one short probe job is sent to the node
+   and the agent's own spool must show its grant and its release.
+
+Each finding says what to restart or rerun.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ztgpu.errors import SlurmError
+
+#: How long the probe job may take, queueing included.
+PROBE_JOB_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check: ``problem`` None means it holds."""
+
+    check: str
+    problem: str | None
+    detail: str = ""
+
+
+def parse_show_config(text: str) -> dict[str, str]:
+    """``scontrol show config`` as a mapping (keys as Slurm prints them)."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and " " not in key.strip():
+            found[key.strip()] = value.strip()
+    return found
+
+
+def controller_findings(shown: Mapping[str, str], wanted: Mapping[str, str],
+                        flags: tuple[str, ...]) -> list[Finding]:
+    """Compare slurmctld's running settings with the hooks the suite writes."""
+    findings = []
+    stale = []
+    for key, path in wanted.items():
+        running = shown.get(key, "(null)")
+        if running != path:
+            stale.append(f"{key} is {running}, slurm.conf says {path}")
+    have = {f.strip().lower() for f in shown.get("PrologFlags", "").split(",")}
+    missing = [f for f in flags if f.lower() not in have]
+    if missing:
+        stale.append(f"PrologFlags lacks {','.join(missing)}")
+    findings.append(Finding(
+        "slurmctld", "; ".join(stale) + ": restart slurmctld (then slurmd on every node) so "
+        "that it reads this slurm.conf" if stale else None,
+        "slurmctld runs " + ", ".join(f"{k}={shown.get(k, '(null)')}" for k in wanted)))
+    if shown.get("HASH_VAL", "").startswith("Different"):
+        findings.append(Finding("slurm.conf", "this node's slurm.conf differs from "
+                                "slurmctld's (HASH_VAL Different): copy it everywhere, restart "
+                                "slurmctld, then slurmd"))
+    return findings
+
+
+def _run(argv: list[str], env: Mapping[str, str], timeout: float) -> str:
+    try:
+        proc = subprocess.Popen(argv, env=dict(env), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
+    except OSError as exc:
+        raise SlurmError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise SlurmError(f"{Path(argv[0]).name} did not finish within {timeout:g} s") from None
+    if proc.returncode != 0:
+        raise SlurmError(f"{Path(argv[0]).name} failed ({proc.returncode}): {err.strip()}")
+    return out
+
+
+def show_config(bin_dir: Path, env: Mapping[str, str], timeout: float) -> dict[str, str]:
+    """What slurmctld runs with.
+
+    Raises:
+        SlurmError: scontrol failed or timed out (slurmctld down, say).
+    """
+    return parse_show_config(_run([str(bin_dir / "scontrol"), "show", "config"], env, timeout))
+
+
+def probe_job(bin_dir: Path, env: Mapping[str, str], node: str,
+              timeout: float = PROBE_JOB_TIMEOUT_S) -> str:
+    """Run one 1-GPU job on *node* (as the caller, root) and wait for its end; its id.
+
+    Raises:
+        SlurmError: it could not be submitted, or did not end in time.
+    """
+    out = _run([str(bin_dir / "sbatch"), "--parsable", "--wait", "-N1", "-n1", f"-w{node}",
+                "--gres=gpu:1", "-t1", "-Jztgpu-install-check", "--output=/dev/null",
+                "--wrap=true"], env, timeout)
+    match = re.match(r"\s*([0-9]+)", out)
+    if match is None:
+        raise SlurmError(f"sbatch gave no job id: {out.strip()[:200]!r}")
+    return match.group(1)
+
+
+def job_findings(job_id: str, codes: list[str]) -> Finding:
+    """Whether the agent saw the probe job's Prolog and Epilog."""
+    missing = [c for c in ("job.grant", "job.release") if c not in codes]
+    if not missing:
+        return Finding("slurmd", None, f"probe job {job_id}: the agent granted and released "
+                       "its GPU (the Prolog and Epilog are live)")
+    return Finding("slurmd", f"probe job {job_id} ran without {' and '.join(missing)} in the "
+                   "agent's spool: slurmd on this node does not run the suite's hooks; restart "
+                   "slurmd (after slurmctld), then check again")
