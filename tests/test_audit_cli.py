@@ -699,3 +699,50 @@ def test_verify_local_still_checks_this_nodes_spool(
         conn.close()
     code, out, _ = run(capsys, "--config", str(config), "audit", "verify", "--local")
     assert (code, out) == (1, "BROKEN at seq 3: hash mismatch: the event was altered\n")
+
+
+def _five_event_spool(tmp_path: Path) -> tuple[Path, Path]:
+    config = tmp_path / "ztgpu.yaml"
+    config.write_text(json.dumps({"node": {"name": "gpu09"},
+                                  "paths": {"spool_dir": str(tmp_path / "spool")}}))
+    with Spool.open(tmp_path / "spool" / "events.db", "gpu09") as spool:
+        for i in range(5):
+            spool.append("hook.error", hook="prolog", reason=f"r{i}")
+    return config, tmp_path / "spool" / "events.db"
+
+
+def _delete_rows(db: Path, where: str) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            conn.execute(f"DELETE FROM events WHERE {where}")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("where", "message"), [
+    ("seq <= 2", "BROKEN at seq 3: the first events are missing: the spool starts at seq 3, "
+                 "not 1\n"),
+    ("seq = 1", "BROKEN at seq 2: the first events are missing: the spool starts at seq 2, "
+                "not 1\n"),
+    ("seq >= 4", "BROKEN: the last events are missing: the spool ends at seq 3, its head "
+                 "was seq 5\n"),
+    ("1 = 1", "BROKEN: every event is missing: the head was seq 5\n"),
+])
+def test_verify_local_reports_rows_deleted_at_either_end(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, message: str) -> None:
+    config, db = _five_event_spool(tmp_path)
+    _delete_rows(db, where)
+    code, out, _ = run(capsys, "--config", str(config), "audit", "verify", "--local")
+    assert (code, out) == (1, message)
+
+
+def test_events_after_a_truncated_end_continue_the_recorded_head(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config, db = _five_event_spool(tmp_path)
+    _delete_rows(db, "seq >= 4")
+    with Spool.open(db, "gpu09") as spool:
+        # The next event is seq 6, chained to the deleted seq 5: the hole stays visible.
+        assert spool.append("hook.error", hook="epilog", reason="later")["seq"] == 6
+    code, out, _ = run(capsys, "--config", str(config), "audit", "verify", "--local")
+    assert code == 1 and out.startswith("BROKEN at seq 6:"), out

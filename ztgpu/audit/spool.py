@@ -65,6 +65,10 @@ _BUSY_TIMEOUT_S = 30.0
 _ACKED_SEQ = "acked_seq"
 _PRUNED_SEQ = "pruned_seq"
 _PRUNED_HASH = "pruned_hash"
+#: The chain head as last written, kept beside the rows: rows deleted at the
+#: end (or all of them) show as missing, and new events continue after it.
+_HEAD_SEQ = "head_seq"
+_HEAD_HASH = "head_hash"
 
 
 class Clock(Protocol):
@@ -105,25 +109,52 @@ def _parse_ts(ts: str) -> datetime:
 
 
 def _verify_after(
-    anchor_seq: int, anchor_hash: str | None, events: Iterator[Mapping[str, Any]]
+    anchor_seq: int, anchor_hash: str | None, events: Iterator[Mapping[str, Any]],
+    head: tuple[int, str] | None = None,
 ) -> ChainResult:
-    """``verify_chain``, first checking that the events continue a pruned prefix."""
-    if anchor_seq == 0:
-        return verify_chain(events)
+    """``verify_chain``, checking both ends against the spool's anchors.
+
+    The first event must be seq 1 (with the genesis ``prev``) or, after
+    pruning, continue the last pruned event; the last must be the recorded
+    head, so rows deleted at either end are reported.
+    """
     first = next(events, None)
     if first is None:
-        return ChainResult(False, 0, None, f"no events left after pruning through {anchor_seq}")
+        if head is not None and head[0] > anchor_seq:
+            return ChainResult(False, 0, None, f"every event is missing: the head was seq "
+                                               f"{head[0]}")
+        if anchor_seq:
+            return ChainResult(False, 0, None,
+                               f"no events left after pruning through {anchor_seq}")
+        return ChainResult(True, 0)
     seq = first.get("seq")
+    found = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
     if seq != anchor_seq + 1:
-        found = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
-        problem = f"gap: expected seq {anchor_seq + 1} after the pruned ones, found {seq}"
+        problem = (f"gap: expected seq {anchor_seq + 1} after the pruned ones, found {seq}"
+                   if anchor_seq else f"the first events are missing: the spool starts at "
+                                      f"seq {seq}, not 1")
         return ChainResult(False, 0, found, problem)
     prev = first.get("prev")
-    if isinstance(prev, str) and prev != anchor_hash:
+    if anchor_seq and isinstance(prev, str) and prev != anchor_hash:
         return ChainResult(
             False, 0, seq, f"prev does not match the hash of pruned seq {anchor_seq}"
         )
-    return verify_chain(itertools.chain([first], events))
+    last: dict[str, Any] = {}
+
+    def tracked() -> Iterator[Mapping[str, Any]]:
+        for event in itertools.chain([first], events):
+            last["event"] = event
+            yield event
+
+    result = verify_chain(tracked())
+    if not result.ok or head is None:
+        return result
+    end = last["event"]
+    if end.get("seq") != head[0] or end.get("hash") != head[1]:
+        return ChainResult(False, result.checked, None,
+                           f"the last events are missing: the spool ends at seq "
+                           f"{end.get('seq')}, its head was seq {head[0]}")
+    return result
 
 
 def _create_private_file(path: Path) -> None:
@@ -214,6 +245,13 @@ class Spool:
                         "INSERT INTO meta (key, value) VALUES (?, ?)",
                         [("node", node), ("schema_version", str(SCHEMA_VERSION))],
                     )
+                if _HEAD_SEQ not in meta:
+                    # A spool from before the head was recorded: anchor it now.
+                    last = conn.execute(
+                        "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+                    if last is not None:
+                        conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                         [(_HEAD_SEQ, str(last[0])), (_HEAD_HASH, str(last[1]))])
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -299,6 +337,9 @@ class Spool:
                 self._conn.executemany(
                     "INSERT INTO events (seq, ts, code, job_id, body, hash) "
                     "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                if rows:
+                    self._set_meta_locked(_HEAD_SEQ, str(seq))
+                    self._set_meta_locked(_HEAD_HASH, prev)
         except BaseException as exc:
             failure = exc if isinstance(exc, Exception) else SpoolError(
                 f"spool {self.path}: write interrupted: {type(exc).__name__}")
@@ -347,10 +388,19 @@ class Spool:
             raise
 
     def _head_locked(self) -> tuple[int, str]:
+        recorded = self._recorded_head_locked()
+        if recorded is not None:
+            return recorded
         row = self._conn.execute(
             "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
         ).fetchone()
         return (0, GENESIS_PREV) if row is None else (int(row[0]), str(row[1]))
+
+    def _recorded_head_locked(self) -> tuple[int, str] | None:
+        seq, digest = self._meta_locked(_HEAD_SEQ), self._meta_locked(_HEAD_HASH)
+        if seq is None or digest is None:
+            return None
+        return self._meta_int_locked(_HEAD_SEQ), digest
 
     def _meta_locked(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -533,8 +583,9 @@ class Spool:
         with self._lock, self._snapshot():
             anchor_seq = self._meta_int_locked(_PRUNED_SEQ)
             anchor_hash = self._meta_locked(_PRUNED_HASH)
+            head = self._recorded_head_locked()
             cursor = self._conn.execute("SELECT seq, body FROM events ORDER BY seq")
-            return _verify_after(anchor_seq, anchor_hash, self._bodies(cursor))
+            return _verify_after(anchor_seq, anchor_hash, self._bodies(cursor), head)
 
     @staticmethod
     def _bodies(cursor: sqlite3.Cursor) -> Iterator[Mapping[str, Any]]:

@@ -208,7 +208,8 @@ def _cmd_audit_verify_local(args: argparse.Namespace) -> int:
     if result.ok:
         print(f"OK: {result.checked} events, chain intact")
         return 0
-    print(f"BROKEN at seq {result.first_bad_seq}: {result.problem}")
+    where = "" if result.first_bad_seq is None else f" at seq {result.first_bad_seq}"
+    print(f"BROKEN{where}: {result.problem}")
     return 1
 
 
