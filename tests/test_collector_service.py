@@ -349,3 +349,45 @@ def test_nodes_cannot_send_collector_only_events(
     status, body = node.post("/v1/events", {"node": "gpu40", "events": [forged]})
     assert status == 403 and code in body["error"]
     assert head(auditor, "gpu40") == 0
+
+
+def test_a_refusal_is_recorded_before_it_is_answered(tmp_path: Path) -> None:
+    """Kill -9 the collector the moment it answers 403 or 409: the refusal's own
+    record must already be stored."""
+    pki = SitePki(tmp_path / "pki")
+    collector = CollectorProcess(tmp_path / "c", pki)
+    try:
+        collector.start()
+        node = CollectorClient(collector.url, pki.context("node", "gpu01"))
+        assert node.post("/v1/events", {"node": "gpu01",
+                                        "events": make_events("gpu01", 1, 1)})[0] == 200
+        node.close()
+        collector.stop()
+        for round_no in range(6):
+            collector.start()
+            node = CollectorClient(collector.url, pki.context("node", "gpu01"))
+            try:
+                if round_no % 2:  # 409: a batch that does not continue its own chain
+                    events = make_events("gpu01", 2, 1, prev="a" * 64)
+                    want = 409
+                else:  # 403: another node's events
+                    events = make_events(f"gpu{20 + round_no}", 1, 1)
+                    want = 403
+                status, _ = node.post("/v1/events", {"node": "gpu01", "events": events})
+                assert status == want
+                collector.kill()
+            finally:
+                node.close()
+        collector.start()
+        auditor = CollectorClient(collector.url, pki.context("auditor", "audit1"))
+        try:
+            refused = own_events(auditor, "audit.refused") + own_events(auditor,
+                                                                        "audit.rejected")
+            broken = own_events(auditor, "audit.chain_broken")
+        finally:
+            auditor.close()
+        for round_no in range(0, 6, 2):
+            assert any(f"gpu{20 + round_no}" in e["reason"] for e in refused), refused
+        assert len(broken) == 3, broken
+    finally:
+        collector.stop()

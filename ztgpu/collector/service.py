@@ -210,6 +210,11 @@ class CollectorService:
         self._pending_records.add(future)
         future.add_done_callback(self._record_done)
 
+    async def _records_committed(self) -> None:
+        """Wait until every refusal record queued so far is stored."""
+        if self._pending_records:
+            await asyncio.wait(set(self._pending_records))
+
     def _record_done(self, future: asyncio.Future[Any]) -> None:
         self._pending_records.discard(future)
         if not future.cancelled() and future.exception() is not None:
@@ -236,6 +241,9 @@ class CollectorService:
                 self._chain_limiter(node, exc.reason[:300])
             else:
                 self.refuse(exc.kind, peer, exc.reason)
+            # The refusal's own record is committed before the sender hears of
+            # it: a collector killed right after replying must not lose it.
+            await self._records_committed()
             body: dict[str, Any] = {"error": exc.reason}
             if exc.acked_seq is not None:
                 body["acked_seq"] = exc.acked_seq
