@@ -53,7 +53,7 @@ one open; "lost every handle" is therefore what the agent records once it
 has killed every holder it found, together with the files back at rest.
 
 One round takes about 5 s here (2 CPUs); with start and teardown the default
-20 rounds take about 2-3 minutes.
+20 rounds take about 2 minutes.
 
 Prints per-run figures and never asserts on them. The last line is:
 

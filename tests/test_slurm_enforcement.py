@@ -447,3 +447,29 @@ def test_install_check_sees_the_hooks_live_and_a_controller_on_an_old_file(suite
         assert "no probe job: fix the above first" in res.stdout
     finally:
         suite.ztgpu("install", "--slurm-conf", str(c.slurm_conf))
+
+
+def test_ending_the_array_task_that_shares_the_arrays_id_spares_the_other_tasks(suite):
+    c = suite.cluster
+    out = c.slurm(["sbatch", "--parsable", "--array=1-3", "--gres=gpu:1", "-n1",
+                   f"--chdir={c.work_dir}", f"--output={c.work_dir}/slurm-%A_%a.out",
+                   "--wrap=sleep 300"], user="ztalice")
+    array = out.strip().split(";")[0]
+
+    def tasks() -> dict[str, tuple[str, str]]:
+        listing = c.slurm(["squeue", "-h", "-r", "-j", array, "-o", "%i %A %T"], check=False)
+        return {f[0]: (f[1], f[2]) for f in (line.split() for line in listing.splitlines())}
+    wait_for(lambda: [t[1] for t in tasks().values()] == ["RUNNING"] * 3, 60,
+             "all three tasks to run")
+    # One task runs under the array's own id: `scancel <id>` would end all three.
+    same = next(task for task, (job, _) in tasks().items() if job == array)
+    suite.wait_event("isolation.verified", array)
+    mine = int(suite.wait_event("job.grant", array)["gpus"][0]["minor"])
+    _open_cgroups_for(array, (mine + 2) % 4)
+    assert any(not r["ok"] for r in suite.call("verify", job_id=array))
+    action = suite.wait_event("job.action", array)
+    assert action["outcome"] == "cancelled", action
+    wait_for(lambda: same not in tasks(), 30, f"task {same} to end")
+    others = tasks()
+    assert len(others) == 2 and all(state == "RUNNING" for _, state in others.values()), others
+    c.slurm(["scancel", array], check=False)

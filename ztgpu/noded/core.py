@@ -274,17 +274,29 @@ class AgentCore:
         """
         def work() -> None:
             pause, problem, told = CANCEL_FIRST_PAUSE_S, "", False
+            # Resolved once, while the job still runs: the first task of an
+            # array shares its id with the array, whose other tasks must live.
+            try:
+                target = self.slurm.job_ref(job_id)
+            except SlurmError:
+                target = job_id
             for attempt in range(1, CANCEL_ATTEMPTS + 1):
                 try:
-                    self.slurm.cancel(job_id, reason)
-                    state = self.slurm.job_state(job_id)
+                    try:
+                        self.slurm.cancel(target, reason)
+                        failed = ""
+                    except SlurmError as exc:
+                        # E.g. "Job has already finished": ask before retrying.
+                        failed = f"cancel failed: {exc}"
+                    state = self.slurm.job_state(target)
                     if state is None or state not in LIVE_JOB_STATES:
+                        note = f"; it had ended: {failed}" if failed else ""
+                        why = f"{reason} (Slurm: {state or 'gone'}; attempt {attempt}{note})"
                         self.spool.append("job.action", job_id=job_id, action="cancel_job",
-                                          outcome="cancelled",
-                                          reason=f"{reason} (Slurm: {state or 'gone'}; "
-                                                 f"attempt {attempt})"[:500])
+                                          outcome="ended" if failed else "cancelled",
+                                          reason=why[:500])
                         return
-                    problem = f"still {state} after scancel"
+                    problem = failed or f"still {state} after scancel"
                 except SlurmError as exc:
                     problem = f"cancel failed: {exc}"
                 if not told:

@@ -17,6 +17,8 @@ from typing import Protocol
 from ztgpu.errors import SlurmError
 
 _JOB_ID = re.compile(r"[1-9][0-9]{0,9}")
+#: A job as Slurm commands take it: a job id, or one array task (``201_3``).
+_JOB_REF = re.compile(r"[1-9][0-9]{0,9}(?:_[0-9]{1,10})?")
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -27,6 +29,12 @@ LIVE_JOB_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "R
 
 
 class SlurmClient(Protocol):
+    def job_ref(self, job_id: str) -> str:
+        """How Slurm commands name exactly this job: ``ARRAYID_TASK`` for the
+        array task whose job id is also its array's id (``scancel 201`` would
+        end every task of array 201), else the job id."""
+        ...
+
     def job_state(self, job_id: str) -> str | None:
         """The job's state, or None once Slurm no longer lists it."""
         ...
@@ -81,8 +89,22 @@ class CliSlurmClient:
             raise SlurmError(f"{' '.join(argv[:2])} failed ({proc.returncode}): {err.strip()}")
         return out
 
-    def cancel(self, job_id: str, reason: str) -> None:
+    def job_ref(self, job_id: str) -> str:
         if not _JOB_ID.fullmatch(job_id):
+            raise SlurmError(f"refusing to look up malformed job id {job_id!r}")
+        try:
+            out = self._run(["scontrol", "-o", "show", "job", job_id])
+        except SlurmError:
+            return job_id  # gone, or slurmctld away: the id is all there is
+        for line in out.splitlines():
+            fields = dict(token.partition("=")[::2] for token in line.split() if "=" in token)
+            task = fields.get("ArrayTaskId", "")
+            if fields.get("JobId") == job_id and task.isdigit() and fields.get("ArrayJobId"):
+                return f"{fields['ArrayJobId']}_{task}"
+        return job_id
+
+    def cancel(self, job_id: str, reason: str) -> None:
+        if not _JOB_REF.fullmatch(job_id):
             raise SlurmError(f"refusing to cancel malformed job id {job_id!r}")
         # AdminComment can only be set by an operator, so the user can trust
         # it; it shows in `scontrol show job`.
@@ -146,7 +168,7 @@ class CliSlurmClient:
 
     def job_state(self, job_id: str) -> str | None:
         """The job's state (e.g. ``PENDING``), or None once Slurm no longer lists it."""
-        if not _JOB_ID.fullmatch(job_id):
+        if not _JOB_REF.fullmatch(job_id):
             raise SlurmError(f"refusing to query malformed job id {job_id!r}")
         out = self._run(["squeue", "-h", "-j", job_id, "-o", "%T"]).strip()
         return out.splitlines()[0].strip() if out else None
