@@ -81,6 +81,7 @@ bench: install
 	$(PY) bench/pdp_latency.py
 	$(PY) bench/revocation.py
 	$(PY) bench/prolog_grant.py
+	$(PY) bench/short_jobs.py
 
 clean:
 	rm -rf build dist *.egg-info $(TYPECHECK_TREE)
