@@ -34,16 +34,16 @@ NOBODY = pwd.getpwnam("nobody")
 DAEMON = pwd.getpwnam("daemon")
 
 # Holds the device file open (a descriptor number passed in, or a path it
-# opens itself) and writes to it every 20 ms, saying how each write went.
+# opens itself) and reads from it every 20 ms, saying how each read went.
 HOLD = """
 import os, sys, time
 arg = sys.argv[1]
-fd = int(arg) if arg.isdigit() else os.open(arg, os.O_WRONLY)
+fd = int(arg) if arg.isdigit() else os.open(arg, os.O_RDONLY)
 print("holding", flush=True)
 while True:
     try:
-        os.write(fd, b"x")
-        print("wrote", flush=True)
+        os.read(fd, 1)
+        print("read", flush=True)
     except OSError as exc:
         print("refused", exc.errno, flush=True)
     time.sleep(0.02)
@@ -52,7 +52,7 @@ while True:
 
 @pytest.fixture
 def openable(request: pytest.FixtureRequest) -> Iterator[StandaloneAgent]:
-    """An agent on two openable simulated GPUs (gres 0 = nvidia3, 1 = nvidia5)."""
+    """An agent on two openable simulated GPUs (gres 0 = nvidia7, 1 = nvidia8)."""
     overrides = getattr(request, "param", {})
     base = Path(tempfile.mkdtemp(prefix="ztgpu-holders-"))
     try:
@@ -71,7 +71,7 @@ def hold(path: Path, user: pwd.struct_passwd, fd: int | None = None
         text=True, pass_fds=() if fd is None else (fd,), start_new_session=True)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "holding"
-    assert proc.stdout.readline().strip() == "wrote"
+    assert proc.stdout.readline().strip() == "read"
     return proc
 
 
@@ -85,7 +85,7 @@ def reaped(proc: subprocess.Popen[str], timeout: float = 10) -> int:
 def test_a_process_of_the_user_outside_the_job_loses_the_gpu_before_the_next_grant(openable):
     agent = openable
     assert agent.run_hook("prolog", job_env("51", gpus="0")).returncode == 0
-    gpu = agent.dev_dir / "nvidia3"
+    gpu = agent.dev_dir / "nvidia7"
     holder = hold(gpu, NOBODY)  # as from an SSH session: not in the job
     res = agent.run_hook("epilog", job_env("51"))
     assert res.returncode == 0, res.stderr
@@ -94,7 +94,7 @@ def test_a_process_of_the_user_outside_the_job_loses_the_gpu_before_the_next_gra
     assert reaped(holder) == -9
     ended = agent.events("device.holder", "51")
     assert [(e["pid"], e["uid"], e["how"], [g["minor"] for g in e["gpus"]], e["outcome"])
-            for e in ended] == [(holder.pid, NOBODY.pw_uid, ["fd"], [3], "ended")]
+            for e in ended] == [(holder.pid, NOBODY.pw_uid, ["fd"], [7], "ended")]
     assert "/usr/bin/python3" in ended[0]["command"] and ended[0]["context"] == "release"
     release = agent.events("job.release", "51")[-1]
     assert release["outcome"] == "released" and release["seq"] > ended[0]["seq"]
@@ -107,13 +107,13 @@ def test_a_process_of_the_user_outside_the_job_loses_the_gpu_before_the_next_gra
 def test_a_descriptor_passed_on_is_found_and_root_processes_are_left_alone(openable):
     agent = openable
     assert agent.run_hook("prolog", job_env("53", gpus="1")).returncode == 0
-    gpu = agent.dev_dir / "nvidia5"
-    fd = os.open(gpu, os.O_WRONLY)  # the test (root) holds it too: exempt
+    gpu = agent.dev_dir / "nvidia8"
+    fd = os.open(gpu, os.O_RDONLY)  # the test (root) holds it too: exempt
     try:
         holder = hold(gpu, DAEMON, fd=fd)  # another user, given the job's descriptor
         assert agent.run_hook("epilog", job_env("53")).returncode == 0
         assert reaped(holder) == -9
-        assert os.write(fd, b"x") == 1  # root's own descriptor was not touched
+        assert len(os.read(fd, 1)) == 1  # root's own descriptor was not touched
     finally:
         os.close(fd)
     ended = agent.events("device.holder", "53")
@@ -126,7 +126,7 @@ def test_a_holder_that_will_not_die_keeps_its_gpu_out_of_every_grant(openable):
     agent = openable
     freezer = CGROUP_ROOT / "freezer" / f"ztgpu_test_hold_{secrets.token_hex(4)}"
     assert agent.run_hook("prolog", job_env("61", gpus="0")).returncode == 0
-    holder = hold(agent.dev_dir / "nvidia3", NOBODY)
+    holder = hold(agent.dev_dir / "nvidia7", NOBODY)
     freezer.mkdir()
     try:
         # A frozen (cgroup v1 freezer) process cannot act on SIGKILL until thawed:
@@ -141,7 +141,7 @@ def test_a_holder_that_will_not_die_keeps_its_gpu_out_of_every_grant(openable):
         assert res.returncode == 1, "the node must drain"
         assert f"pid {holder.pid}" in res.stderr
         held = agent.wait_event("device.held", "61")
-        assert held["pids"] == [holder.pid] and held["gpus"][0]["minor"] == 3
+        assert held["pids"] == [holder.pid] and held["gpus"][0]["minor"] == 7
         assert agent.events("job.release", "61")[-1]["outcome"] == "held"
         drain = agent.wait_event("node.drain")
         # No Slurm around this agent: the drain is tried, and its failure recorded.
@@ -150,7 +150,7 @@ def test_a_holder_that_will_not_die_keeps_its_gpu_out_of_every_grant(openable):
         res = agent.run_hook("prolog", job_env("62", **daemon_job, gpus="0"))
         assert res.returncode == 1 and f"pid {holder.pid}" in res.stderr
         assert agent.events("job.refused", "62")[-1]["outcome"] == "node_unsafe"
-        assert owner_mode(agent.dev_dir / "nvidia3") == (0, 0, 0o600)
+        assert owner_mode(agent.dev_dir / "nvidia7") == (0, 0, 0o600)
         # The other GPU is still granted.
         assert agent.run_hook("prolog", job_env("63", **daemon_job, gpus="1")).returncode == 0
         # A restarted agent still keeps it out.
@@ -163,7 +163,7 @@ def test_a_holder_that_will_not_die_keeps_its_gpu_out_of_every_grant(openable):
         res = agent.run_hook("prolog", job_env("65", **daemon_job, gpus="0"))
         assert res.returncode == 0, res.stderr
         freed = agent.events("device.freed")
-        assert freed and freed[-1]["gpus"][0]["minor"] == 3
+        assert freed and freed[-1]["gpus"][0]["minor"] == 7
     finally:
         with contextlib.suppress(OSError):
             (freezer / "freezer.state").write_text("THAWED")
@@ -176,8 +176,8 @@ def test_a_holder_that_will_not_die_keeps_its_gpu_out_of_every_grant(openable):
 
 def test_whoever_opened_an_idle_gpu_while_its_file_had_drifted_loses_it(openable):
     agent = openable
-    gpu = agent.dev_dir / "nvidia5"
-    fd = os.open(gpu, os.O_WRONLY)
+    gpu = agent.dev_dir / "nvidia8"
+    fd = os.open(gpu, os.O_RDONLY)
     try:
         # As after nvidia-modprobe reset the file to 0666: a user opened it.
         holder = hold(gpu, NOBODY, fd=fd)

@@ -37,10 +37,12 @@ from ztgpu.testing.slurm_cluster import (
 SIM_INDEX_FOR_MINOR = (2, 0, 3, 1, 6, 4, 7, 5)
 
 
-#: Minors of the kernel's memory devices (major 1: null, zero, full, random,
-#: urandom): stand-ins for GPUs that really open, so a test can hold one.
+#: Minors of two of the kernel's memory devices (major 1: full, random):
+#: stand-ins for GPUs that really open, so a test can hold one. Not null,
+#: zero or urandom: services keep those open, and the agent ends every
+#: non-exempt process that holds a GPU it takes back.
 OPENABLE_MAJOR = 1
-OPENABLE_MINORS = (3, 5, 7, 8, 9)
+OPENABLE_MINORS = (7, 8)
 
 
 def gpu_minors(count: int, openable: bool = False) -> tuple[int, ...]:
