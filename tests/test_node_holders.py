@@ -215,16 +215,15 @@ def test_a_mapping_of_a_gpu_is_a_hold_even_without_a_descriptor(tmp_path):
     (pid / "status").write_text("Name:\tapp\nUid:\t1001\t1001\t1001\t1001\n")
     (pid / "stat").write_text("4242 (my app) S " + " ".join(["0"] * 18) + " 123456 0 0\n")
     (pid / "cmdline").write_bytes(b"app\0--train\0")
-    found, exempt = holders.find_holders(195, [2], nodes=holders.device_nodes([node]),
-                                         exempt_uids={0}, proc_root=tmp_path / "proc")
-    assert exempt == []
+    found = holders.find_holders(195, [2], nodes=holders.device_nodes([node]),
+                                 exempt_uids={0}, proc_root=tmp_path / "proc")
     assert [(h.pid, h.uid, h.start, h.command, set(h.minors), h.how) for h in found] == [
         (4242, 1001, 123456, "app --train", {2}, ("mmap",))]
     # Another GPU's minor, or a uid that is exempt, is not a hold to end.
     assert holders.find_holders(195, [1], nodes=holders.device_nodes([node]),
-                                exempt_uids={0}, proc_root=tmp_path / "proc")[0] == []
+                                exempt_uids={0}, proc_root=tmp_path / "proc") == []
     assert holders.find_holders(195, [2], nodes=holders.device_nodes([node]),
-                                exempt_uids={0, 1001}, proc_root=tmp_path / "proc")[0] == []
+                                exempt_uids={0, 1001}, proc_root=tmp_path / "proc") == []
 
 
 # ---- the probe sees the job's user as a job would (item 6) ------------------

@@ -61,8 +61,6 @@ class TakeBack:
     ended: list[Holder] = field(default_factory=list)
     #: Processes still holding a GPU when the deadline passed.
     survivors: list[Holder] = field(default_factory=list)
-    #: Processes seen holding a GPU, but exempt.
-    exempt: list[Holder] = field(default_factory=list)
 
 
 def _uids(status: str) -> tuple[int, ...]:
@@ -93,15 +91,18 @@ def _command(pid_dir: Path) -> str:
     return "?"
 
 
-def _fd_minors(pid_dir: Path, major: int, minors: Collection[int]) -> set[int]:
+def _fd_minors(pid_dir: str, major: int, minors: Collection[int]) -> set[int]:
+    # Plain strings, not Path: this runs for every descriptor of every user
+    # process at every Epilog.
     found: set[int] = set()
+    fd_dir = pid_dir + "/fd/"
     try:
-        names = os.listdir(pid_dir / "fd")
+        names = os.listdir(fd_dir)
     except OSError:
         return found
     for name in names:
         try:
-            st = os.stat(pid_dir / "fd" / name)  # the open file itself
+            st = os.stat(fd_dir + name)  # the open file itself
         except OSError:
             continue
         if (stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == major
@@ -110,15 +111,21 @@ def _fd_minors(pid_dir: Path, major: int, minors: Collection[int]) -> set[int]:
     return found
 
 
-def _map_minors(pid_dir: Path, major: int, minors: Collection[int],
+def _map_minors(pid_dir: str, major: int, minors: Collection[int],
                 nodes: Collection[tuple[int, int]]) -> set[int]:
     """Minors mapped into the process, through a device node in *nodes* (st_dev, st_ino)."""
     found: set[int] = set()
+    if not nodes:
+        return found
     try:
-        text = (pid_dir / "maps").read_text()
+        with open(pid_dir + "/maps", "rb") as maps:
+            raw = maps.read()
     except OSError:
         return found
-    for line in text.splitlines():
+    # Most processes map no device node at all: look for the inodes first.
+    if not any(f" {ino} ".encode() in raw for _, ino in nodes):
+        return found
+    for line in raw.decode("utf-8", "replace").splitlines():
         parts = line.split(maxsplit=5)
         if len(parts) < 6 or parts[4] == "0":
             continue
@@ -130,7 +137,7 @@ def _map_minors(pid_dir: Path, major: int, minors: Collection[int],
         if key not in nodes:
             continue
         try:
-            st = os.stat(pid_dir / "map_files" / parts[0])
+            st = os.stat(f"{pid_dir}/map_files/{parts[0]}")
         except OSError:
             continue
         if (stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == major
@@ -152,8 +159,11 @@ def device_nodes(paths: Iterable[Path]) -> set[tuple[int, int]]:
 def find_holders(major: int, minors: Collection[int], *, nodes: Collection[tuple[int, int]],
                  exempt_uids: Collection[int],
                  reported: Mapping[int, Collection[int]] | None = None,
-                 proc_root: Path = Path("/proc")) -> tuple[list[Holder], list[Holder]]:
-    """Every process holding one of *minors* (of *major*): (to end, exempt).
+                 proc_root: Path = Path("/proc")) -> list[Holder]:
+    """Every process holding one of *minors* (of *major*) but those of exempt uids.
+
+    An exempt process's descriptors are not even read: on a node most
+    processes are root's, so a scan costs about what the users' ones do.
 
     *reported* adds what the driver says runs where (pid -> minors, from
     NVML): such a process counts as a holder even if it shows no descriptor.
@@ -162,24 +172,25 @@ def find_holders(major: int, minors: Collection[int], *, nodes: Collection[tuple
     reported = reported or {}
     targets = frozenset(minors)
     holders: list[Holder] = []
-    exempt: list[Holder] = []
     if not targets:
-        return holders, exempt
+        return holders
     me = os.getpid()
+    root = str(proc_root)
     try:
-        entries = [e.name for e in os.scandir(proc_root) if e.name.isdigit()]
+        entries = [e.name for e in os.scandir(root) if e.name.isdigit()]
     except OSError:
-        return holders, exempt
+        return holders
     for name in entries:
         pid = int(name)
         if pid == me:
             continue
-        pid_dir = proc_root / name
+        pid_dir = f"{root}/{name}"
         try:
-            uids = _uids((pid_dir / "status").read_text())
+            with open(pid_dir + "/status", "rb") as status:
+                uids = _uids(status.read().decode("ascii", "replace"))
         except OSError:
             continue
-        if not uids:
+        if not uids or all(u in exempt_uids for u in uids):
             continue
         by_fd = _fd_minors(pid_dir, major, targets)
         by_map = _map_minors(pid_dir, major, targets, nodes)
@@ -191,10 +202,10 @@ def find_holders(major: int, minors: Collection[int], *, nodes: Collection[tuple
             continue
         how = tuple(kind for kind, got in (("fd", by_fd), ("mmap", by_map),
                                            ("driver", by_driver)) if got)
-        holder = Holder(pid=pid, uid=uids[0], start=started, command=_command(pid_dir),
-                        minors=frozenset(by_fd | by_map | by_driver), how=how)
-        (exempt if all(u in exempt_uids for u in uids) else holders).append(holder)
-    return holders, exempt
+        holders.append(Holder(pid=pid, uid=uids[0], start=started,
+                              command=_command(Path(pid_dir)),
+                              minors=frozenset(by_fd | by_map | by_driver), how=how))
+    return holders
 
 
 def exited(pidfd: int) -> bool:
@@ -252,10 +263,8 @@ def take_back(major: int, minors: Collection[int], *, nodes: Collection[tuple[in
     deadline = time.monotonic() + timeout_s
     seen: set[tuple[int, int]] = set()
     for _ in range(ROUNDS):
-        found, exempt = find_holders(major, minors, nodes=nodes, exempt_uids=exempt_uids,
-                                     reported=reported, proc_root=proc_root)
-        if not result.exempt:
-            result.exempt = exempt
+        found = find_holders(major, minors, nodes=nodes, exempt_uids=exempt_uids,
+                             reported=reported, proc_root=proc_root)
         found = [h for h in found if spare_uid is None or h.uid != spare_uid]
         fresh = [h for h in found if (h.pid, h.start) not in seen]
         if not found:
@@ -275,8 +284,8 @@ def take_back(major: int, minors: Collection[int], *, nodes: Collection[tuple[in
             os.close(pidfd)
         if pidfds and time.monotonic() >= deadline:
             break
-    found, _ = find_holders(major, minors, nodes=nodes, exempt_uids=exempt_uids,
-                            reported=reported, proc_root=proc_root)
+    found = find_holders(major, minors, nodes=nodes, exempt_uids=exempt_uids,
+                         reported=reported, proc_root=proc_root)
     result.survivors = [h for h in found if spare_uid is None or h.uid != spare_uid]
     survivors = {(h.pid, h.start) for h in result.survivors}
     result.ended = [h for h in result.ended if (h.pid, h.start) not in survivors]
