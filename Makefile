@@ -82,6 +82,7 @@ bench: install
 	$(PY) bench/revocation.py
 	$(PY) bench/prolog_grant.py
 	$(PY) bench/short_jobs.py
+	$(PY) bench/holder_scan.py
 
 clean:
 	rm -rf build dist *.egg-info $(TYPECHECK_TREE)
