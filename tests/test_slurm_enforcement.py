@@ -473,3 +473,18 @@ def test_ending_the_array_task_that_shares_the_arrays_id_spares_the_other_tasks(
     others = tasks()
     assert len(others) == 2 and all(state == "RUNNING" for _, state in others.values()), others
     c.slurm(["scancel", array], check=False)
+
+
+def test_the_agents_drain_reaches_sinfo_with_its_reason(suite):
+    """The call the agent makes when a GPU stays held (its end-to-end test runs
+    without Slurm, where the drain can only fail): against the real controller."""
+    from ztgpu.slurm.client import CliSlurmClient
+
+    c = suite.cluster
+    client = CliSlurmClient(Path("/usr/bin"), c.slurm_conf, 10.0)
+    client.drain(c.node, "GPU 0 (minor 0) is still held by pid 4242 (uid 1001, 'python3 x')")
+    state, reason = client.node_state(c.node)
+    assert "DRAIN" in state and "pid 4242" in reason and reason.startswith("ztgpu: ")
+    assert "pid 4242" in c.node_reason()
+    client.resume(c.node)
+    assert "DRAIN" not in client.node_state(c.node)[0]
