@@ -161,7 +161,7 @@ def test_munge_credentials_prove_identity_and_purpose(site: Site) -> None:
 
 def test_gate_and_grant_follow_the_mfa_session(site: Site) -> None:
     enroll_nobody(site)
-    gate = site.cert_client("service", "slurmctld")
+    gate = site.cert_client("controller", "slurmctld")
     decision = gate.request("POST", "/v1/gate", job())
     assert (decision["allow"], decision["code"]) == (False, "mfa_required")
     assert "ztgpu login" in decision["reason"]
@@ -208,6 +208,19 @@ def test_grants_are_bound_to_the_asking_node_and_the_policy(site: Site) -> None:
                                                   {**job(), "node": "gpu01", "gpus": GPUS})
 
 
+def test_only_the_controller_certificate_may_ask_the_gate(site: Site) -> None:
+    """authd's and the collector's own role (service) could otherwise hold, end or
+    stretch any job: the gate answers the controller role alone."""
+    for role, name in (("service", "audit01"), ("service", "ctl02"), ("node", "gpu01"),
+                       ("auditor", "audit1")):
+        with pytest.raises(AuthdRefused) as info:
+            site.cert_client(role, name).request("POST", "/v1/gate", job())
+        assert info.value.status == 403 and "controller" in str(info.value), (role, info.value)
+    decision = site.cert_client("controller", "slurmctld").request("POST", "/v1/gate", job())
+    assert decision["code"] in ("mfa_required", "allowed", "not_enrolled", "rule_denies"), \
+        decision
+
+
 def test_admin_actions_need_role_and_fresh_mfa(site: Site) -> None:
     with pytest.raises(AuthdRefused) as info:  # root has no session yet
         site.admin("/v1/admin/enroll", user="nobody")
@@ -231,7 +244,7 @@ def test_revocation_ends_sessions_and_is_published_to_nodes(site: Site) -> None:
     after = node.request("GET", "/v1/revocations", query={"after": 0})["revocations"]
     assert [r["user"] for r in after[len(before):]] == ["nobody"]
     assert after[-1]["reason"] == "laptop stolen"
-    decision = site.cert_client("service", "slurmctld").request("POST", "/v1/gate", job())
+    decision = site.cert_client("controller", "slurmctld").request("POST", "/v1/gate", job())
     assert decision["allow"] is False
     with pytest.raises(AuthdRefused) as info:
         site.login("nobody")
@@ -381,7 +394,7 @@ def test_policy_changes_are_recorded_and_a_broken_edit_keeps_the_last_good_one(
 
     enroll_nobody(site)
     site.login("nobody")
-    gate = site.cert_client("service", "slurmctld")
+    gate = site.cert_client("controller", "slurmctld")
     assert gate.request("POST", "/v1/gate", job())["allow"] is True
     first = {e["policy_hash"] for e in _authd_events(site, "auth.policy_loaded")}
     text = site.authd.policy_path.read_text().replace("max_gpus_per_job: 4",
@@ -432,7 +445,7 @@ def test_grant_lives_at_least_the_time_limit_the_gate_saw(site: Site) -> None:
     enroll_nobody(site)
     site.login("nobody")
     week = 7 * 86400
-    gate = site.cert_client("service", "slurmctld")
+    gate = site.cert_client("controller", "slurmctld")
     assert gate.request("POST", "/v1/gate", job(job_id="77", time_limit_s=week))["allow"]
     node = site.cert_client("node", "gpu01")
     token = node.request("POST", "/v1/grant", {**job(job_id="77", time_limit_s=None),
@@ -488,7 +501,7 @@ _JSON = st.recursive(
 def test_garbage_gets_4xx_and_never_a_grant(site: Site, body: Any) -> None:
     clients = {"/v1/login": site.user_client(), "/v1/status": site.user_client(),
                "/v1/admin/enroll": site.user_client(),
-               "/v1/gate": site.cert_client("service", "slurmctld"),
+               "/v1/gate": site.cert_client("controller", "slurmctld"),
                "/v1/grant": site.cert_client("node", "gpu01")}
     for path, client in clients.items():
         with pytest.raises(AuthdRefused) as info:

@@ -110,8 +110,8 @@ class StubAuthd:
                 role = identity_from_der(der).role if der else None
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 try:
-                    if self.path != "/v1/gate" or role != "service":
-                        raise HttpRefusal(403, "a service certificate is required", "forbidden")
+                    if self.path != "/v1/gate" or role != "controller":
+                        raise HttpRefusal(403, "a controller certificate is required", "forbidden")
                     job_request(body)  # authd's own validation of the contract
                     status, reply = 200, stub.answer(body)
                 except HttpRefusal as exc:
@@ -379,7 +379,7 @@ NO_GPU_LINE = "1|1|*|N/A|N/A|N/A|N/A|cpu=1,node=1,billing=1|UNLIMITED|(null)|\n"
 
 
 def settings_for(pki: SitePki, url: str, slurm: FakeSlurm, **over: Any) -> GateSettings:
-    cert, key = pki.issue("service", "slurmctld")
+    cert, key = pki.issue("controller", "slurmctld")
     args: dict[str, Any] = {"authd_url": url, "ca_cert": str(pki.ca_cert), "cert": str(cert),
                             "key": str(key), "squeue": str(slurm.squeue),
                             "scontrol": str(slurm.scontrol), "slurm_conf": "/nonexistent.conf",
@@ -548,7 +548,7 @@ def gate_config(base: Path, pki: SitePki | None, url: str | None = "https://127.
                             "auth": {"authd_url": url, "request_timeout_s": 3.0},
                             "slurm": {"bin_dir": "/usr/bin", **slurm}}
     if pki is not None:
-        cert, key = pki.issue("service", "slurmctld")
+        cert, key = pki.issue("controller", "slurmctld")
         data["tls"] = {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)}
     return parse_config(data, "test")
 
@@ -621,7 +621,7 @@ def write_config(tmp_path: Path, pki: SitePki | None) -> Path:
                                       "task_socket": str(tmp_path / "task.sock")},
                             "auth": {"authd_url": "https://authd.example:8444"}}
     if pki is not None:
-        cert, key = pki.issue("service", "slurmctld")
+        cert, key = pki.issue("controller", "slurmctld")
         data["tls"] = {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)}
     path = tmp_path / "ztgpu.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -437,3 +437,35 @@ def test_a_device_file_swapped_for_a_link_is_never_changed_through_it(agent):
     assert drift["path"] == str(gpu) and drift["outcome"] == "unrecoverable"
     assert owner_mode(target) == ROOT_0600  # never handed to the job's user
     assert gpu.is_symlink()
+
+
+def test_by_default_only_root_may_ask_the_agent_to_grant(tmp_path):
+    """slurmd runs the Prolog as root; SlurmUser ('slurm', the controller's account)
+    must not be able to prolog any uid onto any GPU."""
+    import shutil
+    import tempfile
+
+    from ztgpu.testing.agent_process import standalone_agent
+
+    slurm = pwd.getpwnam("slurm")  # Debian's slurm-wlm creates it
+    base = Path(tempfile.mkdtemp(prefix="ztgpu-agent-"))
+    try:
+        with standalone_agent(base, slurm={"user": None}) as running:
+            os.chmod(running.socket, 0o666)
+            os.chmod(Path(running.socket).parent, 0o755)
+            request = json.dumps({"op": "prolog", "job": {
+                "job_id": "77", "uid": NOBODY.pw_uid, "user": "nobody", "gpus": [0]}})
+            code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+                    "s.sendall(sys.argv[2].encode()+b'\\n'); s.shutdown(1);"
+                    "print(s.recv(9999).decode())")
+            res = subprocess.run(["runuser", "-u", "slurm", "--", sys.executable, "-c", code,
+                                  running.socket, request], capture_output=True, text=True,
+                                 timeout=30, check=False)
+            assert res.returncode == 0, res.stderr
+            answer = json.loads(res.stdout)
+            assert answer["ok"] is False and answer["kind"] == "denied", answer
+            assert running.events("request.rejected")[-1]["peer_uid"] == slurm.pw_uid
+            assert owner_mode(running.dev_dir / "nvidia0") == ROOT_0600
+            assert running.events("job.grant") == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -423,7 +423,7 @@ def test_install_check_sees_the_hooks_live_and_a_controller_on_an_old_file(suite
     res = suite.ztgpu("install", "--check", "--slurm-conf", str(c.slurm_conf), timeout=200,
                       check=False)
     assert res.returncode == 0, res.stdout + res.stderr
-    probe = re.search(r"ok    slurmd: probe job (\d+)", res.stdout)
+    probe = re.search(r"ok    slurmd: probe job (\d+) \(COMPLETED", res.stdout)
     assert probe, res.stdout
     assert suite.events("job.grant", probe.group(1)) and suite.events("job.release",
                                                                       probe.group(1))

@@ -111,3 +111,34 @@ def test_a_job_the_policy_never_allows_is_ended_with_the_reason(site: MfaCluster
     assert "no GPU project" in comment
     assert not site.suite.events("job.grant", job)
     assert cluster.node_state() != "drained"
+
+
+def test_the_gate_believes_no_caller_about_whose_job_it_is(site: MfaCluster) -> None:
+    """A controller certificate asking about ztalice's real job in ztbob's name (or
+    ztbob about it) gets a denial that touches no job: authd asks Slurm."""
+    from ztgpu.auth_client import AuthdClient
+
+    cluster = site.suite.cluster
+    site.enroll("ztalice")  # an earlier test revoked her, which ends the enrolment
+    assert site.login("ztalice").returncode == 0
+    job = cluster.sbatch("ztalice", "#!/bin/sh\nsleep 30\n", gpus=1)
+    cluster.wait_job(job, ["RUNNING"], timeout=60)
+    import pwd
+
+    bob = pwd.getpwnam("ztbob")
+    client = AuthdClient(site.authd.url, site.pki.context("controller", "slurmctld-x"))
+    try:
+        answer = client.request("POST", "/v1/gate", {
+            "job_id": job, "uid": bob.pw_uid, "user": "ztbob", "partition": "gpu",
+            "account": None, "gpus_count": 1, "time_limit_s": None})
+        missing = client.request("POST", "/v1/gate", {
+            "job_id": "999999", "uid": bob.pw_uid, "user": "ztbob", "partition": "gpu",
+            "account": None, "gpus_count": 1, "time_limit_s": None})
+    finally:
+        client.close()
+    assert answer["allow"] is False and answer["code"] == "job_user_mismatch", answer
+    assert "belongs to ztalice, not ztbob" in answer["reason"]
+    assert missing["code"] == "job_user_mismatch" and "does not know" in missing["reason"]
+    # Nothing happened to the job: no hold, no cancel.
+    assert cluster.job_state(job)["JobState"] == "RUNNING"
+    cluster.slurm(["scancel", job], check=False)

@@ -221,9 +221,11 @@ class IsolationConfig(_Strict):
 
 
 class SlurmConfig(_Strict):
-    #: Besides root, the one account allowed on the agent's socket
-    #: (SlurmdUser, if it is not root).
-    user: str = "slurm"
+    #: Besides root, the one account allowed on the agent's socket: set it only
+    #: when slurm.conf's SlurmdUser is not root. None (the default): root only
+    #: (slurmd runs as root; SlurmUser, the controller's account, must not be
+    #: able to grant GPUs on a node).
+    user: str | None = None
     #: slurm.conf the agent's own Slurm commands (scancel) use; None means
     #: Slurm's default lookup.
     conf: AbsPath | None = None
@@ -363,6 +365,10 @@ class AuthdConfig(_Strict):
     #: are stored encrypted under it.
     kek_file: AbsPath = Path("/etc/ztgpu/authd/kek")
     policy_file: AbsPath = Path("/etc/ztgpu/policy.yaml")
+    #: The gate asks Slurm (squeue) whose job it is asked about and denies when
+    #: that is not the user named in the request. Turn off only for an authd
+    #: with no Slurm to ask; then any controller certificate is believed.
+    gate_checks_job_owner: bool = True
     #: munged's socket used to check login credentials; None = munge's default.
     munge_socket: AbsPath | None = None
     #: Failed TOTP codes in a row that lock an account, and for how long.

@@ -27,7 +27,7 @@ from ztgpu.audit.events import format_timestamp
 from ztgpu.audit.spool import Clock, SystemClock
 from ztgpu.authd.store import AuthStore, Session
 from ztgpu.config import AuthdConfig
-from ztgpu.errors import Denied, InputRejected
+from ztgpu.errors import Denied, InputRejected, SlurmError
 
 log = logging.getLogger("ztgpu.authd")
 
@@ -106,6 +106,10 @@ class JobHolder(Protocol):
     def release(self, job_ids: Sequence[str]) -> None: ...
 
     def cancel(self, job_id: str, reason: str) -> None: ...
+
+    def job_user(self, job_id: str) -> str | None:
+        """The user Slurm says owns the job; None if Slurm does not list it."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -319,6 +323,16 @@ class Authority:
         job is ended with the reason, rather than requeued again and again.
         Outside allowed hours: it is requeued and asked about again later.
         """
+        owner = self._job_owner_problem(job)
+        if owner is not None:
+            # The caller's word against Slurm's: decide nothing, touch no job.
+            self.events.append("auth.decision", job_id=job.job_id, uid=job.uid, user=job.user,
+                               outcome="deny", reason=owner, rule="", stage="gate")
+            from ztgpu.policy import Decision
+
+            return Decision(allow=False, rule="", reason=owner, code="job_user_mismatch",
+                            mfa_max_age_s=0.0, max_gpus_per_job=0,
+                            max_gpus_per_user_per_node=0, trace=())
         if job.time_limit_s:
             self.store.note_time_limit(job.job_id, job.time_limit_s, self._ts())
         decision = self.decide(job)
@@ -333,6 +347,20 @@ class Authority:
         elif not decision.allow and decision.code != "outside_hours" and self.holder is not None:
             self.holder.cancel(job.job_id, decision.reason)
         return decision
+
+    def _job_owner_problem(self, job: JobRequest) -> str | None:
+        """Why the gate must not believe this request about whose job it is, or None."""
+        if self.holder is None or not self.config.gate_checks_job_owner:
+            return None  # no Slurm here to ask
+        try:
+            owner = self.holder.job_user(job.job_id)
+        except SlurmError as exc:
+            return f"cannot check with Slurm whose job {job.job_id} is: {exc}"
+        if owner is None:
+            return f"Slurm does not know job {job.job_id}"
+        if owner != job.user:
+            return f"job {job.job_id} belongs to {owner}, not {job.user}"
+        return None
 
     def grant(self, node: str, job: JobRequest, gpus: Sequence[Mapping[str, Any]],
               gpus_held_on_node: int = 0) -> tuple[str, str]:

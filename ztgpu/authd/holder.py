@@ -33,6 +33,8 @@ class HoldingSlurm(Protocol):
 
     def job_state(self, job_id: str) -> str | None: ...
 
+    def job_user(self, job_id: str) -> str | None: ...
+
 
 
 
@@ -53,6 +55,10 @@ class SlurmJobHolder:
         for job_id in job_ids:
             threading.Thread(target=self._retry, args=("release", job_id, ""),
                              name=f"release-{job_id}", daemon=True).start()
+
+    def job_user(self, job_id: str) -> str | None:
+        """Whose job it is, asked now (the gate waits for it)."""
+        return self.slurm.job_user(job_id)
 
     def cancel(self, job_id: str, reason: str) -> None:
         threading.Thread(target=self._retry, args=("cancel", job_id, reason),

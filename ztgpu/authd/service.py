@@ -6,7 +6,8 @@ Who may call what:
   ``POST /v1/login``, ``POST /v1/status``;
 * admins, with no certificate (munge + a fresh MFA login + a policy role):
   ``POST /v1/admin/enroll|revoke|keys/rotate|jit``;
-* the controller, with a ``service`` certificate: ``POST /v1/gate``; or, on
+* the controller, with a ``controller`` certificate (no other role, not even
+  authd's or the collector's ``service`` one): ``POST /v1/gate``; or, on
   the controller host itself, over ``authd.gate_socket`` (a unix socket,
   only that route) as root, authd's own uid or a ``gate_socket_users`` uid;
 * nodes, with a ``node`` certificate: ``POST /v1/grant`` (for their own
@@ -183,7 +184,8 @@ class AuthService:
             raise HttpRefusal(403, f"unusable client certificate: {exc}", "forbidden") from None
         if role is not None and identity.role != role:
             raise HttpRefusal(403, f"a {identity.role} certificate may not use "
-                              f"{request.method} {request.path}", "forbidden")
+                              f"{request.method} {request.path} (it needs a {role} "
+                              "certificate)", "forbidden")
         return identity.role, identity.name
 
     async def _json(self, request: web.Request) -> dict[str, Any]:
@@ -211,7 +213,7 @@ class AuthService:
 
     # -- controller and nodes -------------------------------------------------------
     async def gate(self, request: web.Request) -> web.Response:
-        self._identity(request, "service")
+        self._identity(request, "controller")
         return await self._decide_gate(request)
 
     async def gate_local(self, request: web.Request) -> web.Response:

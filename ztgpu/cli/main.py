@@ -79,7 +79,7 @@ def _cmd_install_check(args: argparse.Namespace) -> int:
         findings.append(ic.Finding("slurmd", None, "no probe job: fix the above first"))
     else:
         try:
-            job = ic.probe_job(config.slurm.bin_dir, env, config.node_name)
+            job, ended = ic.probe_job(config.slurm.bin_dir, env, config.node_name)
             spool_path = config.paths.spool_dir / "events.db"
             codes: list[str] = []
             deadline = time.monotonic() + 30
@@ -89,7 +89,7 @@ def _cmd_install_check(args: argparse.Namespace) -> int:
                 if "job.release" in codes:
                     break
                 time.sleep(0.5)
-            findings.append(ic.job_findings(job, codes))
+            findings.append(ic.job_findings(job, ended, codes))
         except SlurmError as exc:
             findings.append(ic.Finding("slurmd", f"the probe job failed: {exc}"))
     for finding in findings:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-_ROLES = ("node", "service", "auditor")  # ztgpu.trust.pki.ROLES; a test keeps them equal
+# ztgpu.trust.pki.ROLES; a test keeps them equal
+_ROLES = ("node", "service", "controller", "auditor")
 
 
 def _positive(text: str) -> float:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 def _allowed_uids(config: Config) -> set[int]:
     uids = {0}
+    if config.slurm.user is None:
+        return uids
     try:
         uids.add(pwd.getpwnam(config.slurm.user).pw_uid)
     except KeyError:

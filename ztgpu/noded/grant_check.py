@@ -72,9 +72,11 @@ class GrantChecker:
             return self._jwks
 
     def check(self, *, job_id: str, uid: int, user: str, gpus: Sequence[dict[str, Any]],
-              partition: str | None, account: str | None, held_on_node: int) -> str | None:
-        """A verified grant token for the job, or None when authd is unreachable and
-        ``unreachable_action`` is ``allow``. Raises GrantRefused otherwise."""
+              partition: str | None, account: str | None, held_on_node: int
+              ) -> dict[str, Any] | None:
+        """The verified grant's claims (``jti`` names it in authd's records), or
+        None when authd is unreachable and ``unreachable_action`` is ``allow``.
+        Raises GrantRefused otherwise."""
         from ztgpu.auth_client import AuthdError, AuthdRefused
         from ztgpu.trust.grants import GrantError, verify_grant
 
@@ -85,13 +87,13 @@ class GrantChecker:
             token = str(self._request("POST", "/v1/grant", body)["token"])
             bound = [{"index": g["index"], "uuid": g["uuid"]} for g in gpus]
             try:
-                verify_grant(token, self._keys(), job_id=job_id, uid=uid, node=self.node,
-                             gpus=bound)
+                claims = verify_grant(token, self._keys(), job_id=job_id, uid=uid,
+                                      node=self.node, gpus=bound)
             except GrantError as exc:
                 if exc.code != "unknown_key":
                     raise
-                verify_grant(token, self._keys(refresh=True), job_id=job_id, uid=uid,
-                             node=self.node, gpus=bound)
+                claims = verify_grant(token, self._keys(refresh=True), job_id=job_id, uid=uid,
+                                      node=self.node, gpus=bound)
         except AuthdRefused as exc:
             raise GrantRefused(f"authd refused the grant: {exc}", exc.code) from None
         except GrantError as exc:
@@ -104,7 +106,7 @@ class GrantChecker:
                 return None
             raise GrantRefused(f"authd unreachable, GPU access denied: {exc}",
                                "authd_unreachable") from None
-        return token
+        return claims
 
 
 class RevocationWatcher(threading.Thread):

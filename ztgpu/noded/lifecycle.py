@@ -58,8 +58,11 @@ class Lifecycle(AgentCore):
             self.spool.append("job.refused", job_id=job_id, uid=uid, user=user,
                               outcome="node_unsafe", reason=reason[:500])
             raise Fault(reason)
+        grant: dict[str, Any] = {}
         if self.grant_checker is not None:
-            self._check_grant(job, job_id, uid, user, gpus)
+            jti = self._check_grant(job, job_id, uid, user, gpus)
+            if jti is not None:
+                grant = {"jti": jti}  # links this record to authd's auth.grant
         if self.guard is not None and self.guard.check():
             # The node cannot account for new work: like a node that fails a
             # health check, it takes no more jobs (Slurm drains it and
@@ -112,28 +115,32 @@ class Lifecycle(AgentCore):
                                   reason=str(exc))
                 raise Fault(str(exc)) from exc
             self.spool.append("job.grant", job_id=job_id, uid=uid, user=user,
-                              gpus=gpu_fields(gpus), outcome="granted", reason="")
+                              gpus=gpu_fields(gpus), outcome="granted", reason="", **grant)
         return {"job_id": job_id, "gpus": gpu_fields(gpus)}
 
     def _check_grant(self, job: Any, job_id: str, uid: int, user: str,
-                     gpus: list[GpuInfo]) -> None:
-        """Refuse the job (recorded, cancelled, node stays up) without a valid grant."""
+                     gpus: list[GpuInfo]) -> str | None:
+        """The grant's jti; refuse the job (recorded, cancelled, node stays up)
+        without a valid grant. None when allowed without authd."""
         assert self.grant_checker is not None
         with self.lock:
             held = sum(len(j.record.minors) for j in self.jobs.values()
                        if j.record.uid == uid and j.record.job_id != job_id)
         try:
-            token = self.grant_checker.check(
+            claims = self.grant_checker.check(
                 job_id=job_id, uid=uid, user=user, gpus=gpu_fields(gpus),
                 partition=parse_word(job.get("partition")),
                 account=parse_word(job.get("account")), held_on_node=held)
         except GrantRefused as exc:
             self._refuse("prolog", str(exc), job)
             raise InputRejected(str(exc)) from None
-        if token is None:
+        if claims is None:
             self.spool.append("job.action", job_id=job_id, uid=uid, user=user,
                               action="grant_without_authd", outcome="allowed",
                               reason="authd unreachable; auth.unreachable_action is allow")
+            return None
+        jti = claims.get("jti")
+        return jti if isinstance(jti, str) else None
 
     def revoke_user(self, user: str, reason: str, at: str) -> list[str]:
         """Take the GPUs of ``user``'s jobs granted before ``at``, prove it, end the jobs."""

@@ -166,10 +166,27 @@ class CliSlurmClient:
         # (BeginTime) after a release; a login should start it now.
         self._run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
+    def job_user(self, job_id: str) -> str | None:
+        """The user who owns the job, or None once Slurm no longer lists it."""
+        if not _JOB_REF.fullmatch(job_id):
+            raise SlurmError(f"refusing to query malformed job id {job_id!r}")
+        out = self._squeue_job(job_id, "%u")
+        return out.splitlines()[0].strip() if out else None
+
+    def _squeue_job(self, job_id: str, fmt: str) -> str:
+        """``squeue -j`` for one job; '' once slurmctld no longer knows it (after
+        MinJobAge squeue fails with "Invalid job id specified")."""
+        try:
+            return self._run(["squeue", "-h", "-j", job_id, "-o", fmt]).strip()
+        except SlurmError as exc:
+            if "Invalid job id" in str(exc):
+                return ""
+            raise
+
     def job_state(self, job_id: str) -> str | None:
         """The job's state (e.g. ``PENDING``), or None once Slurm no longer lists it."""
         if not _JOB_REF.fullmatch(job_id):
             raise SlurmError(f"refusing to query malformed job id {job_id!r}")
-        out = self._run(["squeue", "-h", "-j", job_id, "-o", "%T"]).strip()
+        out = self._squeue_job(job_id, "%T")
         return out.splitlines()[0].strip() if out else None
 

@@ -90,8 +90,8 @@ def gate_settings(config: Config, slurm_conf: Path | None) -> dict[str, object]:
     if missing:
         raise ConfigError(
             f"the job gate needs {', '.join(missing)} set in the config (authd's URL and "
-            "the controller's service certificate, e.g. from "
-            "`ztgpu pki issue --role service --name slurmctld`), or authd.gate_socket "
+            "the controller's certificate, e.g. from "
+            "`ztgpu pki issue --role controller --name slurmctld`), or authd.gate_socket "
             "when authd runs on this host")
     return {
         "authd_url": config.auth.authd_url,

@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,27 +99,54 @@ def show_config(bin_dir: Path, env: Mapping[str, str], timeout: float) -> dict[s
 
 
 def probe_job(bin_dir: Path, env: Mapping[str, str], node: str,
-              timeout: float = PROBE_JOB_TIMEOUT_S) -> str:
-    """Run one 1-GPU job on *node* (as the caller, root) and wait for its end; its id.
+              timeout: float = PROBE_JOB_TIMEOUT_S) -> tuple[str, str]:
+    """Run one 1-GPU job on *node* (as the caller, root) until Slurm no longer
+    lists it: (job id, how it ended, as ``scontrol show job`` last showed it).
 
     Raises:
         SlurmError: it could not be submitted, or did not end in time.
     """
-    out = _run([str(bin_dir / "sbatch"), "--parsable", "--wait", "-N1", "-n1", f"-w{node}",
+    out = _run([str(bin_dir / "sbatch"), "--parsable", "-N1", "-n1", f"-w{node}",
                 "--gres=gpu:1", "-t1", "-Jztgpu-install-check", "--output=/dev/null",
-                "--wrap=true"], env, timeout)
+                "--wrap=true"], env, 30)
     match = re.match(r"\s*([0-9]+)", out)
     if match is None:
         raise SlurmError(f"sbatch gave no job id: {out.strip()[:200]!r}")
-    return match.group(1)
+    job = match.group(1)
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            shown = _run([str(bin_dir / "scontrol"), "-o", "show", "job", job], env, 30)
+        except SlurmError:
+            return job, last or "ended"  # purged: it is over
+        fields = dict(t.partition("=")[::2] for t in shown.split() if "=" in t)
+        state = fields.get("JobState", "")
+        last = f"{state} (reason {fields.get('Reason', '?')}, exit {fields.get('ExitCode', '?')})"
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL",
+                     "OUT_OF_MEMORY", "DEADLINE", "PREEMPTED"):
+            return job, last
+        if fields.get("Reason") == "launch_failed_requeued_held":
+            _run([str(bin_dir / "scancel"), job], env, 30)
+            return job, last
+        time.sleep(0.5)
+    _run([str(bin_dir / "scancel"), job], env, 30)
+    raise SlurmError(f"probe job {job} did not end within {timeout:g} s (last: {last}); "
+                     "cancelled")
 
 
-def job_findings(job_id: str, codes: list[str]) -> Finding:
+def job_findings(job_id: str, ended: str, codes: list[str]) -> Finding:
     """Whether the agent saw the probe job's Prolog and Epilog."""
     missing = [c for c in ("job.grant", "job.release") if c not in codes]
+    if "isolation.violated" in codes:
+        return Finding("slurmd", f"probe job {job_id} ({ended}): the agent recorded an "
+                       "isolation violation: see `ztgpu audit tail --local --job "
+                       f"{job_id}`")
     if not missing:
-        return Finding("slurmd", None, f"probe job {job_id}: the agent granted and released "
-                       "its GPU (the Prolog and Epilog are live)")
-    return Finding("slurmd", f"probe job {job_id} ran without {' and '.join(missing)} in the "
-                   "agent's spool: slurmd on this node does not run the suite's hooks; restart "
-                   "slurmd (after slurmctld), then check again")
+        return Finding("slurmd", None, f"probe job {job_id} ({ended}): the agent granted and "
+                       "released its GPU (the Prolog and Epilog are live)")
+    return Finding("slurmd", f"probe job {job_id} ({ended}) ran without "
+                   f"{' and '.join(missing)} in the agent's spool: slurmd on this node does "
+                   "not run the suite's hooks (or the agent refused the job: see `ztgpu audit "
+                   f"tail --local --job {job_id}`); restart slurmd (after slurmctld), then "
+                   "check again")

@@ -66,6 +66,9 @@ class AuthdProcess(ServiceProcess):
         }
         if dsn is not None:
             section["postgres_dsn_file"] = str(self.write_dsn_file(base, dsn))
+        if "slurm" not in (sections or {}):
+            # No Slurm beside this authd: nothing to ask whose a job is.
+            section["gate_checks_job_owner"] = False
         section.update(authd or {})
         #: authd's unix gate socket, when it has one.
         self.gate_socket = Path(section["gate_socket"]) if section.get("gate_socket") else None

@@ -4,7 +4,7 @@ On top of ``suite_cluster``: a private munged for authd and the users'
 ``ztgpu login``, a site PKI, a real ``ztgpu-authd`` (holding and releasing
 jobs through the cluster's own slurm.conf), the node agent asking authd for
 grants and watching revocations, and optionally the job gate
-(PrologSlurmctld) written with a controller ("service") certificate.
+(PrologSlurmctld) written with a "controller" certificate.
 Researchers run ``ztgpu login`` with a world-readable login-node config.
 """
 
@@ -156,7 +156,7 @@ def _install_gate(suite: SuiteCluster, pki: SitePki, authd: AuthdProcess) -> Non
     from ztgpu.slurm.hooks_install import gate_path, write_gate
 
     cluster = suite.cluster
-    cert, key = pki.issue("service", "slurmctld")
+    cert, key = pki.issue("controller", "slurmctld")
     controller = dict(suite.config)
     controller["tls"] = {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)}
     controller["auth"] = {**controller.get("auth", {}), "authd_url": authd.url}

@@ -39,7 +39,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ztgpu.errors import Fault
 from ztgpu.trust.private_files import create_exclusive, owner_ids
 
-ROLES: tuple[str, ...] = ("node", "service", "auditor")
+ROLES: tuple[str, ...] = ("node", "service", "controller", "auditor")
 
 CA_CERT_NAME = "ca.crt"
 CA_KEY_NAME = "ca.key"
@@ -54,6 +54,8 @@ _DNS_NAME = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 _EKU: dict[str, tuple[x509.ObjectIdentifier, ...]] = {
     "node": (ExtendedKeyUsageOID.CLIENT_AUTH,),
     "auditor": (ExtendedKeyUsageOID.CLIENT_AUTH,),
+    # Slurm's controller (the job gate): the only client of authd's gate.
+    "controller": (ExtendedKeyUsageOID.CLIENT_AUTH,),
     "service": (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
 }
 
