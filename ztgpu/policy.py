@@ -68,9 +68,7 @@ ADMIN_ROLES = ("enroll", "revoke", "keys", "jit_approve", "policy", "audit")
 
 #: Every value :attr:`Decision.code` can take.
 DECISION_CODES = ("allowed", "no_rule", "rule_denies", "too_many_gpus_job",
-                  "too_many_gpus_node", "mfa_required", "mfa_too_old", "outside_hours",
-                  # authd's gate, before any rule: the job is not the named user's.
-                  "job_user_mismatch")
+                  "too_many_gpus_node", "mfa_required", "mfa_too_old", "outside_hours")
 
 #: :attr:`Decision.rule` when no rule matched and the ``default`` decided.
 DEFAULT_RULE = "(default)"

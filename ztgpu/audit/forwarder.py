@@ -442,20 +442,24 @@ class Forwarder:
         for attempt in (1, 2):
             conn = self._connection()
             reused = conn.sock is not None
+            response: http.client.HTTPResponse | None = None
             try:
                 conn.request("POST", self._prefix + path, body=data, headers=headers)
                 response = conn.getresponse()
                 raw = response.read(_MAX_REPLY_BYTES + 1)
                 complete = response.isclosed()
             except _STALE_CONNECTION as exc:
+                _close_response(response)
                 self._close()
                 if reused and attempt == 1:
                     continue
                 raise _Transient("unreachable", f"cannot reach the collector: {exc!r}") from exc
             except (OSError, http.client.HTTPException) as exc:
+                _close_response(response)
                 self._close()
                 raise _Transient("unreachable", f"cannot reach the collector: {exc!r}") from exc
             if not complete or len(raw) > _MAX_REPLY_BYTES:
+                _close_response(response)
                 self._close()
                 if len(raw) > _MAX_REPLY_BYTES:
                     raise _Transient("protocol", f"collector reply over {_MAX_REPLY_BYTES} bytes")
@@ -511,3 +515,9 @@ def start_forwarder(config: Config, spool: Spool, *, role: str, name: str,
     forwarder.start()
     return forwarder
 
+
+def _close_response(response: http.client.HTTPResponse | None) -> None:
+    """Close a half-read reply: it holds a reference to the TLS socket, which
+    closing the connection alone does not release."""
+    if response is not None:
+        response.close()

@@ -326,6 +326,7 @@ class Authority:
         owner = self._job_owner_problem(job)
         if owner is not None:
             # The caller's word against Slurm's: decide nothing, touch no job.
+            # (job_user_mismatch is authd's own code, not one of the policy's.)
             self.events.append("auth.decision", job_id=job.job_id, uid=job.uid, user=job.user,
                                outcome="deny", reason=owner, rule="", stage="gate")
             from ztgpu.policy import Decision

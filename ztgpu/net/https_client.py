@@ -44,16 +44,21 @@ class KeptAliveHttps:
                                                          timeout=self.timeout_s)
                 self._used = False
             reused = self._used
+            response: http.client.HTTPResponse | None = None
             try:
                 self._conn.request(method, target, body=body, headers=headers or {})
                 response = self._conn.getresponse()
                 data = response.read()
             except STALE:
+                if response is not None:
+                    response.close()  # it holds the TLS socket too
                 self.close()
                 if reused:
                     continue  # closed while idle: once more on a new connection
                 raise
             except (OSError, http.client.HTTPException):
+                if response is not None:
+                    response.close()
                 self.close()
                 raise
             self._used = True
