@@ -25,7 +25,7 @@ Two phases against the same authd:
   was answered, until ``--duration`` s have passed or ``--count`` decisions
   are done in all.
 
-Every request has the controller's ``service`` certificate (TLS handshake
+Every request has the controller's ``controller`` certificate (TLS handshake
 and a warm-up decision before the timed part), a new job id, and must be
 answered 200 with ``allow`` true; anything else aborts the run. authd's CPU
 (process and threads, from /proc) is measured over each phase.
@@ -414,7 +414,7 @@ def drive(authd: AuthdProcess, pki: SitePki, procs: int, count: int, duration: f
     """
     assert authd.proc is not None
     uid = pwd.getpwnam(USER).pw_uid
-    cert, key = pki.issue("service", "slurmctld")
+    cert, key = pki.issue("controller", "slurmctld")
     quotas = [count // procs + (1 if i < count % procs else 0) if count else 0
               for i in range(procs)]
     ctx = mp.get_context("fork")

@@ -623,3 +623,95 @@ def test_an_unknown_gate_socket_user_stops_authd_with_the_name(
     with pytest.raises(RuntimeError, match="no-such-slurmuser"):
         made.authd.start(timeout=10)
     made.close()
+
+
+# ---- logins cannot starve grants -------------------------------------------------
+
+FLOOD = r"""
+import json, ssl, sys, threading, http.client
+host, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+count, threads = int(sys.argv[4]), int(sys.argv[5])
+context = ssl.create_default_context(cafile=ca)
+context.check_hostname = False
+statuses, lock = {}, threading.Lock()
+def worker(n):
+    conn = http.client.HTTPSConnection(host, port, context=context, timeout=30)
+    for _ in range(n):
+        try:
+            body = json.dumps({"credential": "MUNGE:AAAA", "code": "000000"})
+            conn.request("POST", "/v1/login", body=body,
+                         headers={"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            reply.read()
+            status = reply.status
+        except OSError:
+            conn.close()
+            status = "error"
+        with lock:
+            statuses[status] = statuses.get(status, 0) + 1
+    conn.close()
+ts = [threading.Thread(target=worker, args=(count // threads,)) for _ in range(threads)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(json.dumps(statuses))
+"""
+
+
+def test_a_burst_of_bogus_logins_is_bounded_and_grants_still_succeed(
+        tmp_path: Path, munge_daemon: MungeDaemon) -> None:
+    import json
+    import subprocess
+    import sys
+    import threading
+
+    made = Site(tmp_path, munge_daemon, authd={"login_per_address_per_min": 30,
+                                               "login_max_pending": 8})
+    made.enroll_local("root")
+    made.authd.start()
+    try:
+        enroll_nobody(made)
+        made.login("nobody")
+        node = made.cert_client("node", "gpu01")
+        granted: list[str] = []
+        stop = threading.Event()
+
+        def grants() -> None:
+            while not stop.is_set():
+                reply = node.request("POST", "/v1/grant", {**job(job_id=str(100 + len(granted))),
+                                                           "node": "gpu01", "gpus": GPUS})
+                granted.append(reply["token"])
+
+        grantor = threading.Thread(target=grants)
+        grantor.start()
+        host, port = made.authd.url.removeprefix("https://").rsplit(":", 1)
+        flood = subprocess.run([sys.executable, "-c", FLOOD, host, port, str(made.pki.ca_cert),
+                                "1000", "20"], capture_output=True, text=True, timeout=300,
+                               check=False)
+        stop.set()
+        grantor.join(60)
+        assert flood.returncode == 0, flood.stderr
+        statuses = json.loads(flood.stdout)
+        assert sum(statuses.values()) == 1000, statuses
+        # At most the per-address budget reached munge; the rest were refused at once.
+        assert statuses.get("401", 0) <= 30 + 1, statuses
+        assert statuses.get("429", 0) + statuses.get("503", 0) >= 1000 - 31, statuses
+        assert len(granted) >= 5, "grants did not keep going during the flood"
+        events = _authd_events(made, "auth.refused")
+        assert 1 <= len(events) <= 12, len(events)  # recorded, at a bounded rate
+        assert any("too many logins" in e["reason"] for e in events)
+    finally:
+        made.close()
+
+
+def test_logins_for_one_user_are_limited_and_recorded(site: Site) -> None:
+    enroll_nobody(site)
+    codes = []
+    for _ in range(11):  # default: 10 a minute for one user
+        try:
+            site.login("nobody", code="000000")
+        except AuthdRefused as exc:
+            codes.append((exc.status, exc.code))
+    assert codes[-1] == (429, "rate_limited"), codes
+    assert all(code != "rate_limited" for _, code in codes[:10]), codes
+    limited = [e for e in _authd_events(site, "auth.login") if e["outcome"] == "rate_limited"]
+    assert limited and limited[-1]["user"] == "nobody"

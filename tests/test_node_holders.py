@@ -187,7 +187,7 @@ def test_whoever_opened_an_idle_gpu_while_its_file_had_drifted_loses_it(openable
     assert reaped(holder, timeout=20) == -9
     drift = agent.events("device.drift")[-1]
     assert drift["path"] == str(gpu) and drift["outcome"] == "restored"
-    ended = agent.events("device.holder")[-1]
+    ended = agent.wait_event("device.holder")  # recorded just after the kill
     assert (ended["pid"], ended["context"]) == (holder.pid, "drift")
     assert owner_mode(gpu) == (0, 0, 0o600)
 

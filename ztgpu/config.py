@@ -374,6 +374,13 @@ class AuthdConfig(_Strict):
     #: Failed TOTP codes in a row that lock an account, and for how long.
     login_max_failures: int = Field(default=5, ge=1, le=100)
     login_lockout_s: float = Field(default=900.0, ge=1, le=86400)
+    #: Logins (each costs an unmunge) accepted per source address, and per
+    #: user, per minute; more are refused (429) and recorded, rate-limited.
+    login_per_address_per_min: int = Field(default=30, ge=1, le=100_000)
+    login_per_user_per_min: int = Field(default=10, ge=1, le=10_000)
+    #: Logins and status calls waiting for or on their own workers; beyond it
+    #: a login is refused at once (503). Grants and the gate never wait for them.
+    login_max_pending: int = Field(default=32, ge=1, le=10_000)
     #: An admin action needs an MFA login at most this old.
     admin_mfa_max_age_s: float = Field(default=900.0, ge=30, le=86400)
     #: A grant lives at least the job's time limit; jobs without one get this.

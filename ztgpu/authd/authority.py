@@ -28,6 +28,7 @@ from ztgpu.audit.spool import Clock, SystemClock
 from ztgpu.authd.store import AuthStore, Session
 from ztgpu.config import AuthdConfig
 from ztgpu.errors import Denied, InputRejected, SlurmError
+from ztgpu.net.ratelimit import RateWindow, RejectLimiter
 
 log = logging.getLogger("ztgpu.authd")
 
@@ -150,6 +151,9 @@ class Authority:
         self.munge_decode = munge_decode or munge.decode
         self.users = users or SystemUsers()
         self.holder = holder
+        self._logins_by_user: RateWindow[str] = RateWindow(config.login_per_user_per_min)
+        # A flood of limited logins is recorded at a bounded rate, with counts.
+        self._login_limited: RejectLimiter[str] = RejectLimiter(self._record_limited_login)
         self._policy: Any = None
         self._policy_stamp: tuple[int, int] | None = None
         self._policy_lock = threading.Lock()
@@ -225,6 +229,9 @@ class Authority:
         self.events.append("auth.enrolled", user=user, uid=uid, by=by, outcome="enrolled")
         return str(otpauth_uri(secret, user))
 
+    def _record_limited_login(self, user: str, reason: str) -> None:
+        self.events.append("auth.login", user=user, outcome="rate_limited", reason=reason)
+
     def login(self, credential: Any, code: Any) -> Session:
         """Open an MFA session for the credential's user if ``code`` is right.
 
@@ -235,6 +242,11 @@ class Authority:
         from ztgpu.trust.totp import verify
 
         caller = self.identify(credential, LOGIN)
+        if not self._logins_by_user.allow(caller.user):
+            detail = (f"more than {self.config.login_per_user_per_min} logins a minute for "
+                      f"{caller.user}; wait a minute")
+            self._login_limited(caller.user, detail)
+            raise AuthDenied(detail, "rate_limited")
         if not isinstance(code, str):
             raise InputRejected("code must be a string of 6 digits")
         now = self.now()

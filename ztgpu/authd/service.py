@@ -35,7 +35,7 @@ from aiohttp import web
 
 from ztgpu.authd.authority import AuthDenied, Authority, JobRequest
 from ztgpu.errors import InputRejected, ZtgpuError
-from ztgpu.net.ratelimit import RejectLimiter
+from ztgpu.net.ratelimit import RateWindow, RejectLimiter
 from ztgpu.net.tls_server import peer_address, peer_certificate, serve_tls
 from ztgpu.net.unix_server import peer_uid, serve_unix
 
@@ -112,6 +112,12 @@ class AuthService:
         self.server_context = server_context
         self.handshake_timeout_s = handshake_timeout_s
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="authd")
+        # Logins and status (no certificate, one unmunge each) on their own
+        # workers, bounded, so that a flood of them never delays a grant.
+        self._login_pool = ThreadPoolExecutor(2, thread_name_prefix="authd-login")
+        self._logins_pending = 0
+        self._login_by_address: RateWindow[str] = RateWindow(
+            authority.config.login_per_address_per_min)
         self._limiter: RejectLimiter[str] = RejectLimiter(self._record_refusal)
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
         self.app.add_routes([
@@ -131,6 +137,19 @@ class AuthService:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def _run_login(self, request: web.Request, fn: Callable[..., T], *args: Any) -> T:
+        """Run a login-class call on the login workers, within the pending bound."""
+        limit = self.authority.config.login_max_pending
+        if self._logins_pending >= limit:
+            raise HttpRefusal(503, f"authd is busy with {limit} logins; try again in a "
+                              "few seconds", "busy")
+        self._logins_pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._login_pool, fn,
+                                                                    *args)
+        finally:
+            self._logins_pending -= 1
+
     def _record_refusal(self, key: str, reason: str) -> None:
         address = key.partition("|")[2]
         try:
@@ -149,13 +168,13 @@ class AuthService:
         try:
             return await handler(request)
         except HttpRefusal as exc:
-            if exc.status in (400, 403, 413, 415):
+            if exc.status in (400, 403, 413, 415, 429, 503):
                 self.refuse(self._peer(request), exc.message)
             return web.json_response({"error": exc.message, "code": exc.code},
                                      status=exc.status)
         except AuthDenied as exc:
-            status = 401 if exc.code in ("bad_credential", "failed", "locked",
-                                         "not_enrolled") else 403
+            status = (401 if exc.code in ("bad_credential", "failed", "locked", "not_enrolled")
+                      else 429 if exc.code == "rate_limited" else 403)
             return web.json_response({"error": str(exc), "code": exc.code}, status=status)
         except InputRejected as exc:
             return web.json_response({"error": str(exc), "code": "bad_request"}, status=400)
@@ -163,6 +182,12 @@ class AuthService:
             self.refuse(self._peer(request), "request body too large")
             return web.json_response({"error": "body too large", "code": "too_large"},
                                      status=413)
+
+    @classmethod
+    def _peer_host(cls, request: web.Request) -> str:
+        """The sender's address without its port (ports change per connection)."""
+        peer = cls._peer(request)
+        return peer.rpartition(":")[0] or peer
 
     @staticmethod
     def _peer(request: web.Request) -> str:
@@ -201,15 +226,19 @@ class AuthService:
 
     # -- researchers ----------------------------------------------------------
     async def login(self, request: web.Request) -> web.Response:
+        host = self._peer_host(request)
+        if not self._login_by_address.allow(host):
+            raise HttpRefusal(429, f"too many logins from {host}; wait a minute",
+                              "rate_limited")
         body = await self._json(request)
-        session = await self._run(self.authority.login, body.get("credential"),
-                                  body.get("code"))
+        session = await self._run_login(request, self.authority.login, body.get("credential"),
+                                        body.get("code"))
         return web.json_response({"user": session.username, "expires": session.expires})
 
     async def status(self, request: web.Request) -> web.Response:
         body = await self._json(request)
-        return web.json_response(await self._run(self.authority.status,
-                                                 body.get("credential")))
+        return web.json_response(await self._run_login(request, self.authority.status,
+                                                       body.get("credential")))
 
     # -- controller and nodes -------------------------------------------------------
     async def gate(self, request: web.Request) -> web.Response:

@@ -10,6 +10,32 @@ from typing import Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 
 
+class RateWindow(Generic[K]):
+    """At most *per_minute* events per key in each minute (a fixed window per key)."""
+
+    def __init__(self, per_minute: int, max_keys: int = 100_000) -> None:
+        self.per_minute = per_minute
+        self.max_keys = max_keys
+        self.lock = threading.Lock()
+        self.window: dict[K, tuple[float, int]] = {}
+
+    def allow(self, key: K) -> bool:
+        """Count one event for *key*; False when its minute's budget is spent."""
+        now = time.monotonic()
+        with self.lock:
+            if len(self.window) >= self.max_keys and key not in self.window:
+                self.window = {k: v for k, v in self.window.items() if now - v[0] < 60}
+                if len(self.window) >= self.max_keys:
+                    return False  # more live senders than we keep track of
+            start, seen = self.window.get(key, (now, 0))
+            if now - start >= 60:
+                start, seen = now, 0
+            if seen >= self.per_minute:
+                return False
+            self.window[key] = (start, seen + 1)
+            return True
+
+
 class RejectLimiter(Generic[K]):
     """Records refusals from parties anyone can be, at most *per_minute* per key.
 
