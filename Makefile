@@ -83,6 +83,7 @@ bench: install
 	$(PY) bench/prolog_grant.py
 	$(PY) bench/short_jobs.py
 	$(PY) bench/holder_scan.py
+	$(PY) bench/login_flood.py
 
 clean:
 	rm -rf build dist *.egg-info $(TYPECHECK_TREE)

@@ -204,3 +204,51 @@ def test_a_revocation_survives_an_agent_crash_even_with_authd_away(
     # The Epilog ends the revocation with the job.
     assert agent.run_hook("epilog", job_env("503")).returncode == 0
     assert agent.events("job.release", "503")
+
+
+def test_pinned_grant_keys_refuse_a_key_the_site_did_not_distribute(
+        munge_daemon: MungeDaemon) -> None:
+    """With auth.grant_keys_file, a grant signed by any other key (an authd that
+    started signing with a key nobody distributed, a forged JWKS) gives no GPU."""
+    from ztgpu.audit.spool import Spool
+
+    base = Path(tempfile.mkdtemp(prefix="ztgpu-pinned-"))
+    base.chmod(0o755)
+    made = Site(base, munge_daemon)
+    made.authd.start()
+    reply = made.admin("/v1/admin/enroll", user="nobody")
+    made.secrets["nobody"] = secret_from_uri(reply["otpauth_uri"])
+    keys = base / "grant-keys.json"
+
+    def export() -> None:
+        res = made.authd.ztgpu("admin", "keys", "export", "--out", str(keys))
+        assert res.returncode == 0, res.stderr
+        assert "key " in res.stdout and oct(keys.stat().st_mode)[-3:] == "644"
+    export()
+    pinned = {**made.node_config, "auth": {**made.node_config["auth"],
+                                           "grant_keys_file": str(keys)}}
+    try:
+        with standalone_agent(base / "agent", node={"name": "gpu01"}, **pinned) as agent:
+            made.login("nobody")
+            assert agent.run_hook("prolog", job_env("601")).returncode == 0
+            grant = agent.wait_event("job.grant", "601")
+            with Spool.open(made.authd.base / "spool" / "authd-events.db", "authd") as spool:
+                issued = [e for e in spool.read(limit=1000, code="auth.grant")
+                          if e.get("job_id") == "601"]
+            # The node's record and authd's name the same grant.
+            assert issued and grant["jti"] == issued[-1]["jti"]
+            assert agent.run_hook("epilog", job_env("601")).returncode == 0
+            made.admin("/v1/admin/keys/rotate")  # signs with a key the nodes were not given
+            res = agent.run_hook("prolog", job_env("602"))
+            assert res.returncode == 0, res.stderr  # the job is refused, the node stays up
+            refused = agent.wait_event("job.refused", "602")
+            assert "not in auth.grant_keys_file" in refused["reason"]
+            assert not agent.events("job.grant", "602")
+            assert all(owner(agent, m) == 0 for m in range(4))
+            export()  # the site distributes the new key set
+            assert agent.run_hook("prolog", job_env("603")).returncode == 0
+            assert agent.wait_event("job.grant", "603")["jti"]
+            assert agent.run_hook("epilog", job_env("603")).returncode == 0
+    finally:
+        made.authd.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -419,6 +419,11 @@ class AuthConfig(_Strict):
     request_timeout_s: float = Field(default=5.0, gt=0, le=60)
     #: How often the agent asks authd for new revocations.
     revocation_poll_s: float = Field(default=1.0, ge=0.1, le=60)
+    #: The grant-signing public keys (a JWKS file from `ztgpu admin keys
+    #: export`, root-owned, distributed by the site). Set, grants are verified
+    #: against it alone, never against what authd serves; unset, the agent
+    #: takes authd's /v1/jwks over the mutually authenticated connection.
+    grant_keys_file: AbsPath | None = None
 
     @field_validator("authd_url")
     @classmethod

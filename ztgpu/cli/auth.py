@@ -7,9 +7,11 @@ handlers so that `ztgpu --help` and the node commands stay fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from ztgpu.errors import UsageError
@@ -122,6 +124,40 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys_export(args: argparse.Namespace) -> int:
+    """The public key set from authd's own store (authd's account, on its host)."""
+    import hashlib
+    import json
+    import os
+    import tempfile
+
+    from ztgpu.authd.__main__ import open_authority
+
+    authority, store, spool = open_authority(_config(args), with_holder=False)
+    try:
+        document = authority.jwks()
+    finally:
+        store.close()
+        spool.close()
+    out = Path(args.out)
+    data = json.dumps(document, indent=2, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    for key in document.get("keys", []):
+        digest = hashlib.sha256(str(key.get("x", "")).encode()).hexdigest()[:16]
+        print(f"key {key.get('kid')}: sha256 {digest}")
+    print(f"wrote {out}: copy it to every node's auth.grant_keys_file (root-owned)")
+    return 0
+
+
 def _cmd_keys_rotate(args: argparse.Namespace) -> int:
     reply = _admin_request(args, "/v1/admin/keys/rotate", {})
     print(f"new grant-signing key {reply['kid']}; grants signed with older keys stay valid "
@@ -195,6 +231,10 @@ def add_auth_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         dest="keys_command", required=True)
     keys.add_parser("rotate", help="start signing grants with a new key").set_defaults(
         func=_cmd_keys_rotate)
+    export = keys.add_parser("export", help="on the authd host: write the grant-signing "
+                             "public keys as the file nodes pin (auth.grant_keys_file)")
+    export.add_argument("--out", required=True, help="file to write (0644)")
+    export.set_defaults(func=_cmd_keys_export)
     jit = asub.add_parser("jit", help="just-in-time admin access").add_subparsers(
         dest="jit_command", required=True)
     jit_grant = jit.add_parser("grant", help="let a user onto a node for a while")

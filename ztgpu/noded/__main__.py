@@ -63,9 +63,14 @@ def _start_grant_checks(config: Config, agent: Agent) -> RevocationWatcher | Non
         raise ConfigError("auth.authd_url needs tls.cert and tls.key (this node's "
                           "certificate)")
     context = ReloadingContext(lambda: client_context(ca_cert, cert, key), [cert, key, ca_cert])
+    if auth.grant_keys_file is None:
+        logging.getLogger("ztgpu.noded").warning(
+            "auth.grant_keys_file is not set: grants are verified against the keys authd "
+            "serves (/v1/jwks), not pinned ones")
     checker = GrantChecker(auth.authd_url, context.get, config.node_name,
                            timeout_s=auth.request_timeout_s,
-                           unreachable_action=auth.unreachable_action)
+                           unreachable_action=auth.unreachable_action,
+                           pinned_keys=auth.grant_keys_file)
     agent.grant_checker = checker
     # Started by the caller once the agent has loaded its state: a revocation
     # acted on before that would find no job and be passed over.

@@ -11,6 +11,11 @@ the job gets no GPU; ``allow``: Slurm's allocation stands and the exception
 is recorded by the caller). A refusal by authd or a grant that does not
 verify always denies.
 
+With ``auth.grant_keys_file`` the keys are pinned: grants verify against
+that root-owned file alone (reread when it changes), never against the JWKS
+authd serves, so neither a compromised TLS endpoint nor a forged key set can
+mint grants.
+
 A ``RevocationWatcher`` thread polls authd's revocation feed and calls back
 for each newly revoked user.
 """
@@ -21,6 +26,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ztgpu.errors import Denied
@@ -40,7 +46,8 @@ class GrantChecker:
     """Obtains and verifies per-job grants; thread-safe."""
 
     def __init__(self, url: str, context: Callable[[], ssl.SSLContext], node: str, *,
-                 timeout_s: float, unreachable_action: str) -> None:
+                 timeout_s: float, unreachable_action: str,
+                 pinned_keys: Path | None = None) -> None:
         self.url = url
         self.context = context
         self.node = node
@@ -50,6 +57,9 @@ class GrantChecker:
         self._conn_lock = threading.Lock()
         self._client: Any = None
         self._jwks: dict[str, Any] | None = None
+        #: With a pinned key file, authd's own /v1/jwks is never used.
+        self.pinned_keys = pinned_keys
+        self._pinned_stamp: tuple[int, int, int] | None = None
 
     def _request(self, method: str, path: str, body: Any = None,
                  query: dict[str, Any] | None = None) -> Any:
@@ -67,9 +77,41 @@ class GrantChecker:
 
     def _keys(self, refresh: bool = False) -> dict[str, Any]:
         with self._lock:
+            if self.pinned_keys is not None:
+                return self._pinned()
             if self._jwks is None or refresh:
                 self._jwks = dict(self._request("GET", "/v1/jwks"))
             return self._jwks
+
+    def _pinned(self) -> dict[str, Any]:
+        """The pinned key set, read again when the file changed (a new key was
+        distributed). Raises GrantRefused when it cannot be trusted or read."""
+        import json
+        import os
+        import stat
+
+        from ztgpu.noded.checks import path_problem
+
+        assert self.pinned_keys is not None
+        path = self.pinned_keys
+        problem = path_problem("auth.grant_keys_file", path)
+        if problem is not None:
+            raise GrantRefused(problem, "untrusted_keys")
+        try:
+            st = os.stat(path)
+            if stat.S_IMODE(st.st_mode) & 0o022 or st.st_uid != 0:
+                raise GrantRefused(f"auth.grant_keys_file {path} must be root's and writable "
+                                   "by root alone", "untrusted_keys")
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._jwks is None or stamp != self._pinned_stamp:
+                document = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(document, dict):
+                    raise ValueError("not a JSON object")
+                self._jwks, self._pinned_stamp = document, stamp
+        except (OSError, ValueError) as exc:
+            raise GrantRefused(f"cannot read auth.grant_keys_file {path}: {exc}",
+                               "untrusted_keys") from None
+        return self._jwks
 
     def check(self, *, job_id: str, uid: int, user: str, gpus: Sequence[dict[str, Any]],
               partition: str | None, account: str | None, held_on_node: int
@@ -92,6 +134,11 @@ class GrantChecker:
             except GrantError as exc:
                 if exc.code != "unknown_key":
                     raise
+                if self.pinned_keys is not None:
+                    raise GrantRefused(
+                        f"the grant is signed by a key not in auth.grant_keys_file "
+                        f"{self.pinned_keys}: after `ztgpu admin keys rotate`, distribute "
+                        "`ztgpu admin keys export` to the nodes", "unknown_key") from None
                 claims = verify_grant(token, self._keys(refresh=True), job_id=job_id, uid=uid,
                                       node=self.node, gpus=bound)
         except AuthdRefused as exc:
