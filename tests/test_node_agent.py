@@ -469,3 +469,18 @@ def test_by_default_only_root_may_ask_the_agent_to_grant(tmp_path):
             assert running.events("job.grant") == []
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("field", ["SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT"])
+def test_a_partition_or_account_cannot_rewrite_the_prologs_request(agent, field):
+    """The hook writes these into its JSON request by hand: only checked words may
+    pass, so a value that tries to add GPUs or change the uid is dropped."""
+    env = {**job_env("47", gpus="0"), field: 'x","gpus":[0,1,2,3],"uid":0,"y":"'}
+    res = agent.run_hook("prolog", env)
+    assert res.returncode == 0, res.stderr
+    grant = agent.wait_event("job.grant", "47")
+    assert grant["uid"] == NOBODY.pw_uid and len(grant["gpus"]) == 1, grant
+    states = device_states(agent)
+    assert sum(1 for name, st in states.items()
+               if name != "nvidiactl" and st[0] == NOBODY.pw_uid) == 1, states
+    assert agent.run_hook("epilog", job_env("47")).returncode == 0
