@@ -20,7 +20,7 @@ STAMP_DEB := $(VENV)/.deb-installed
 STAMP_PIP := $(VENV)/.pip-installed
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: setup install demo test lint typecheck unit bench clean reachable
+.PHONY: setup install demo test lint typecheck unit bench clean reachable mutation
 
 setup: $(STAMP_PIP)
 
@@ -84,6 +84,23 @@ bench: install
 	$(PY) bench/short_jobs.py
 	$(PY) bench/holder_scan.py
 	$(PY) bench/login_flood.py
+
+# Mutation testing of the security-critical pure logic (slurm/env, trust/grants,
+# audit/events, policy, trust/totp), configured in pyproject.toml [tool.mutmut];
+# scores and equivalent survivors: tests/MUTATION.md. Not part of `make test`
+# (about 7 minutes on 2 cores). Only the `mutation` extra's requirements are
+# installed (not the package: mutmut imports its own copy of ztgpu/), and the
+# run happens in a copy under build/ so that mutmut's ./mutants stays out of
+# the checkout.
+MUTATION_DIR := build/mutation
+mutation: setup
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['mutation']))" \
+	  | xargs -d '\n' $(PIP) install -q
+	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)
+	cp -r pyproject.toml ztgpu tests configs $(MUTATION_DIR)/
+	cd $(MUTATION_DIR) && $(CURDIR)/$(VENV)/bin/mutmut run > mutmut-run.log 2>&1 \
+	  || { tail -c 4000 mutmut-run.log; exit 1; }
+	cd $(MUTATION_DIR) && $(CURDIR)/$(PY) $(CURDIR)/tests/mutation_scores.py mutants
 
 clean:
 	rm -rf build dist *.egg-info $(TYPECHECK_TREE)
