@@ -49,6 +49,7 @@ def _cmd_install_check(args: argparse.Namespace) -> int:
     from ztgpu.config import load_config
     from ztgpu.errors import SlurmError
     from ztgpu.slurm import install_check as ic
+    from ztgpu.slurm.client import CliSlurmClient
     from ztgpu.slurm.conf import install, suite_changes
     from ztgpu.slurm.hooks_install import hook_path
 
@@ -66,9 +67,9 @@ def _cmd_install_check(args: argparse.Namespace) -> int:
     findings.append(ic.Finding("slurm.conf", f"{conf} does not name the suite's hooks yet: run "
                                f"ztgpu install --slurm-conf {conf}" if written.changed else None,
                                f"{conf} names the suite's hooks"))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+    slurm = CliSlurmClient(config.slurm.bin_dir, conf, config.slurm.command_timeout_s)
     try:
-        shown = ic.show_config(config.slurm.bin_dir, env, config.slurm.command_timeout_s)
+        shown = ic.show_config(slurm)
         findings += ic.controller_findings(shown, {k: str(v) for k, v in hooks.items()},
                                            ("Alloc", "Contain"))
     except SlurmError as exc:
@@ -79,7 +80,7 @@ def _cmd_install_check(args: argparse.Namespace) -> int:
         findings.append(ic.Finding("slurmd", None, "no probe job: fix the above first"))
     else:
         try:
-            job, ended = ic.probe_job(config.slurm.bin_dir, env, config.node_name)
+            job, ended = ic.probe_job(slurm, config.node_name)
             spool_path = config.paths.spool_dir / "events.db"
             codes: list[str] = []
             deadline = time.monotonic() + 30

@@ -91,6 +91,19 @@ def _command(pid_dir: Path) -> str:
     return "?"
 
 
+def _held_minor(link: str, major: int, minors: Collection[int]) -> int | None:
+    """The GPU minor the file behind a /proc link is, if it is one of *minors*."""
+    try:
+        st = os.stat(link)
+    except OSError:
+        return None
+    if stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == major:
+        minor = os.minor(st.st_rdev)
+        if minor in minors:
+            return minor
+    return None
+
+
 def _fd_minors(pid_dir: str, major: int, minors: Collection[int]) -> set[int]:
     # Plain strings, not Path: this runs for every descriptor of every user
     # process at every Epilog.
@@ -101,13 +114,9 @@ def _fd_minors(pid_dir: str, major: int, minors: Collection[int]) -> set[int]:
     except OSError:
         return found
     for name in names:
-        try:
-            st = os.stat(fd_dir + name)  # the open file itself
-        except OSError:
-            continue
-        if (stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == major
-                and os.minor(st.st_rdev) in minors):
-            found.add(os.minor(st.st_rdev))
+        minor = _held_minor(fd_dir + name, major, minors)  # the open file itself
+        if minor is not None:
+            found.add(minor)
     return found
 
 
@@ -136,13 +145,9 @@ def _map_minors(pid_dir: str, major: int, minors: Collection[int],
             continue
         if key not in nodes:
             continue
-        try:
-            st = os.stat(f"{pid_dir}/map_files/{parts[0]}")
-        except OSError:
-            continue
-        if (stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == major
-                and os.minor(st.st_rdev) in minors):
-            found.add(os.minor(st.st_rdev))
+        minor = _held_minor(f"{pid_dir}/map_files/{parts[0]}", major, minors)
+        if minor is not None:
+            found.add(minor)
     return found
 
 

@@ -69,6 +69,17 @@ class CliSlurmClient:
         self.timeout_s = timeout_s
 
     def _run(self, argv: list[str]) -> str:
+        return self.run(argv)
+
+    def run(self, argv: list[str], timeout_s: float | None = None) -> str:
+        """Run Slurm command ``argv[0]`` (from ``bin_dir``) with its deadline
+        (*timeout_s*, default the client's); its stdout.
+
+        Raises:
+            SlurmError: it could not start, overran (its process group is
+                killed) or exited non-zero.
+        """
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         env = dict(os.environ)
         if self.conf is not None:
             env["SLURM_CONF"] = str(self.conf)
@@ -80,11 +91,11 @@ class CliSlurmClient:
         except OSError as exc:
             raise SlurmError(f"cannot run {argv[0]}: {exc.strerror}") from exc
         try:
-            out, err = proc.communicate(timeout=self.timeout_s)
+            out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            raise SlurmError(f"{argv[0]} did not finish within {self.timeout_s:g}s") from None
+            raise SlurmError(f"{argv[0]} did not finish within {timeout:g}s") from None
         if proc.returncode != 0:
             raise SlurmError(f"{' '.join(argv[:2])} failed ({proc.returncode}): {err.strip()}")
         return out

@@ -13,16 +13,13 @@ Each finding says what to restart or rerun.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from ztgpu.errors import SlurmError
+from ztgpu.slurm.client import CliSlurmClient
 
 #: How long the probe job may take, queueing included.
 PROBE_JOB_TIMEOUT_S = 120.0
@@ -71,34 +68,16 @@ def controller_findings(shown: Mapping[str, str], wanted: Mapping[str, str],
     return findings
 
 
-def _run(argv: list[str], env: Mapping[str, str], timeout: float) -> str:
-    try:
-        proc = subprocess.Popen(argv, env=dict(env), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                start_new_session=True)
-    except OSError as exc:
-        raise SlurmError(f"cannot run {argv[0]}: {exc.strerror}") from exc
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise SlurmError(f"{Path(argv[0]).name} did not finish within {timeout:g} s") from None
-    if proc.returncode != 0:
-        raise SlurmError(f"{Path(argv[0]).name} failed ({proc.returncode}): {err.strip()}")
-    return out
-
-
-def show_config(bin_dir: Path, env: Mapping[str, str], timeout: float) -> dict[str, str]:
+def show_config(slurm: CliSlurmClient) -> dict[str, str]:
     """What slurmctld runs with.
 
     Raises:
         SlurmError: scontrol failed or timed out (slurmctld down, say).
     """
-    return parse_show_config(_run([str(bin_dir / "scontrol"), "show", "config"], env, timeout))
+    return parse_show_config(slurm.run(["scontrol", "show", "config"]))
 
 
-def probe_job(bin_dir: Path, env: Mapping[str, str], node: str,
+def probe_job(slurm: CliSlurmClient, node: str,
               timeout: float = PROBE_JOB_TIMEOUT_S) -> tuple[str, str]:
     """Run one 1-GPU job on *node* (as the caller, root) until Slurm no longer
     lists it: (job id, how it ended, as ``scontrol show job`` last showed it).
@@ -106,9 +85,8 @@ def probe_job(bin_dir: Path, env: Mapping[str, str], node: str,
     Raises:
         SlurmError: it could not be submitted, or did not end in time.
     """
-    out = _run([str(bin_dir / "sbatch"), "--parsable", "-N1", "-n1", f"-w{node}",
-                "--gres=gpu:1", "-t1", "-Jztgpu-install-check", "--output=/dev/null",
-                "--wrap=true"], env, 30)
+    out = slurm.run(["sbatch", "--parsable", "-N1", "-n1", f"-w{node}", "--gres=gpu:1", "-t1",
+                     "-Jztgpu-install-check", "--output=/dev/null", "--wrap=true"], 30)
     match = re.match(r"\s*([0-9]+)", out)
     if match is None:
         raise SlurmError(f"sbatch gave no job id: {out.strip()[:200]!r}")
@@ -117,7 +95,7 @@ def probe_job(bin_dir: Path, env: Mapping[str, str], node: str,
     last = ""
     while time.monotonic() < deadline:
         try:
-            shown = _run([str(bin_dir / "scontrol"), "-o", "show", "job", job], env, 30)
+            shown = slurm.run(["scontrol", "-o", "show", "job", job], 30)
         except SlurmError:
             return job, last or "ended"  # purged: it is over
         fields = dict(t.partition("=")[::2] for t in shown.split() if "=" in t)
@@ -127,10 +105,10 @@ def probe_job(bin_dir: Path, env: Mapping[str, str], node: str,
                      "OUT_OF_MEMORY", "DEADLINE", "PREEMPTED"):
             return job, last
         if fields.get("Reason") == "launch_failed_requeued_held":
-            _run([str(bin_dir / "scancel"), job], env, 30)
+            slurm.run(["scancel", job], 30)
             return job, last
         time.sleep(0.5)
-    _run([str(bin_dir / "scancel"), job], env, 30)
+    slurm.run(["scancel", job], 30)
     raise SlurmError(f"probe job {job} did not end within {timeout:g} s (last: {last}); "
                      "cancelled")
 
