@@ -62,7 +62,7 @@ def otpauth_uri(secret: bytes, user: str, issuer: str = "ztgpu") -> str:
             raise TotpError(f"the TOTP {what} name must be non-empty and contain no colon")
     label = f"{quote(issuer, safe='')}:{quote(user, safe='')}"
     params = urlencode(
-        [("secret", base64.b32encode(secret).decode("ascii").rstrip("=")),
+        [("secret", base64.b32encode(secret).decode().rstrip("=")),
          ("issuer", issuer),
          ("algorithm", "SHA1"),
          ("digits", str(DIGITS)),
@@ -86,7 +86,7 @@ def qr_text(uri: str, *, invert: bool = False) -> str:
     """
     # Imported here: only enrolment draws codes, and the PAM module that
     # verifies codes should not pay for loading qrcode.
-    data = uri.encode("utf-8")
+    data = uri.encode()
     if len(data) > QR_MAX_BYTES:
         raise TotpError(f"{len(data)} bytes do not fit in a QR code (at most {QR_MAX_BYTES})")
     qrcode = importlib.import_module("qrcode")
@@ -121,7 +121,7 @@ def code_at(secret: bytes, when: datetime) -> str:
 
     Raises ``TotpError`` for a secret shorter than 128 bits or a naive time.
     """
-    return _totp(secret).generate(step_at(when) * PERIOD_S).decode("ascii")
+    return _totp(secret).generate(step_at(when) * PERIOD_S).decode()
 
 
 def verify(secret: bytes, code: str, now: datetime, last_step: int | None,
@@ -143,7 +143,7 @@ def verify(secret: bytes, code: str, now: datetime, last_step: int | None,
     current = step_at(now)
     if not isinstance(code, str) or not _CODE.fullmatch(code):
         return None
-    token = code.encode("ascii")
+    token = code.encode()
     matched: int | None = None
     for step in range(current - window, current + window + 1):
         if step < 0 or (last_step is not None and step <= last_step):
