@@ -72,7 +72,7 @@ _DEV_CHAR = 2
 _ACCESS_BITS = {"m": 1, "r": 2, "w": 4}
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class DeviceRule:
     """A character device, or every minor of a major (``minor=None``), and the
     access bits the rule grants (any of ``r``, ``w``, ``m``)."""

@@ -184,10 +184,21 @@ class DevicesConfig(_Strict):
 
 
 class CgroupsConfig(_Strict):
-    #: Where the cgroup v1 controllers are mounted.
+    #: Where the cgroups are mounted: the v1 controllers (``<root>/devices``)
+    #: or, on a pure cgroup v2 node, the unified hierarchy itself.
     root: AbsPath = Path("/sys/fs/cgroup")
+    #: Which device mechanism the agent uses: ``auto`` picks v1 where the v1
+    #: devices controller is mounted (v1 and hybrid nodes: Slurm uses v1
+    #: there too), else v2 where ``root`` is a cgroup2 hierarchy.
+    mode: Literal["auto", "v1", "v2"] = "auto"
+    #: The cgroup2 hierarchy to use in v2 mode, if not ``root`` (a hybrid
+    #: node's /sys/fs/cgroup/unified; tests use a private part of it).
+    unified_root: AbsPath | None = None
+    #: Also guard the DRM render nodes (/dev/dri/renderD*), as GPUs of their own:
+    #: only for sites whose GPU jobs never use them (v2 only).
+    guard_dri_render: bool = False
     #: Name of the agent's own directory in the devices hierarchy, used for
-    #: jobs that Slurm does not confine itself (ConstrainDevices=no).
+    #: jobs that Slurm does not confine itself (ConstrainDevices=no; v1 only).
     name: str = "ztgpu"
 
 

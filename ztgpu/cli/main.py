@@ -184,6 +184,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     kind = "SIMULATED" if status["simulated"] else status["backend"]
     print(f"node {status['node']}: {len(status['gpus'])} GPUs ({kind})")
+    cgroups = status.get("cgroups", {})
+    print(f"cgroups: {cgroups.get('mode', '?')} ({cgroups.get('detail', '')})")
+    for reason in status.get("refusing_grants", []):
+        print(f"REFUSING GRANTS: {reason}")
     for gpu in status["gpus"]:
         print(f"  gpu {gpu['index']}  /dev/nvidia{gpu['minor']}  {gpu['uuid']}")
     if not status["jobs"]:
@@ -228,9 +232,19 @@ def _cmd_node_verify(args: argparse.Namespace) -> int:
                                                 sorted(r.get(layer, {}).items())))
         for problem in r.get("problems", []):
             print(f"    {problem}")
-    if not results:
+    # A job the agent could not probe at all is not verified: say so and fail.
+    status = call(str(config.paths.socket), "status")
+    probed = {r["job_id"] for r in results}
+    unverified = [j for j in status["jobs"]
+                  if j["job_id"] not in probed and args.job in (None, j["job_id"])]
+    for job in unverified:
+        print(f"job {job['job_id']}: NOT VERIFIED: no process of {job['user']} in a cgroup "
+              f"the agent confines (cgroups: {status.get('cgroups', {}).get('mode', '?')})")
+    for reason in status.get("refusing_grants", []):
+        print(f"node refuses grants: {reason}")
+    if not results and not unverified:
         print("no running job processes to probe")
-    return 1 if bad else 0
+    return 1 if bad or unverified or status.get("refusing_grants") else 0
 
 
 def _cmd_node_recover(args: argparse.Namespace) -> int:

@@ -28,6 +28,8 @@ from ztgpu.errors import ConfigError, DeviceError, Fault, GpuError
 from ztgpu.gpu.backend import GpuBackend, GpuInfo
 from ztgpu.gpu.devices import gpu_device_path
 from ztgpu.gpu.driver_params import device_file_problem
+from ztgpu.noded.cgroup_layer import CgroupLayer
+from ztgpu.noded.cgroup_layer import detect as detect_layer
 from ztgpu.slurm.gres_conf import gpu_files
 from ztgpu.trust.safe_paths import untrusted_component
 
@@ -149,6 +151,16 @@ def gres_problem(config: Config, inventory: Sequence[GpuInfo], major: int
             f"SLURM_JOB_GPUS names the GPUs the agent grants"), ""
 
 
+def cgroup_problem(layer: CgroupLayer) -> str | None:
+    """Why the node's cgroups cannot confine jobs, if they cannot."""
+    if layer.mode != "none":
+        return None
+    return (f"no cgroup device layer: {layer.detail}. Device-file ownership alone would "
+            "protect the GPUs (no separation between one user's jobs, nothing the agent "
+            "can prove), so the agent grants nothing; mount the v1 devices controller or "
+            "boot with the unified cgroup v2 hierarchy")
+
+
 def agent_checks(config: Config) -> list[Check]:
     """Every check the agent makes at start, run here and now (``ztgpu config check``).
 
@@ -166,6 +178,8 @@ def agent_checks(config: Config) -> list[Check]:
         checks.append(Check("rest_state", f"{exc}: the agent will not start"))
     for what, path in trusted_paths(config):
         checks.append(Check("trusted_path", path_problem(what, path), f"{what} {path}"))
+    layer = detect_layer(config.cgroups)
+    checks.append(Check("cgroups", cgroup_problem(layer), layer.detail))
     missing = [name for name in config.devices.holder_exempt_users if not _user_exists(name)]
     if missing:
         checks.append(Check("holder_exempt_users", None,

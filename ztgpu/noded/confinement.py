@@ -1,9 +1,12 @@
 """Confinement: every process of a granted job in a devices cgroup that denies
 the GPUs it was not given.
 
-With Slurm's ``ConstrainDevices=yes`` the agent adds its denies to Slurm's
-job and step cgroups; otherwise it moves job processes into its own per-job
-cgroup. It only ever narrows access.
+On cgroup v1, with Slurm's ``ConstrainDevices=yes`` the agent adds its
+denies to Slurm's job and step cgroups; otherwise it moves job processes
+into its own per-job cgroup. On cgroup v2 every process of a job already
+sits in Slurm's job directory, and the agent puts a device program of its
+own on each of the job's steps (:mod:`ztgpu.noded.step_programs`). It only
+ever narrows access.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class Confinement(AgentCore):
                 if revoked or g.minor not in record.minors]
 
     def _prepare_own_cgroup(self, record: JobRecord) -> None:
-        if not self.devices.available():
+        if not self.v1:
             return
         cgroup = self.devices.ensure(f"{self.own_cgroup}/job_{record.job_id}")
         self.devices.deny(cgroup, self._denied_for(record))
@@ -97,7 +100,10 @@ class Confinement(AgentCore):
 
     def _confine(self, live: LiveJob) -> None:
         record = live.record
-        if not self.devices.available():
+        if self.steps is not None:
+            self._confine_v2(live)
+            return
+        if not self.v1:
             return
         found = job_cgroups.find_job_cgroups(self.config.cgroups.root, record.uid,
                                              record.job_id)
@@ -136,6 +142,8 @@ class Confinement(AgentCore):
         Raises:
             Denied: the caller is not a task of a job known here.
         """
+        if self.steps is not None:
+            return self._confine_task_v2(pid, uid)
         owner = job_cgroups.job_of_pid(pid)
         if owner is None:
             raise Denied("caller is not a process of a Slurm job")
@@ -153,7 +161,7 @@ class Confinement(AgentCore):
             theirs = job_cgroups.proc_info(ppid)
             if theirs is not None and theirs[1] == uid and job_cgroups.job_of_pid(ppid) == owner:
                 targets.append(ppid)
-        if not self.devices.available():
+        if not self.v1:
             return {"job_id": job_id, "confined": [], "cgroup": None}
         placed = {target: self._place(live, target) for target in targets}
         mine = placed[pid]
@@ -162,4 +170,71 @@ class Confinement(AgentCore):
         live.probed.setdefault(mine, 0.0)
         live.confined = True
         return {"job_id": job_id, "confined": [t for t, cg in placed.items() if cg],
-                "cgroup": str(mine.relative_to(self.devices.root))}
+                "cgroup": self.cgroup_name(mine)}
+
+    # ---- cgroup v2 ------------------------------------------------------
+    def _v2_job_dirs(self, job_id: str) -> tuple[Path, ...]:
+        return job_cgroups.v2_job_dirs(self.layer.root, job_id)
+
+    def _cover_step(self, live: LiveJob, step: Path) -> bool:
+        """Put the job's program on *step* once; False if it cannot be put there."""
+        assert self.steps is not None
+        if step in live.hardened:
+            return True
+        if step in live.unconfinable:
+            return False
+        record = live.record
+        try:
+            self.steps.restrict(step, record.job_id, record.minors,
+                                revoked=record.job_id in self.revoked_jobs)
+        except CgroupError as exc:
+            if not step.exists():
+                return False  # the step ended meanwhile
+            live.unconfinable.add(step)
+            self.spool.append("enforcement.failed", job_id=record.job_id, uid=record.uid,
+                              user=record.user, outcome="error", reason=str(exc)[:500])
+            return False
+        live.hardened.add(step)
+        return True
+
+    def _confine_v2(self, live: LiveJob) -> None:
+        record = live.record
+        found = False
+        for job_dir in self._v2_job_dirs(record.job_id):
+            for step in job_cgroups.v2_step_dirs(job_dir):
+                self._cover_step(live, step)
+            for leaf, pids in job_cgroups.populated_leaves(job_dir).items():
+                found = True
+                covering = job_cgroups.v2_step_of(job_dir, leaf)
+                if covering is None or covering not in live.hardened or leaf in live.probed:
+                    continue
+                # Probe where the job's user runs code, not where only root
+                # processes (slurmstepd, the extern step's holder) live.
+                if any((info := job_cgroups.proc_info(pid)) is not None and info[1] == record.uid
+                       for pid in pids):
+                    live.probed.setdefault(leaf, 0.0)
+        if found:
+            live.confined = True
+
+    def _confine_task_v2(self, pid: int, uid: int) -> dict[str, Any]:
+        path = job_cgroups.unified_path_of(pid)
+        owner = job_cgroups.v2_job_of_path(path) if path else None
+        if path is None or owner is None:
+            raise Denied("caller is not a process of a Slurm job")
+        job_id, job_path = owner
+        with self.lock:
+            live = self.jobs.get(job_id)
+        if live is None or live.record.uid != uid:
+            raise Denied(f"job {job_id} was not granted on this node by ztgpu")
+        job_dir = self.layer.mount / job_path.lstrip("/")
+        leaf = self.layer.mount / path.lstrip("/")
+        if job_dir not in self._v2_job_dirs(job_id):
+            raise Denied(f"job {job_id}'s cgroup is not under {self.layer.root}")
+        step = job_cgroups.v2_step_of(job_dir, leaf)
+        if step is None:
+            raise Denied("caller is not in a step of its job")
+        if not self._cover_step(live, step):
+            raise Denied(f"job {job_id}'s step cannot be confined on this node")
+        live.probed.setdefault(leaf, 0.0)
+        live.confined = True
+        return {"job_id": job_id, "confined": [pid], "cgroup": self.cgroup_name(leaf)}

@@ -27,16 +27,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ztgpu.cgroups.device_allowlist import DevicesV1
+from ztgpu.cgroups.device_bpf import DevicesV2
 from ztgpu.cgroups.device_files import FileState, apply_state
 from ztgpu.config import Config
-from ztgpu.errors import DeviceError, GpuError, SlurmError
+from ztgpu.errors import CgroupError, DeviceError, GpuError, SlurmError
 from ztgpu.gpu.backend import GpuBackend, GpuInfo, slurm_order
 from ztgpu.gpu.devices import gpu_device_path
-from ztgpu.noded import checks, holders
+from ztgpu.noded import cgroup_layer, checks, holders, job_cgroups
 from ztgpu.noded.backlog import SpoolGuard
 from ztgpu.noded.grant_check import GrantChecker
 from ztgpu.noded.probe_helper import ProbeHelper
 from ztgpu.noded.state import JobRecord, StateStore
+from ztgpu.noded.step_programs import StepPrograms
 from ztgpu.slurm.client import LIVE_JOB_STATES, SlurmClient
 
 log = logging.getLogger("ztgpu.noded")
@@ -65,6 +67,8 @@ class LiveJob:
     probed: dict[Path, float] = field(default_factory=dict)
     confined: bool = False
     violated: bool = False
+    #: v2: step cgroups where our program could not be attached (recorded once).
+    unconfinable: set[Path] = field(default_factory=set)
 
 
 def boot_id() -> str:
@@ -105,6 +109,15 @@ class AgentCore:
             config.cgroups.root / "devices")
         self.inventory: tuple[GpuInfo, ...] = slurm_order(backend.inventory())
         self.by_minor = {g.minor: g for g in self.inventory}
+        #: The cgroup device mechanism in use (v1 allowlists, v2 programs, none).
+        self.layer = cgroup_layer.detect(config.cgroups)
+        self.v1 = self.layer.mode == "v1"
+        #: v2 only: the job steps' device programs.
+        self.steps: StepPrograms | None = None
+        if self.layer.mode == "v2":
+            self.steps = StepPrograms(DevicesV2(self.layer.mount), inventory=self.inventory,
+                                      major=major, device_dir=config.paths.device_dir,
+                                      guard_dri_render=config.cgroups.guard_dri_render)
         self.lock = threading.RLock()
         #: Serialises sweeps and probes (background loop vs. on-demand verify);
         #: the Prolog/Epilog path never waits for it.
@@ -154,6 +167,52 @@ class AgentCore:
     @property
     def own_cgroup(self) -> str:
         return self.config.cgroups.name
+
+    def _has_cgroups(self, record: JobRecord) -> bool:
+        """Whether the job still has cgroups on this node (it may have processes)."""
+        if self.steps is not None:
+            return bool(job_cgroups.v2_job_dirs(self.layer.root, record.job_id))
+        found = job_cgroups.find_job_cgroups(self.config.cgroups.root, record.uid,
+                                             record.job_id)
+        return bool(found.freezer or found.devices)
+
+    def _job_steps(self, live: LiveJob) -> set[Path]:
+        """v2: the job's step cgroups now, and those it was confined in."""
+        steps = {s for s in live.hardened if s.exists()}
+        for job_dir in job_cgroups.v2_job_dirs(self.layer.root, live.record.job_id):
+            steps.update(job_cgroups.v2_step_dirs(job_dir))
+        return steps
+
+    def _revoke_steps(self, live: LiveJob) -> None:
+        """v2: every step's program replaced by one that allows no GPU-class device."""
+        assert self.steps is not None
+        for step in self._job_steps(live):
+            try:
+                self.steps.restrict(step, live.record.job_id, (), revoked=True)
+                live.hardened.add(step)
+            except CgroupError as exc:
+                if step.exists():
+                    log.error("revoking job %s: %s", live.record.job_id, exc)
+
+    def _release_steps(self, live: LiveJob) -> list[str]:
+        """v2: detach the job's programs from the steps still there (Slurm
+        removes a step's cgroup, and the kernel frees its programs, at its end)."""
+        assert self.steps is not None
+        try:
+            detached = self.steps.release(self._job_steps(live))
+        except CgroupError as exc:
+            return [str(exc)]
+        if detached:
+            log.info("job %s: detached %d device program(s) from steps still present",
+                     live.record.job_id, detached)
+        return []
+
+    def cgroup_name(self, cgroup: Path) -> str:
+        """A cgroup as the events name it: its path below its hierarchy's mount."""
+        base = self.layer.mount if self.layer.mode == "v2" else self.devices.root
+        with contextlib.suppress(ValueError):
+            return str(cgroup.relative_to(base))
+        return str(cgroup)
 
     def _expected_state(self, minor: int) -> tuple[FileState, JobRecord | None]:
         for live in self.jobs.values():
@@ -328,6 +387,8 @@ class AgentCore:
             audit.update(self.audit_status())
         return {"node": self.config.node_name, "backend": self.backend.name,
                 "simulated": self.backend.simulated,
+                "cgroups": {"mode": self.layer.mode, "detail": self.layer.detail},
+                "refusing_grants": list(self.unsafe),
                 "gpus": gpu_fields(list(self.inventory)), "jobs": jobs, "audit": audit}
 
     def on_spool_full(self) -> None:

@@ -95,3 +95,79 @@ def proc_info(pid: int, proc_root: Path = Path("/proc")) -> tuple[int, int] | No
     ppid = int(stat.rsplit(")", 1)[1].split()[1])
     uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
     return ppid, int(uid_line.split()[1])
+
+
+# ---- cgroup v2 -------------------------------------------------------------
+#
+# Slurm's cgroup/v2 plugin keeps every step's processes under one delegated
+# systemd scope (``slurmstepd.scope``, prefixed by the node name where
+# several slurmd share a host): ``<scope>/job_<id>/step_<s>/user/task_<n>``
+# for the user's processes and ``<scope>/job_<id>/step_<s>/slurm`` for the
+# step's slurmstepd. Only the unified hierarchy exists, so the path carries
+# no uid: who owns a job comes from the agent's own grant. From Slurm 26.05
+# job directories are named by SLUID unless ``CgroupJobIdPaths=yes``; the
+# agent needs ``job_<id>`` names.
+
+_V2_JOB = re.compile(r"/[^/]*slurmstepd\.scope/job_([0-9]+)(?:/|$)")
+_V2_SCOPE_GLOBS = ("*slurmstepd.scope", "*/*slurmstepd.scope", "*/*/*slurmstepd.scope")
+
+
+def unified_path_of(pid: int, proc_root: Path = Path("/proc")) -> str | None:
+    """The pid's path in the cgroup v2 hierarchy (its ``0::`` line), or None."""
+    try:
+        text = (proc_root / str(pid) / "cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+def v2_job_of_path(path: str) -> tuple[str, str] | None:
+    """(job id, the job directory's path) of a v2 cgroup path inside a job."""
+    match = _V2_JOB.search(path)
+    return (match.group(1), path[:match.end()].rstrip("/")) if match else None
+
+
+def v2_job_of_pid(pid: int, proc_root: Path = Path("/proc")) -> str | None:
+    """The id of the Slurm job whose v2 cgroup holds *pid*, if any."""
+    path = unified_path_of(pid, proc_root)
+    found = v2_job_of_path(path) if path else None
+    return found[0] if found else None
+
+
+def v2_job_dirs(unified_root: Path, job_id: str) -> tuple[Path, ...]:
+    """The job's directories under every slurmstepd scope (normally one)."""
+    found: set[Path] = set()
+    for pattern in _V2_SCOPE_GLOBS:
+        found.update(p for p in unified_root.glob(f"{pattern}/job_{job_id}") if p.is_dir())
+    return tuple(sorted(found))
+
+
+def v2_step_dirs(job_dir: Path) -> list[Path]:
+    """The job's step directories (``step_<s>``): the level Slurm attaches no
+    device program to."""
+    with contextlib.suppress(OSError):
+        return sorted(p for p in job_dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    return []
+
+
+def v2_step_of(job_dir: Path, cgroup: Path) -> Path | None:
+    """The step directory of *job_dir* that contains *cgroup*, if any."""
+    try:
+        rel = cgroup.relative_to(job_dir)
+    except ValueError:
+        return None
+    return job_dir / rel.parts[0] if rel.parts and rel.parts[0].startswith("step_") else None
+
+
+def populated_leaves(directory: Path) -> dict[Path, set[int]]:
+    """Every cgroup at or below *directory* that holds processes, with its pids."""
+    found: dict[Path, set[int]] = {}
+    for cgroup in subdirs(directory):
+        with contextlib.suppress(OSError):
+            pids = {int(x) for x in (cgroup / "cgroup.procs").read_text().split()}
+            if pids:
+                found[cgroup] = pids
+    return found

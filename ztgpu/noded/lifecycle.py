@@ -15,7 +15,6 @@ from ztgpu.cgroups.device_allowlist import CharDevice
 from ztgpu.cgroups.device_files import apply_state
 from ztgpu.errors import CgroupError, DeviceError, Fault, InputRejected
 from ztgpu.gpu.backend import GpuInfo
-from ztgpu.noded import job_cgroups
 from ztgpu.noded.core import AgentCore, LiveJob, gpu_fields, log, parse_time
 from ztgpu.noded.grant_check import GrantRefused
 from ztgpu.noded.state import JobRecord
@@ -173,13 +172,16 @@ class Lifecycle(AgentCore):
                         apply_state(self.device_path(gpu), self.major, minor, self.rest)
                     except DeviceError as exc:
                         log.error("revoking job %s: %s", record.job_id, exc)
-            cgroups = set(live.hardened)
-            mine = self.devices.path(f"{self.own_cgroup}/job_{record.job_id}")
-            if mine.exists():
-                cgroups.add(mine)
-            for cgroup in cgroups:
-                with contextlib.suppress(CgroupError):
-                    self.devices.deny(cgroup, own)
+            if self.steps is not None:
+                self._revoke_steps(live)
+            else:
+                cgroups = set(live.hardened)
+                mine = self.devices.path(f"{self.own_cgroup}/job_{record.job_id}")
+                if mine.exists():
+                    cgroups.add(mine)
+                for cgroup in cgroups:
+                    with contextlib.suppress(CgroupError):
+                        self.devices.deny(cgroup, own)
         # Nothing opens them any more; now end whatever still has them open,
         # the job's own processes included.
         stuck = self._take_back(record.minors, context="revoke", job=record)
@@ -225,9 +227,7 @@ class Lifecycle(AgentCore):
         if live is None or (time.monotonic() - live.granted_mono
                             < self.config.isolation.stale_grant_s):
             return False
-        found = job_cgroups.find_job_cgroups(self.config.cgroups.root, record.uid,
-                                             record.job_id)
-        return not found.freezer and not found.devices
+        return not self._has_cgroups(record)
 
     def _release_stale(self, record: JobRecord) -> None:
         self._release(self.jobs[record.job_id], "stale grant: the job has no processes on "
@@ -273,9 +273,12 @@ class Lifecycle(AgentCore):
                 apply_state(self.device_path(gpu), self.major, minor, wanted)
             except DeviceError as exc:
                 problems.append(str(exc))
-        cgroup = self.devices.path(f"{self.own_cgroup}/job_{live.record.job_id}")
-        if cgroup.exists() and not self.devices.remove(cgroup):
-            self.stale_cgroups.add(cgroup)
+        if self.steps is not None:
+            problems.extend(self._release_steps(live))
+        else:
+            cgroup = self.devices.path(f"{self.own_cgroup}/job_{live.record.job_id}")
+            if cgroup.exists() and not self.devices.remove(cgroup):
+                self.stale_cgroups.add(cgroup)
         if problems:
             self.jobs[live.record.job_id] = live
         else:

@@ -106,7 +106,7 @@ class Probing(AgentCore):
             if got not in ("EPERM", "EACCES"):
                 problems.append(f"GPU {gpu.index} (minor {gpu.minor}) not allocated "
                                 f"but {'opened' if got == 'open' else 'gave ' + got}")
-            if self.devices.available() and layer != "EPERM":
+            if self.layer.mode != "none" and layer != "EPERM":
                 problems.append(f"cgroup does not deny GPU {gpu.index} (minor {gpu.minor}): "
                                 f"{'opened' if layer == 'open' else layer} as root")
         ctl = str(self.config.paths.device_dir / "nvidiactl")
@@ -192,7 +192,7 @@ class Probing(AgentCore):
                       problems: list[str], announce: bool = True) -> dict[str, Any]:
         record = live.record
         gpus = gpu_fields([self.by_minor[m] for m in record.minors if m in self.by_minor])
-        rel = str(cgroup.relative_to(self.devices.root))
+        rel = self.cgroup_name(cgroup)
         probe = {"cgroup": rel,
                  **{layer: {Path(k).name: v for k, v in result.items()}
                     for layer, result in outcome.items()}}

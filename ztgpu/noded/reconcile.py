@@ -14,7 +14,7 @@ from typing import Any
 from ztgpu import __version__
 from ztgpu.cgroups.device_files import apply_state, read_state
 from ztgpu.errors import DeviceError, SlurmError
-from ztgpu.noded import checks, job_cgroups
+from ztgpu.noded import checks
 from ztgpu.noded.core import AgentCore, LiveJob, boot_id, gpu_fields, log
 
 #: Slurm states in which a job may still have processes on its node.
@@ -26,10 +26,7 @@ class Reconcile(AgentCore):
 
     def start(self) -> None:
         """Reload jobs, put every device file in its expected state, record the start."""
-        if not self.devices.available():
-            log.critical("cgroup v1 devices controller not found under %s: only device-file "
-                         "ownership protects GPUs; jobs of one user are not separated",
-                         self.devices.root)
+        log.info("device layer: %s", self.layer.detail)
         recovered = self.state.all()
         rebooted = self.state.boot_changed(boot_id())
         if recovered and rebooted:
@@ -58,7 +55,7 @@ class Reconcile(AgentCore):
             self.revoked_jobs |= set(revoked)
             problems = self._reconcile_files()
         self.spool.append("agent.start", version=__version__, gpu_backend=self.backend.name,
-                          gpus=gpu_fields(list(self.inventory)),
+                          gpus=gpu_fields(list(self.inventory)), cgroup_mode=self.layer.mode,
                           outcome="degraded" if problems or self.unsafe else "ok",
                           reason="; ".join(problems + self.unsafe) if problems or self.unsafe
                           else
@@ -91,9 +88,7 @@ class Reconcile(AgentCore):
                 live = self.jobs.get(job_id)
             if live is None:
                 continue
-            found = job_cgroups.find_job_cgroups(self.config.cgroups.root, live.record.uid,
-                                                 job_id)
-            if found.freezer or found.devices:
+            if self._has_cgroups(live.record):
                 continue
             try:
                 state = self.slurm.job_state(job_id)
@@ -155,7 +150,8 @@ class Reconcile(AgentCore):
     def _start_checks(self) -> list[str]:
         """What makes this node unsafe to grant on (each recorded critical)."""
         problems = []
-        for check, problem in (("driver_params", self._driver_problem()),
+        for check, problem in (("cgroups", checks.cgroup_problem(self.layer)),
+                               ("driver_params", self._driver_problem()),
                                ("gres_order", self._gres_problem())):
             if problem:
                 log.critical("%s", problem)

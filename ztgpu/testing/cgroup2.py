@@ -95,3 +95,25 @@ def try_opens(cgroup: Path, attempts: Sequence[tuple[Path, str]]) -> dict[str, s
 def make_char_device(path: Path, major: int, minor: int) -> Path:
     os.mknod(path, 0o600 | 0o020000, os.makedev(major, minor))
     return path
+
+
+_ENTER = r"""
+import os, sys
+cgroup, uid, gid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+os.setgroups([gid])
+os.setgid(gid)
+os.setuid(uid)
+os.execvp(sys.argv[4], sys.argv[4:])
+"""
+
+
+def spawn_in(cgroup: Path, uid: int, gid: int, argv: Sequence[str],
+             env: dict[str, str] | None = None, *, capture: bool = False
+             ) -> subprocess.Popen[str]:
+    """Start *argv* inside *cgroup* as *uid*/*gid*, as slurmstepd starts a task:
+    placed by root first, then dropped to the user, then exec'd."""
+    pipe = subprocess.PIPE if capture else None
+    return subprocess.Popen([sys.executable, "-I", "-c", _ENTER, str(cgroup), str(uid),
+                             str(gid), *argv], env=env, text=True, stdout=pipe, stderr=pipe)
