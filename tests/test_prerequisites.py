@@ -156,7 +156,7 @@ def test_each_prerequisite_comes_from_its_package() -> None:
 #: Programs of Debian's Essential packages (on every Debian system, never
 #: installed by `make setup`); the test below checks that they are Essential.
 ESSENTIAL = {"env", "cat", "true", "sh", "bash", "id", "sleep", "ls", "mknod", "chown",
-             "chmod", "rm", "mkdir", "stat", "dpkg", "dpkg-query", "timeout"}
+             "chmod", "rm", "mkdir", "stat", "dpkg", "dpkg-query", "timeout", "chroot"}
 
 
 def test_the_harness_starts_only_listed_programs() -> None:

@@ -73,6 +73,13 @@ PREREQUISITES: dict[str, Prerequisite] = {p.name: p for p in [
                "useradd", "userdel", "groupadd", "groupdel"),
     *_programs("systemd", "checking the shipped unit files", "systemd-analyze"),
     *_programs("openssl", "inspecting the site PKI's certificates", "openssl"),
+    *_programs("debootstrap", "the pure-v2 VM images (ztgpu.testing.vm)", "debootstrap"),
+    *_programs("e2fsprogs", "the pure-v2 VM images (ztgpu.testing.vm)", "mkfs.ext4"),
+    *_programs("mount", "the pure-v2 VM images (ztgpu.testing.vm)", "mount", "umount"),
+    *_programs("qemu-utils", "the pure-v2 VMs' disks (ztgpu.testing.vm)", "qemu-img"),
+    *_programs("qemu-system-x86", "the pure-v2 VMs (ztgpu.testing.vm)", "qemu-system-x86_64"),
+    *_programs("openssh-client", "commands in the pure-v2 VMs (ztgpu.testing.vm)",
+               "ssh", "ssh-keygen"),
 ]}
 
 

@@ -1,0 +1,194 @@
+"""Real pure-cgroup-v2 nodes: Debian 12 (Slurm 22.05) and Debian 13 (Slurm
+24.11) VMs under qemu (ztgpu.testing.vm), Slurm run from its own systemd
+units, the suite installed as the README says. First Slurm alone, with the
+same probes, for the side-by-side table; then the suite, with
+ConstrainDevices=yes and =no: two users' jobs on different GPUs in every
+step, the no-job shell, device-mode drift, the agent's probe, and no device
+program left behind.
+
+The table of what each setup leaves open is printed (``pytest -s`` shows it)
+and asserted."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import HAVE_ROOT
+
+from ztgpu.testing import gpu_probe
+from ztgpu.testing.vm_cluster import NODE, VENV, WORK, VmCluster, vm_cluster
+
+pytestmark = pytest.mark.skipif(not HAVE_ROOT, reason="needs root (qemu image build)")
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+DEVICES = ["nvidia0", "nvidia1", "nvidia2", "nvidia3", "nvidiactl", "nvidia-modeset"]
+
+
+def job_script(hold_end: bool = True) -> str:
+    script = gpu_probe.job_script(Path(WORK), Path("/dev"), hold_end)
+    return script.replace("python3 ", "python3 -I ")
+
+
+def probes(output: str) -> dict[str, dict[str, str]]:
+    return gpu_probe.parse_probes(output)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(1)
+
+
+def shell_probe(c: VmCluster, user: str) -> dict[str, str]:
+    out = c.sh(f"runuser -u {user} -- python3 -I {WORK}/probe.py shell /dev").stdout
+    return probes(out)["shell"]
+
+
+def finish(c: VmCluster, job: str) -> str:
+    c.flag(f"go-{job}")
+    c.flag(f"end-{job}")
+    return c.wait_job(job, ["COMPLETED", "FAILED", "CANCELLED"], timeout=240)
+
+
+def running(c: VmCluster, user: str, gpus: int = 1) -> str:
+    job = c.sbatch(user, job_script(), gpus=gpus)
+    c.wait_job(job, ["RUNNING"], timeout=240)
+    wait_for(lambda: "PROBE step0" in c.output(job), 240, f"job {job}'s step0 probe")
+    return job
+
+
+def granted_minors(c: VmCluster, job: str) -> set[int]:
+    events = c.events("job.grant", job)
+    assert events, f"no job.grant for {job}"
+    return {g["minor"] for g in events[-1]["gpus"]}
+
+
+def slurm_minors(c: VmCluster, job: str) -> set[int]:
+    out = c.slurm(["scontrol", "-d", "show", "job", job])
+    import re
+
+    match = re.search(r"GRES=gpu(?::[^(]*)?\(IDX:([0-9,-]+)\)", out)
+    assert match, out
+    found: set[int] = set()
+    for part in match.group(1).split(","):
+        lo, _, hi = part.partition("-")
+        found.update(range(int(lo), int(hi or lo) + 1))
+    return found
+
+
+@pytest.fixture(scope="module", params=["bookworm", "trixie"])
+def node(request: pytest.FixtureRequest) -> Iterator[VmCluster]:
+    with vm_cluster(request.param, CHECKOUT, constrain_devices=True) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _empty_queue(node: VmCluster) -> Iterator[None]:
+    yield
+    for user in ("ztalice", "ztbob", "ztcarol"):
+        node.slurm(["scancel", "-u", user], check=False)
+    wait_for(lambda: not node.slurm(["squeue", "-h"], check=False).strip(), 120, "empty queue")
+
+
+TABLE: dict[str, dict[str, dict[str, str]]] = {}
+
+
+def test_slurm_alone_leaves_control_nodes_and_everything_outside_jobs_open(node):
+    """Slurm's own v2 device program (ConstrainDevices=yes), without the suite."""
+    c = node
+    assert c.sh("stat -fc %T /sys/fs/cgroup").stdout.strip() == "cgroup2fs"
+    job = running(c, "ztalice")
+    in_job = probes(c.output(job))["batch"]
+    shell = shell_probe(c, "ztcarol")
+    allocated = slurm_minors(c, job)
+    tree = c.sh("bpftool cgroup tree /sys/fs/cgroup", check=False).stdout
+    finish(c, job)
+    TABLE.setdefault(c.codename, {})["Slurm alone: in a 1-GPU job"] = in_job
+    TABLE[c.codename]["Slurm alone: a shell with no job"] = shell
+    for m in range(4):
+        assert in_job[f"nvidia{m}"] == ("open" if m in allocated else "EPERM"), in_job
+    # What Slurm's program does not list stays open to the job, and the files
+    # (0666, as the driver makes them) let any process outside a job open all.
+    assert in_job["nvidiactl"] == "open" and in_job["nvidia-modeset"] == "open", in_job
+    assert set(shell.values()) == {"open"}, shell
+    assert "Slurm_Cgroup_v2" in tree or "override" in tree, tree
+
+
+@pytest.fixture(scope="module")
+def suite(node: VmCluster) -> VmCluster:
+    node.install_suite()
+    return node
+
+
+@pytest.mark.parametrize("constrain", ["ConstrainDevices=yes", "ConstrainDevices=no"])
+def test_two_users_jobs_open_only_their_gpus_in_every_step(suite, constrain):
+    c = suite
+    c.set_constrain_devices(constrain.endswith("yes"))
+    status = json.loads(c.ztgpu("status", "--node", "--json").stdout)
+    assert status["cgroups"]["mode"] == "v2" and not status["refusing_grants"], status
+    alice = running(c, "ztalice", gpus=2)
+    bob = running(c, "ztbob", gpus=1)
+    mine = {alice: granted_minors(c, alice), bob: granted_minors(c, bob)}
+    assert len(mine[alice]) == 2 and len(mine[bob]) == 1 and not mine[alice] & mine[bob]
+    assert mine[alice] == slurm_minors(c, alice) and mine[bob] == slurm_minors(c, bob)
+    shell = shell_probe(c, "ztcarol")
+    assert {shell[f"nvidia{m}"] for m in range(4)} == {"EACCES"}, shell
+    # The agent's probe, from each step's task cgroup: the cgroup alone denies
+    # every other GPU (EPERM), whatever Slurm's own program does.
+    verify = c.ztgpu("node", "verify", check=False)
+    assert verify.returncode == 0 and "VIOLATED" not in verify.stdout, verify.stdout
+    results = c.agent_call("verify")
+    assert {r["job_id"] for r in results} == {alice, bob}, results
+    for r in results:
+        for m in range(4):
+            want = "open" if m in mine[r["job_id"]] else "EPERM"
+            assert r["cgroup_only"][f"nvidia{m}"] == want, r
+    programs = c.sh("bpftool -j prog show", check=False).stdout
+    assert programs.count('"ztgpu_j') >= 2, programs
+    for job in (alice, bob):
+        assert finish(c, job) == "COMPLETED", c.output(job)
+        seen = probes(c.output(job))
+        assert set(seen) == {"batch", "step0", "batch-late", "step1"}, c.output(job)
+        for label, outcome in seen.items():
+            for m in range(4):
+                assert (outcome[f"nvidia{m}"] == "open") == (m in mine[job]), (job, label)
+            assert outcome["nvidiactl"] == "open", (job, label, outcome)
+            assert outcome["nvidia-modeset"] in ("EPERM", "EACCES"), (job, label, outcome)
+        TABLE.setdefault(c.codename, {})[f"suite, {constrain}: in a job, {label}"] = seen["step1"]
+    TABLE[c.codename][f"suite, {constrain}: a shell with no job"] = shell
+    # Nothing left: no program of ours loaded once the jobs are gone.
+    wait_for(lambda: '"ztgpu_' not in c.sh("bpftool -j prog show", check=False).stdout, 60,
+             "our device programs to be freed")
+    assert c.node_state() == "idle"
+
+
+def test_a_device_mode_reset_by_someone_else_is_restored_and_the_program_holds(suite):
+    c = suite
+    c.set_constrain_devices(True)
+    job = running(c, "ztalice")
+    mine = granted_minors(c, job)
+    other = next(m for m in range(4) if m not in mine)
+    c.sh(f"chmod 0666 /dev/nvidia{other}")
+    c.flag(f"go-{job}")
+    wait_for(lambda: "PROBE step1" in c.output(job), 240, "the late probes")
+    late = probes(c.output(job))
+    assert late["step1"][f"nvidia{other}"] == "EPERM", late  # the file allowed it: ours did not
+    wait_for(lambda: c.events("device.drift"), 60, "device.drift")
+    assert c.sh(f"stat -c %a /dev/nvidia{other}").stdout.strip() == "600"
+    finish(c, job)
+
+
+def test_zz_print_the_side_by_side_table(node):
+    """Prints what each setup leaves open (run with -s to see it)."""
+    rows = TABLE.get(node.codename, {})
+    assert rows, "the earlier tests recorded nothing"
+    print(f"\n{node.codename} ({NODE}, {VENV}):")
+    print("  " + " | ".join(["setup", *DEVICES]))
+    for name, seen in rows.items():
+        print("  " + " | ".join([name, *(seen.get(d, "-") for d in DEVICES)]))
