@@ -87,6 +87,7 @@ bench: install
 	$(PY) bench/short_jobs.py
 	$(PY) bench/holder_scan.py
 	$(PY) bench/login_flood.py
+	$(PY) bench/v2_node.py
 
 # Mutation testing of the security-critical pure logic (slurm/env, trust/grants,
 # audit/events, policy, trust/totp), configured in pyproject.toml [tool.mutmut];

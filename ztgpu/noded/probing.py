@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ztgpu.errors import Fault
+from ztgpu.noded import job_cgroups
 from ztgpu.noded.core import AgentCore, LiveJob, gpu_fields, log
 from ztgpu.noded.state import JobRecord
 
@@ -179,9 +180,10 @@ class Probing(AgentCore):
     def _judge(self, live: LiveJob, cgroup: Path, outcome: dict[str, dict[str, str]] | str
                ) -> tuple[dict[str, dict[str, str]], list[str] | None]:
         """A probe's layers and problems; problems None when there is nothing to judge
-        (the probed cgroup is gone: its step ended)."""
+        (the probed cgroup is gone or empty: its step ended, and Slurm ending a
+        step kills whatever is in its cgroup, a probe child included)."""
         if isinstance(outcome, str):
-            if not cgroup.exists():
+            if not cgroup.exists() or not job_cgroups.cgroup_pids(cgroup):
                 live.probed.pop(cgroup, None)
                 return {}, None
             return {"cgroup_only": {}, "user": {}}, [f"probe failed: {outcome}"]
