@@ -223,3 +223,54 @@ def test_node_verify_fails_for_a_job_it_cannot_probe(node):
     assert out.returncode == 1, out.stdout
     assert "job 44: NOT VERIFIED" in out.stdout
     assert agent.run_hook("epilog", job_env("44", None)).returncode == 0
+
+
+def test_revocation_replaces_the_steps_program_with_one_that_allows_nothing(munge_daemon):
+    """authd revokes the user: the agent's program on the job's step is replaced
+    in place by one that denies every GPU-class device, proven by opens from
+    the job's task cgroup (as root: the program alone decides)."""
+    from test_node_grants import Site
+
+    from ztgpu.testing.authd_process import secret_from_uri
+
+    root = unified_root()
+    assert root is not None
+    base = Path(tempfile.mkdtemp(prefix="ztgpu-grants-"))
+    base.chmod(0o755)
+    made = Site(base, munge_daemon)
+    made.authd.start()
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        reply = made.admin("/v1/admin/enroll", user="nobody")
+        made.secrets["nobody"] = secret_from_uri(reply["otpauth_uri"])
+        with scratch_tree(root) as top:
+            scope = top / "system.slice" / "gpu01_slurmstepd.scope"
+            scope.mkdir(parents=True)
+            with standalone_agent(base / "agent", node={"name": "gpu01"},
+                                  cgroups={"mode": "v2", "unified_root": str(top)},
+                                  **made.node_config) as agent:
+                node = V2Node(agent=agent, top=top, scope=scope, procs=procs)
+                made.login("nobody")
+                env = {**job_env("601", "0,1"), "SLURM_JOB_PARTITION": "gpu"}
+                assert agent.run_hook("prolog", env).returncode == 0
+                task = node.task("601")
+                assert node.task_prolog(task, "601").returncode == 0
+                node.start_user_process(task)
+                dev = agent.dev_dir
+                before = try_opens(task, [(dev / "nvidia0", "rw"), (dev / "nvidia1", "rw")])
+                assert set(before.values()) == {"open"}, before
+                made.admin("/v1/admin/revoke", user="nobody", reason="token stolen")
+                wait_for(lambda: any(e["action"] == "revoke"
+                                     for e in agent.events("job.action", "601")),
+                         30, "the agent to act on the revocation")
+                names = ["nvidia0", "nvidia1", "nvidiactl"]
+                after = try_opens(task, [(dev / n, "rw") for n in names])
+                assert set(after.values()) == {"EPERM"}, after
+                assert ours(node.step("601")) == ["ztgpu_j601"]  # replaced, not added
+                node.end_processes()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        made.authd.stop()
+        shutil.rmtree(base, ignore_errors=True)
