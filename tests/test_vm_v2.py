@@ -50,6 +50,16 @@ def shell_probe(c: VmCluster, user: str) -> dict[str, str]:
     return probes(out)["shell"]
 
 
+def cgroup_probe(c: VmCluster, job: str) -> dict[str, str]:
+    """Opens as root from inside the job's batch task cgroup: the cgroup layer alone."""
+    found = c.sh(f"ls -d /sys/fs/cgroup/system.slice/*slurmstepd.scope/job_{job}/step_batch/"
+                 "user/task_* | head -1").stdout.strip()
+    assert found, f"no batch task cgroup for job {job}"
+    out = c.sh(f"sh -c 'echo $$ > {found}/cgroup.procs && exec python3 -I {WORK}/probe.py "
+               "cgroup /dev'").stdout
+    return probes(out)["cgroup"]
+
+
 def finish(c: VmCluster, job: str) -> str:
     c.flag(f"go-{job}")
     c.flag(f"end-{job}")
@@ -106,11 +116,14 @@ def test_slurm_alone_leaves_control_nodes_and_everything_outside_jobs_open(node)
     job = running(c, "ztalice")
     in_job = probes(c.output(job))["batch"]
     shell = shell_probe(c, "ztcarol")
+    as_root = cgroup_probe(c, job)
     allocated = slurm_minors(c, job)
     tree = c.sh("bpftool cgroup tree /sys/fs/cgroup", check=False).stdout
     finish(c, job)
     TABLE.setdefault(c.codename, {})["Slurm alone: in a 1-GPU job"] = in_job
+    TABLE[c.codename]["Slurm alone: root in the job's batch task cgroup (cgroup alone)"] = as_root
     TABLE[c.codename]["Slurm alone: a shell with no job"] = shell
+    assert {as_root[f"nvidia{m}"] for m in range(4) if m not in allocated} == {"EPERM"}, as_root
     for m in range(4):
         assert in_job[f"nvidia{m}"] == ("open" if m in allocated else "EPERM"), in_job
     # What Slurm's program does not list stays open to the job, and the files
@@ -160,7 +173,13 @@ def test_two_users_jobs_open_only_their_gpus_in_every_step(suite, constrain):
                 assert (outcome[f"nvidia{m}"] == "open") == (m in mine[job]), (job, label)
             assert outcome["nvidiactl"] == "open", (job, label, outcome)
             assert outcome["nvidia-modeset"] in ("EPERM", "EACCES"), (job, label, outcome)
-        TABLE.setdefault(c.codename, {})[f"suite, {constrain}: in a job, {label}"] = seen["step1"]
+        user = "ztalice" if job == alice else "ztbob"
+        TABLE.setdefault(c.codename, {})[
+            f"suite, {constrain}: {user}'s {len(mine[job])}-GPU job (srun step)"] = seen["step1"]
+    for r in results:
+        if r["cgroup"].endswith("step_batch/user/task_0") or "step_batch" in r["cgroup"]:
+            TABLE[c.codename][f"suite, {constrain}: root in job {r['job_id']}'s batch task "
+                              "cgroup (cgroup alone)"] = r["cgroup_only"]
     TABLE[c.codename][f"suite, {constrain}: a shell with no job"] = shell
     # Nothing left: no program of ours loaded once the jobs are gone.
     wait_for(lambda: '"ztgpu_' not in c.sh("bpftool -j prog show", check=False).stdout, 60,
@@ -174,12 +193,16 @@ def test_a_device_mode_reset_by_someone_else_is_restored_and_the_program_holds(s
     job = running(c, "ztalice")
     mine = granted_minors(c, job)
     other = next(m for m in range(4) if m not in mine)
+    before = len(c.events("device.drift"))
     c.sh(f"chmod 0666 /dev/nvidia{other}")
     c.flag(f"go-{job}")
     wait_for(lambda: "PROBE step1" in c.output(job), 240, "the late probes")
     late = probes(c.output(job))
-    assert late["step1"][f"nvidia{other}"] == "EPERM", late  # the file allowed it: ours did not
-    wait_for(lambda: c.events("device.drift"), 60, "device.drift")
+    # Whether or not the agent restored the mode yet, the job never opened it.
+    assert late["step1"][f"nvidia{other}"] in ("EPERM", "EACCES"), late
+    wait_for(lambda: len(c.events("device.drift")) > before, 60, "device.drift")
+    drift = c.events("device.drift")[-1]
+    assert drift["path"] == f"/dev/nvidia{other}" and drift["outcome"] == "restored", drift
     assert c.sh(f"stat -c %a /dev/nvidia{other}").stdout.strip() == "600"
     finish(c, job)
 

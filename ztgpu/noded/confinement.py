@@ -206,7 +206,8 @@ class Confinement(AgentCore):
             for leaf, pids in job_cgroups.populated_leaves(job_dir).items():
                 found = True
                 covering = job_cgroups.v2_step_of(job_dir, leaf)
-                if covering is None or covering not in live.hardened or leaf in live.probed:
+                if (covering is None or covering not in live.hardened or leaf in live.probed
+                        or not job_cgroups.v2_is_user_leaf(covering, leaf)):
                     continue
                 # Probe where the job's user runs code, not where only root
                 # processes (slurmstepd, the extern step's holder) live.
@@ -235,6 +236,7 @@ class Confinement(AgentCore):
             raise Denied("caller is not in a step of its job")
         if not self._cover_step(live, step):
             raise Denied(f"job {job_id}'s step cannot be confined on this node")
-        live.probed.setdefault(leaf, 0.0)
+        if job_cgroups.v2_is_user_leaf(step, leaf):
+            live.probed.setdefault(leaf, 0.0)
         live.confined = True
         return {"job_id": job_id, "confined": [pid], "cgroup": self.cgroup_name(leaf)}

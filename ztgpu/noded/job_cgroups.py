@@ -162,6 +162,18 @@ def v2_step_of(job_dir: Path, cgroup: Path) -> Path | None:
     return job_dir / rel.parts[0] if rel.parts and rel.parts[0].startswith("step_") else None
 
 
+def v2_is_user_leaf(step: Path, cgroup: Path) -> bool:
+    """Whether *cgroup* is where Slurm runs the step's user processes
+    (``step_<s>/user/...``), not slurmstepd's own ``step_<s>/slurm``: a
+    process of the user seen there is one slurmstepd forked and has not yet
+    moved into its task's cgroup."""
+    try:
+        parts = cgroup.relative_to(step).parts
+    except ValueError:
+        return False
+    return len(parts) >= 1 and parts[0] == "user"
+
+
 def populated_leaves(directory: Path) -> dict[Path, set[int]]:
     """Every cgroup at or below *directory* that holds processes, with its pids."""
     found: dict[Path, set[int]] = {}
