@@ -398,9 +398,6 @@ class DevicesV2:
     def __init__(self, root: Path = Path("/sys/fs/cgroup")) -> None:
         self.root = root
 
-    def available(self) -> bool:
-        return (self.root / "cgroup.procs").exists() and platform.machine() in _SYSCALL_BPF
-
     def path(self, relative: str) -> Path:
         rel = relative.strip("/")
         if ".." in Path(rel).parts:

@@ -12,7 +12,6 @@ and asserted."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from conftest import HAVE_ROOT
 
 from ztgpu.testing import gpu_probe
+from ztgpu.testing.slurm_cluster import wait_for as poll
 from ztgpu.testing.vm_cluster import NODE, VENV, WORK, VmCluster, vm_cluster
 
 pytestmark = pytest.mark.skipif(not HAVE_ROOT, reason="needs root (qemu image build)")
@@ -35,14 +35,6 @@ def job_script(hold_end: bool = True) -> str:
 
 def probes(output: str) -> dict[str, dict[str, str]]:
     return gpu_probe.parse_probes(output)
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(1)
 
 
 def shell_probe(c: VmCluster, user: str) -> dict[str, str]:
@@ -69,7 +61,8 @@ def finish(c: VmCluster, job: str) -> str:
 def running(c: VmCluster, user: str, gpus: int = 1) -> str:
     job = c.sbatch(user, job_script(), gpus=gpus)
     c.wait_job(job, ["RUNNING"], timeout=240)
-    wait_for(lambda: "PROBE step0" in c.output(job), 240, f"job {job}'s step0 probe")
+    poll(lambda: "PROBE step0" in c.output(job), 240, f"job {job}'s step0 probe",
+         interval=1)
     return job
 
 
@@ -103,7 +96,8 @@ def _empty_queue(node: VmCluster) -> Iterator[None]:
     yield
     for user in ("ztalice", "ztbob", "ztcarol"):
         node.slurm(["scancel", "-u", user], check=False)
-    wait_for(lambda: not node.slurm(["squeue", "-h"], check=False).strip(), 120, "empty queue")
+    poll(lambda: not node.slurm(["squeue", "-h"], check=False).strip(), 120, "empty queue",
+         interval=1)
 
 
 TABLE: dict[str, dict[str, dict[str, str]]] = {}
@@ -177,12 +171,12 @@ def test_two_users_jobs_open_only_their_gpus_in_every_step(suite, constrain):
         TABLE.setdefault(c.codename, {})[
             f"suite, {constrain}: {user}'s {len(mine[job])}-GPU job (srun step)"] = seen["step1"]
     for r in results:
-        if r["cgroup"].endswith("step_batch/user/task_0") or "step_batch" in r["cgroup"]:
+        if "step_batch/user/" in r["cgroup"]:
             TABLE[c.codename][f"suite, {constrain}: root in job {r['job_id']}'s batch task "
                               "cgroup (cgroup alone)"] = r["cgroup_only"]
     TABLE[c.codename][f"suite, {constrain}: a shell with no job"] = shell
     # Nothing left: no program of ours loaded once the jobs are gone.
-    wait_for(lambda: '"ztgpu_' not in c.sh("bpftool -j prog show", check=False).stdout, 60,
+    poll(lambda: '"ztgpu_' not in c.sh("bpftool -j prog show", check=False).stdout, 60,
              "our device programs to be freed")
     assert c.node_state() == "idle"
 
@@ -196,11 +190,11 @@ def test_a_device_mode_reset_by_someone_else_is_restored_and_the_program_holds(s
     before = len(c.events("device.drift"))
     c.sh(f"chmod 0666 /dev/nvidia{other}")
     c.flag(f"go-{job}")
-    wait_for(lambda: "PROBE step1" in c.output(job), 240, "the late probes")
+    poll(lambda: "PROBE step1" in c.output(job), 240, "the late probes", interval=1)
     late = probes(c.output(job))
     # Whether or not the agent restored the mode yet, the job never opened it.
     assert late["step1"][f"nvidia{other}"] in ("EPERM", "EACCES"), late
-    wait_for(lambda: len(c.events("device.drift")) > before, 60, "device.drift")
+    poll(lambda: len(c.events("device.drift")) > before, 60, "device.drift", interval=1)
     drift = c.events("device.drift")[-1]
     assert drift["path"] == f"/dev/nvidia{other}" and drift["outcome"] == "restored", drift
     assert c.sh(f"stat -c %a /dev/nvidia{other}").stdout.strip() == "600"

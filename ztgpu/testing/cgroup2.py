@@ -24,6 +24,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ztgpu.testing.slurm_cluster import _rmdir_tree
+
 
 def unified_root(mounts: Path = Path("/proc/self/mounts")) -> Path | None:
     """Where the cgroup2 hierarchy is mounted, or None."""
@@ -34,18 +36,6 @@ def unified_root(mounts: Path = Path("/proc/self/mounts")) -> Path | None:
     return None
 
 
-def remove_tree(top: Path) -> None:
-    """Remove *top* and every cgroup below it, deepest first."""
-    if not top.exists():
-        return
-    for directory in sorted((p for p in top.rglob("*") if p.is_dir()),
-                            key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(OSError):
-            directory.rmdir()
-    with contextlib.suppress(OSError):
-        top.rmdir()
-
-
 @contextlib.contextmanager
 def scratch_tree(root: Path, prefix: str = "ztgpu-test") -> Iterator[Path]:
     top = root / f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -53,7 +43,7 @@ def scratch_tree(root: Path, prefix: str = "ztgpu-test") -> Iterator[Path]:
     try:
         yield top
     finally:
-        remove_tree(top)
+        _rmdir_tree(top)
 
 
 _CHILD = r"""
