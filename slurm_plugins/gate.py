@@ -56,6 +56,12 @@ Observed on Slurm 22.05.8 (private test cluster, select/cons_tres):
   terminal nor slurmctld's log (slurmscriptd drops them, even at
   SlurmctldDebug=debug). The gate therefore also writes to syslog, and
   puts what the user should know into the job's AdminComment.
+* ``scontrol notify JOB TEXT`` from the PrologSlurmctld does reach a
+  waiting ``srun``/``salloc`` (22.05 and 24.11: "srun: ztgpu: MFA session
+  required: run ztgpu login" just before Slurm's own lines), so the gate
+  tells every refused job's owner the reason that way too. For a batch job
+  it succeeds and shows nowhere (nothing of the job runs yet); the
+  AdminComment is what batch users read.
 
 Standard library (ssl, socket, json, subprocess, syslog; not http.client, whose
 imports alone cost ~25 ms) plus
@@ -435,6 +441,19 @@ def set_comment(job_id: str, comment: str, settings: GateSettings,
     return None
 
 
+def tell_user(job_id: str, text: str, settings: GateSettings,
+              timeout_s: float = NOTE_TIMEOUT_S) -> str | None:
+    """Show ``text`` on the terminal of a waiting srun/salloc (``scontrol notify``);
+    returns an error text or None."""
+    # One argv element, shown as is: only what a terminal would act on is replaced.
+    safe = "".join(ch if ch.isprintable() else "_" for ch in text)[:300]
+    try:
+        _run_slurm([settings.scontrol, "notify", job_id, safe], settings, timeout_s)
+    except GateFault as exc:
+        return str(exc)
+    return None
+
+
 def _client_context(settings: GateSettings) -> ssl.SSLContext:
     """TLS 1.3 client context with the controller's certificate (stdlib ssl only)."""
     import ssl
@@ -703,7 +722,15 @@ def _fault(job: GateJob, problem: str, settings: GateSettings) -> int:
                         "reached; Slurm retries the job in about 2 minutes", settings)
     if error is not None:
         _log("LOG_WARNING", f"job {job.job_id}: could not set its AdminComment: {error}")
+    _notify(job.job_id, f"{COMMENT_PREFIX} the GPU access service cannot be reached; "
+            "try again later or ask your admins", settings)
     return EXIT_DENY
+
+
+def _notify(job_id: str, text: str, settings: GateSettings) -> None:
+    error = tell_user(job_id, text, settings)
+    if error is not None:
+        _log("LOG_WARNING", f"job {job_id}: could not tell its owner why: {error}")
 
 
 def run_gate(env: Mapping[str, str], settings: GateSettings) -> int:
@@ -744,6 +771,9 @@ def run_gate(env: Mapping[str, str], settings: GateSettings) -> int:
         error = set_comment(job.job_id, f"{COMMENT_PREFIX} {verdict.reason}", settings)
         if error is not None:
             _log("LOG_WARNING", f"job {job.job_id}: could not set its AdminComment: {error}")
+    # An interactive srun/salloc is cancelled, not held: its terminal is the
+    # only place its owner looks.
+    _notify(job.job_id, f"{COMMENT_PREFIX} {verdict.reason}", settings)
     return EXIT_DENY
 
 

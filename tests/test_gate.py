@@ -419,7 +419,10 @@ def test_mfa_denial_exits_non_zero_and_leaves_the_hold_to_authd(tmp_path: Path, 
     slurm = FakeSlurm(tmp_path, GPU_LINE)
     assert run_gate(gate_env(), settings_for(pki, stub.url, slurm)) == EXIT_DENY
     assert stub.requests[0]["_reply"]["code"] == "mfa_required"
-    assert not any(call.startswith("scontrol") for call in slurm.log())
+    # No AdminComment (authd holds the job and writes it); only the notice an
+    # interactive srun/salloc shows on its terminal.
+    assert [call for call in slurm.log() if call.startswith("scontrol")] == [
+        "scontrol notify 42 ztgpu: MFA session required — run `ztgpu login`"]
     assert "MFA session required" in capfd.readouterr().err
 
 
@@ -428,8 +431,19 @@ def test_other_denials_tell_the_user_in_the_admin_comment(tmp_path: Path, pki: S
     stub.denials[ME.pw_name] = ("too_many_gpus_job", "2 GPUs asked, at most 1 per job")
     slurm = FakeSlurm(tmp_path, GPU_LINE)
     assert run_gate(gate_env(), settings_for(pki, stub.url, slurm)) == EXIT_DENY
-    assert slurm.log()[-1] == ("scontrol update JobId=42 "
-                               "AdminComment=ztgpu: 2 GPUs asked, at most 1 per job")
+    assert slurm.log()[-2:] == [
+        "scontrol update JobId=42 AdminComment=ztgpu: 2 GPUs asked, at most 1 per job",
+        "scontrol notify 42 ztgpu: 2 GPUs asked, at most 1 per job"]
+
+
+def test_a_notice_that_cannot_be_sent_still_denies_and_is_logged(tmp_path: Path, pki: SitePki,
+                                                                 stub: StubAuthd,
+                                                                 capfd: Any) -> None:
+    slurm = FakeSlurm(tmp_path, GPU_LINE)
+    slurm.scontrol.write_text("#!/bin/sh\necho 'slurm_notify_job error: Job is done' >&2\n"
+                              "exit 1\n")
+    assert run_gate(gate_env(), settings_for(pki, stub.url, slurm)) == EXIT_DENY
+    assert "could not tell its owner why" in capfd.readouterr().err
 
 
 def test_a_stale_gate_comment_is_cleared_when_the_job_is_allowed(tmp_path: Path, pki: SitePki,
@@ -445,7 +459,8 @@ def test_unreachable_authd_denies_by_default_and_says_so(tmp_path: Path, pki: Si
     started = time.monotonic()
     assert run_gate(gate_env(), settings_for(pki, closed_port_url(), slurm)) == EXIT_DENY
     assert time.monotonic() - started < 3
-    assert "cannot be reached" in slurm.log()[-1]
+    assert "AdminComment=ztgpu: the GPU access service cannot be reached" in slurm.log()[-2]
+    assert slurm.log()[-1].startswith("scontrol notify 42 ztgpu: the GPU access service")
 
 
 def test_unreachable_authd_allows_only_when_configured(tmp_path: Path, pki: SitePki) -> None:
@@ -838,6 +853,8 @@ def test_interactive_srun_is_refused_and_no_node_drains(on_cluster: GateCluster)
     assert res.returncode != 0
     assert "ran" not in res.stdout
     assert "PrologSlurmctld failed" in res.stderr
+    # The gate's reason reaches the terminal too (scontrol notify).
+    assert "srun: ztgpu: " in res.stderr, res.stderr
     assert any(r["user"] == "ztcarol" for r in g.stub.requests)
     assert "drain" not in c.node_state()
 
