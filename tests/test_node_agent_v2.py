@@ -267,6 +267,13 @@ def test_revocation_replaces_the_steps_program_with_one_that_allows_nothing(mung
                 after = try_opens(task, [(dev / n, "rw") for n in names])
                 assert set(after.values()) == {"EPERM"}, after
                 assert ours(node.step("601")) == ["ztgpu_j601"]  # replaced, not added
+                # The agent's own probe after the revoke agrees: a revoked job
+                # opening nothing (nvidiactl included) is what it must find.
+                wait_for(lambda: any(e["probe"]["cgroup_only"].get("nvidia0")
+                                     == "EPERM"
+                                     for e in agent.events("isolation.verified", "601")),
+                         30, "the agent's probe after the revocation")
+                assert not agent.events("isolation.violated", "601")
                 node.end_processes()
     finally:
         for proc in procs:

@@ -4,7 +4,10 @@ units, the suite installed as the README says. First Slurm alone, with the
 same probes, for the side-by-side table; then the suite, with
 ConstrainDevices=yes and =no: two users' jobs on different GPUs in every
 step, the no-job shell, device-mode drift, the agent's probe, and no device
-program left behind.
+program left behind; the agent's Slurm client against this Slurm, the hooks
+under PrologFlags=RunInJob (24.11); last authd on the node with the job gate:
+a job without MFA held with its reason (and an srun told it), a login
+starting it, a revocation ending a running job.
 
 The table of what each setup leaves open is printed (``pytest -s`` shows it)
 and asserted."""
@@ -12,8 +15,10 @@ and asserted."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import HAVE_ROOT
@@ -74,8 +79,6 @@ def granted_minors(c: VmCluster, job: str) -> set[int]:
 
 def slurm_minors(c: VmCluster, job: str) -> set[int]:
     out = c.slurm(["scontrol", "-d", "show", "job", job])
-    import re
-
     match = re.search(r"GRES=gpu(?::[^(]*)?\(IDX:([0-9,-]+)\)", out)
     assert match, out
     found: set[int] = set()
@@ -199,6 +202,163 @@ def test_a_device_mode_reset_by_someone_else_is_restored_and_the_program_holds(s
     assert drift["path"] == f"/dev/nvidia{other}" and drift["outcome"] == "restored", drift
     assert c.sh(f"stat -c %a /dev/nvidia{other}").stdout.strip() == "600"
     finish(c, job)
+
+
+CLIENT_CHECK = """
+import json, sys
+from pathlib import Path
+from ztgpu.slurm.client import CliSlurmClient
+
+slurm = CliSlurmClient(Path("/usr/bin"), None, 30)
+running, array, task, waiting, node = sys.argv[1:]
+seen = {"state": slurm.job_state(running), "user": slurm.job_user(running),
+        "ref": slurm.job_ref(array), "task_state": slurm.job_state(f"{array}_{task}"),
+        "unknown": slurm.job_state("999999")}
+slurm.drain(node, "ztgpu test: drained by the Slurm client check")
+seen["drained"] = slurm.node_state(node)
+slurm.resume(node)
+seen["resumed"] = slurm.node_state(node)
+slurm.hold(waiting, "ztgpu: held by the Slurm client check")
+seen["held"] = slurm.job_state(waiting)
+slurm.release(waiting)
+slurm.cancel(waiting, "ended by the Slurm client check")
+seen["cancelled"] = slurm.job_state(waiting)
+print(json.dumps(seen))
+"""
+
+
+def test_the_agents_slurm_client_reads_and_drives_this_slurm(suite):
+    """Every call the agent and authd make (CliSlurmClient), against this
+    image's Slurm: the fixed text formats it asks for are the same on 22.05
+    and 24.11."""
+    c = suite
+    job = running(c, "ztalice")
+    # One task, numbered 3: it runs under the array's own job id, which
+    # Slurm commands must then name as ARRAY_3 (the bare id means the array).
+    array = c.sbatch("ztbob", "#!/bin/sh\nsleep 120\n", gpus=0, extra=["--array=3"])
+    poll(lambda: c.slurm(["squeue", "-h", "-r", "-j", array, "-o", "%T"]).split()
+         == ["RUNNING"], 120, "the array task running", interval=1)
+    # Both CPUs are taken now: released, this one still waits (and can be cancelled).
+    waiting = c.sbatch("ztcarol", "#!/bin/sh\ntrue\n", gpus=0, extra=["--begin=now+1hour"])
+    shown = c.slurm(["scontrol", "-o", "show", "job", array])
+    task = next(f.split("=", 1)[1] for f in shown.split() if f.startswith("ArrayTaskId="))
+    out = c.vm.ssh(f"{VENV}/bin/python - {job} {array} {task} {waiting} {NODE}",
+                   input_text=CLIENT_CHECK, timeout=120).stdout
+    seen = json.loads(out)
+    assert seen["state"] == "RUNNING" and seen["user"] == "ztalice", seen
+    assert seen["ref"] == f"{array}_{task}" and seen["task_state"] == "RUNNING", seen
+    assert seen["unknown"] is None, seen
+    state, reason = seen["drained"]
+    assert "DRAIN" in state and reason == "ztgpu: ztgpu test: drained by the Slurm client check"
+    assert "DRAIN" not in seen["resumed"][0], seen
+    assert seen["held"] == "PENDING" and seen["cancelled"] in (None, "CANCELLED"), seen
+    finish(c, job)
+
+
+@pytest.fixture
+def run_in_job(suite: VmCluster) -> Iterator[VmCluster]:
+    c = suite
+    if c.codename == "bookworm":
+        pytest.skip("Slurm 22.05 has no PrologFlags=RunInJob (24.05+)")
+    c.set_constrain_devices(True)
+    before = c.sh("grep '^PrologFlags=' /etc/slurm/slurm.conf").stdout.strip()
+    c.sh("sed -i 's/^PrologFlags=.*/PrologFlags=Alloc,Contain,RunInJob/' "
+         "/etc/slurm/slurm.conf")
+    c.sh("systemctl restart slurmctld slurmd", timeout=180)
+    c.wait_idle()
+    yield c
+    c.sh(f"sed -i 's/^PrologFlags=.*/{before}/' /etc/slurm/slurm.conf")
+    c.sh("systemctl restart slurmctld slurmd", timeout=180)
+    c.wait_idle()
+
+
+def test_prolog_and_epilog_run_inside_the_job_with_run_in_job(run_in_job):
+    """PrologFlags=RunInJob (Slurm 24.05+) runs the Prolog and Epilog in the
+    job's extern step: the hooks still grant, confine and give back."""
+    c = run_in_job
+    assert "RunInJob" in c.slurm(["scontrol", "show", "config"])
+    job = running(c, "ztalice")
+    mine = granted_minors(c, job)
+    assert finish(c, job) == "COMPLETED", c.output(job)
+    for label, outcome in probes(c.output(job)).items():
+        for m in range(4):
+            assert (outcome[f"nvidia{m}"] == "open") == (m in mine), (label, outcome)
+    poll(lambda: c.events("job.release", job), 60, "the Epilog's release", interval=1)
+    owners = c.sh("stat -c %U /dev/nvidia0 /dev/nvidia1 /dev/nvidia2 /dev/nvidia3").stdout
+    assert set(owners.split()) == {"root"}, owners
+
+
+POLICY = """\
+version: 1
+defaults: {mfa_max_age_h: 12, max_gpus_per_job: 4, max_gpus_per_user_per_node: 4}
+admins:
+  - user: root
+    roles: [enroll, revoke, keys, jit_approve, policy, audit]
+rules:
+  - name: everyone
+    users: ["*"]
+    allow: true
+default: deny
+"""
+
+
+@pytest.fixture(scope="module")
+def gated(suite: VmCluster) -> VmCluster:
+    """authd on this node, grants from it, and the job gate (PrologSlurmctld)."""
+    suite.install_authd(POLICY)
+    suite.enroll("ztalice")
+    return suite
+
+
+def held(c: VmCluster, job: str) -> tuple[str, str]:
+    out = c.slurm(["scontrol", "show", "job", job], user="ztalice")
+    reason = re.search(r"Reason=(\S+)", out)
+    comment = re.search(r"AdminComment=(.*)", out)
+    return (reason.group(1) if reason else "", comment.group(1).strip() if comment else "")
+
+
+def test_the_gate_holds_a_job_without_mfa_with_its_reason_and_a_login_starts_it(gated):
+    c = gated
+    srun = c.sh("cd /tmp && runuser -u ztalice -- srun --gres=gpu:1 -t 1 true", check=False)
+    assert srun.returncode != 0
+    # The reason reaches the interactive user's terminal (scontrol notify).
+    assert "srun: ztgpu: MFA session required" in srun.stderr, srun.stderr
+    job = c.sbatch("ztalice", job_script(), gpus=1)
+    poll(lambda: held(c, job)[0] == "JobHeldAdmin", 120, f"job {job} held", interval=1)
+    assert "MFA session required" in held(c, job)[1], held(c, job)
+    assert "drain" not in c.node_state()
+    login = c.login("ztalice")
+    assert login.returncode == 0, login.stderr
+    c.wait_job(job, ["RUNNING"], timeout=240)
+    poll(lambda: "PROBE step0" in c.output(job), 240, "the job's step0 probe", interval=1)
+    mine = granted_minors(c, job)
+    assert finish(c, job) == "COMPLETED", c.output(job)
+    for label, outcome in probes(c.output(job)).items():
+        for m in range(4):
+            assert (outcome[f"nvidia{m}"] == "open") == (m in mine), (label, outcome)
+
+
+def test_a_revocation_takes_a_running_jobs_gpus_and_ends_it(gated):
+    c = gated
+    assert c.login("ztalice").returncode == 0
+    job = running(c, "ztalice")
+    mine = granted_minors(c, job)
+    poll(lambda: c.events("isolation.verified", job), 60, "the first probe", interval=1)
+    revoked = c.admin("revoke", "--user", "ztalice", "--reason", "lost laptop")
+    assert revoked.returncode == 0, revoked.stderr
+    poll(lambda: any(e["action"] == "revoke" for e in c.events("job.action", job)), 60,
+         "the agent to act on the revocation", interval=1)
+
+    def no_gpu() -> list[dict[str, Any]]:
+        return [e for e in c.events("isolation.verified", job)
+                if all(e["probe"]["cgroup_only"][f"nvidia{m}"] == "EPERM" for m in mine)]
+
+    # The step's device program now allows nothing: the cgroup alone refuses
+    # even the job's own GPU.
+    poll(no_gpu, 60, "a probe showing the job without its GPU", interval=1)
+    assert not c.events("isolation.violated", job)
+    assert c.wait_job(job, ["CANCELLED", "FAILED", "COMPLETED"], timeout=120) == "CANCELLED"
+    assert "drain" not in c.node_state()
 
 
 def test_zz_print_the_side_by_side_table(node):

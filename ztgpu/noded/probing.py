@@ -89,7 +89,8 @@ class Probing(AgentCore):
                 ) -> list[str]:
         """Differences between a probe's outcome and the job's allocation.
 
-        The job's user must open exactly its GPUs (and nvidiactl); on its own,
+        The job's user must open exactly its GPUs (and nvidiactl while it has
+        any); on its own,
         the cgroup must refuse every other GPU with EPERM, so that isolation
         does not rest on file permissions alone.
         """
@@ -110,9 +111,15 @@ class Probing(AgentCore):
             if self.layer.mode != "none" and layer != "EPERM":
                 problems.append(f"cgroup does not deny GPU {gpu.index} (minor {gpu.minor}): "
                                 f"{'opened' if layer == 'open' else layer} as root")
+        # The control node is the job's while it holds a GPU. On v2 the step's
+        # program allows it only then (a revoked job loses it with its GPUs);
+        # v1's allowlist keeps it for every job.
         ctl = str(self.config.paths.device_dir / "nvidiactl")
-        if ctl in user and user[ctl] != "open":
-            problems.append(f"nvidiactl gave {user[ctl]}")
+        if ctl in user:
+            if allocated and user[ctl] != "open":
+                problems.append(f"nvidiactl gave {user[ctl]}")
+            elif not allocated and self.layer.mode == "v2" and user[ctl] == "open":
+                problems.append("nvidiactl opened although the job holds no GPU")
         return problems
 
     def verify(self, job_id: str | None = None, *, due_only: bool = False) -> list[dict[str, Any]]:

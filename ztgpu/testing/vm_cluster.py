@@ -15,6 +15,7 @@ It starts as Slurm alone (for the side-by-side comparison);
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -23,13 +24,14 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ztgpu.testing import gpu_probe
+from ztgpu.testing.authd_process import CodeSource, secret_from_uri
 from ztgpu.testing.slurm_cluster import ClusterError
 from ztgpu.testing.vm import VirtualNode, virtual_node
 
@@ -37,6 +39,8 @@ NODE = "ztgpu-vm"
 USERS = ("ztalice", "ztbob", "ztcarol")
 VENV = "/opt/ztgpu/venv"
 WORK = "/srv/ztgpu-work"  # world-readable: the probe script and the go/end flags
+AUTHD_PORT = 8443
+GATE_SOCKET = "/run/ztgpu-authd/gate.sock"
 
 
 def slurm_conf() -> str:
@@ -77,6 +81,7 @@ class VmCluster:
     constrain_devices: bool
     with_suite: bool
     codename: str
+    codes: CodeSource = field(default_factory=CodeSource)
 
     # ---- running commands ---------------------------------------------
     def sh(self, command: str, *, timeout: float = 120, check: bool = True
@@ -118,9 +123,9 @@ class VmCluster:
 
     def job_state(self, job_id: str) -> str:
         out = self.slurm(["scontrol", "-o", "show", "job", job_id], check=False)
-        for field in out.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
+        for token in out.split():
+            if token.startswith("JobState="):
+                return token.split("=", 1)[1]
         return "GONE"
 
     def wait_job(self, job_id: str, states: Sequence[str], timeout: float = 180) -> str:
@@ -202,6 +207,108 @@ class VmCluster:
         self.with_suite = True
         self.set_constrain_devices(self.constrain_devices, restart_controller=True)
 
+    # ---- MFA: authd on this "controller", the job gate ---------------------
+    def install_authd(self, policy: str) -> None:
+        """authd from its shipped unit (as SlurmUser, SQLite, the site PKI made
+        on the host), the node agent asking it for grants, and the job gate
+        (``ztgpu install --gate``, over authd's gate socket as the README says
+        for authd on the controller host); root enrolled as the first admin."""
+        from ztgpu.testing.collector_process import SitePki
+
+        pki_dir = self.vm.share / "pki"
+        pki = SitePki(pki_dir)
+        authd_cert, authd_key = pki.issue("service", "authd", dns_names=["localhost"],
+                                          ip_addresses=["127.0.0.1"])
+        node_cert, node_key = pki.issue("node", NODE)
+        share = "/mnt/share/pki"
+        rel = {path: f"{share}/{path.relative_to(pki_dir)}"
+               for path in (pki.ca_cert, authd_cert, authd_key, node_cert, node_key)}
+        for path in pki_dir.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (self.vm.share / "policy.yaml").write_text(policy)
+        (self.vm.share / "policy.yaml").chmod(0o644)
+        url = f"https://127.0.0.1:{AUTHD_PORT}"
+        authd_config = {
+            "tls": {"ca_cert": "/etc/ztgpu/pki/ca.crt", "cert": "/etc/ztgpu/pki/authd.crt",
+                    "key": "/etc/ztgpu/pki/authd.key"},
+            "auth": {"authd_url": url},
+            "paths": {"spool_dir": "/var/lib/ztgpu-authd/spool"},
+            "slurm": {"bin_dir": "/usr/bin", "conf": "/etc/slurm/slurm.conf"},
+            "authd": {"listen_host": "127.0.0.1", "listen_port": AUTHD_PORT,
+                      "store": "sqlite", "sqlite_path": "/var/lib/ztgpu-authd/authd.db",
+                      "kek_file": "/etc/ztgpu/authd/kek",
+                      "policy_file": "/etc/ztgpu/policy.yaml",
+                      "gate_socket": GATE_SOCKET},
+        }
+        node_config = agent_config()
+        node_config["auth"] = {"authd_url": url, "revocation_poll_s": 0.5}
+        node_config["tls"] = {"ca_cert": "/etc/ztgpu/pki/ca.crt",
+                              "cert": "/etc/ztgpu/pki/node.crt",
+                              "key": "/etc/ztgpu/pki/node.key"}
+        node_config["authd"] = {"gate_socket": GATE_SOCKET}
+        login_config = {"auth": {"authd_url": url}, "tls": {"ca_cert": "/etc/ztgpu/pki/ca.crt"}}
+        for name, values in (("authd.yaml", authd_config), ("ztgpu.yaml", node_config),
+                             ("login.yaml", login_config)):
+            (self.vm.share / name).write_text(yaml.safe_dump(values, sort_keys=False))
+            (self.vm.share / name).chmod(0o644)
+        ztgpu = f"{VENV}/bin/ztgpu"
+        as_authd = "runuser -u slurm -- env ZTGPU_CONFIG=/etc/ztgpu/authd.yaml"
+        for step in (
+            "install -d -m 0755 /etc/ztgpu/pki",
+            f"install -m 0644 {rel[pki.ca_cert]} /etc/ztgpu/pki/ca.crt",
+            f"install -m 0644 {rel[authd_cert]} /etc/ztgpu/pki/authd.crt",
+            f"install -m 0600 -o slurm {rel[authd_key]} /etc/ztgpu/pki/authd.key",
+            f"install -m 0644 {rel[node_cert]} /etc/ztgpu/pki/node.crt",
+            f"install -m 0600 {rel[node_key]} /etc/ztgpu/pki/node.key",
+            "install -m 0644 /mnt/share/policy.yaml /etc/ztgpu/policy.yaml",
+            "install -m 0644 /mnt/share/authd.yaml /mnt/share/login.yaml /etc/ztgpu/",
+            "install -d -m 0700 -o slurm /etc/ztgpu/authd /var/lib/ztgpu-authd",
+            f"ZTGPU_CONFIG=/etc/ztgpu/authd.yaml {ztgpu} admin kek init --owner slurm",
+            "cp /mnt/share/ztgpu-authd.service /etc/systemd/system/",
+            "mkdir -p /etc/systemd/system/ztgpu-authd.service.d && printf "
+            "'[Service]\\nEnvironment=ZTGPU_CONFIG=/etc/ztgpu/authd.yaml\\n' "
+            "> /etc/systemd/system/ztgpu-authd.service.d/config.conf",
+        ):
+            self.sh(step, timeout=120)
+        enrolled = self.sh(f"{as_authd} {ztgpu} admin enroll root --local", timeout=120).stdout
+        uri = re.search(r"otpauth://\S+", enrolled)
+        if uri is None:
+            raise ClusterError(f"bootstrap enrolment printed no otpauth URI:\n{enrolled}")
+        self.codes.secrets["root"] = secret_from_uri(uri.group(0))
+        for step in (
+            "systemctl daemon-reload && systemctl enable --now ztgpu-authd",
+            "cp /mnt/share/ztgpu.yaml /etc/ztgpu/ztgpu.yaml",
+            f"{ztgpu} config check",
+            "systemctl restart ztgpu-noded",
+            f"{ztgpu} install --gate --slurm-conf /etc/slurm/slurm.conf",
+        ):
+            self.sh(step, timeout=180)
+        self.set_constrain_devices(self.constrain_devices, restart_controller=True)
+
+    def ztgpu_as(self, user: str, *args: str, stdin: str = "", check: bool = False
+                 ) -> subprocess.CompletedProcess[str]:
+        """``ztgpu`` run by ``user`` with the login config (as on a login node)."""
+        command = (f"runuser -u {user} -- {VENV}/bin/ztgpu --config /etc/ztgpu/login.yaml "
+                   f"{shlex.join(args)}")
+        return self.vm.ssh(command, timeout=120, check=check, input_text=stdin)
+
+    def login(self, user: str) -> subprocess.CompletedProcess[str]:
+        return self.ztgpu_as(user, "login", "--code-stdin", stdin=self.codes.code(user) + "\n")
+
+    def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``ztgpu admin ...`` as root after a fresh root login."""
+        done = self.login("root")
+        if done.returncode != 0:
+            return done
+        return self.ztgpu_as("root", "admin", *args)
+
+    def enroll(self, user: str) -> None:
+        done = self.admin("enroll", user)
+        uri = re.search(r"otpauth://\S+", done.stdout)
+        if done.returncode != 0 or uri is None:
+            raise ClusterError(f"enrolling {user} failed: {done.stderr}{done.stdout}")
+        self.codes.secrets[user] = secret_from_uri(uri.group(0))
+
 
 def prepare_share(checkout: Path, share: Path) -> None:
     """What the VM reads from the host: the suite's wheel, its config and unit,
@@ -211,7 +318,8 @@ def prepare_share(checkout: Path, share: Path) -> None:
                    check=True, timeout=600, capture_output=True)
     (share / "slurm.conf").write_text(slurm_conf())
     (share / "ztgpu.yaml").write_text(yaml.safe_dump(agent_config(), sort_keys=False))
-    shutil.copy2(checkout / "configs" / "ztgpu-noded.service", share)
+    for unit in ("ztgpu-noded.service", "ztgpu-authd.service"):
+        shutil.copy2(checkout / "configs" / unit, share)
     gpu_probe.install_probe(share)
     for path in share.iterdir():
         path.chmod(0o644)
