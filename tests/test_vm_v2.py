@@ -24,6 +24,7 @@ import pytest
 from conftest import HAVE_ROOT
 
 from ztgpu.testing import gpu_probe
+from ztgpu.testing.authd_process import DEFAULT_POLICY
 from ztgpu.testing.slurm_cluster import wait_for as poll
 from ztgpu.testing.vm_cluster import NODE, VENV, WORK, VmCluster, vm_cluster
 
@@ -290,24 +291,10 @@ def test_prolog_and_epilog_run_inside_the_job_with_run_in_job(run_in_job):
     assert set(owners.split()) == {"root"}, owners
 
 
-POLICY = """\
-version: 1
-defaults: {mfa_max_age_h: 12, max_gpus_per_job: 4, max_gpus_per_user_per_node: 4}
-admins:
-  - user: root
-    roles: [enroll, revoke, keys, jit_approve, policy, audit]
-rules:
-  - name: everyone
-    users: ["*"]
-    allow: true
-default: deny
-"""
-
-
 @pytest.fixture(scope="module")
 def gated(suite: VmCluster) -> VmCluster:
     """authd on this node, grants from it, and the job gate (PrologSlurmctld)."""
-    suite.install_authd(POLICY)
+    suite.install_authd(DEFAULT_POLICY)
     suite.enroll("ztalice")
     return suite
 
