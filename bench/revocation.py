@@ -348,7 +348,10 @@ def main() -> int:
 
     runs: list[dict[str, Any]] = []
     started = time.monotonic()
-    with mfa_cluster(ClusterSpec(), gate=False) as mfa:
+    # Every run logs ztalice in again: lift authd's per-user login limit
+    # (10 a minute by default), which would otherwise refuse the 11th run.
+    with mfa_cluster(ClusterSpec(), gate=False,
+                     authd={"login_per_user_per_min": 10_000}) as mfa:
         poll = use_default_revocation_poll(mfa)
         admin = Admin(mfa)
         admin.login()

@@ -83,13 +83,15 @@ class MfaCluster:
 @contextlib.contextmanager
 def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
                 policy: str = DEFAULT_POLICY, audit: bool = False,
-                gate_socket: bool = True) -> Iterator[MfaCluster]:
+                gate_socket: bool = True,
+                authd: dict[str, Any] | None = None) -> Iterator[MfaCluster]:
     """A running cluster where GPUs need MFA; everything is removed afterwards.
 
     With ``audit`` the node agent also forwards its spool to a private
     collector of the same site PKI, as a site with MFA runs it. The gate asks
     authd over its unix gate socket (authd runs on the "controller", this
-    host) unless ``gate_socket`` is false, when it uses mutual TLS.
+    host) unless ``gate_socket`` is false, when it uses mutual TLS. ``authd``
+    adds settings to authd's own config section.
     """
     base = Path(tempfile.mkdtemp(prefix="ztgpu-mfa-"))
     base.chmod(0o755)
@@ -101,19 +103,20 @@ def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
 
         def prepare(cluster: SlurmTestCluster) -> dict[str, Any]:
             local = {"gate_socket": str(base / "gate.sock")} if gate_socket else {}
-            authd = AuthdProcess(base / "authd", pki, munge.socket, policy=policy,
-                                 authd=local,
-                                 sections={"slurm": {"conf": str(cluster.slurm_conf),
-                                                     "bin_dir": "/usr/bin"}})
-            res = authd.ztgpu("admin", "enroll", "root", "--local")
+            authd_process = AuthdProcess(base / "authd", pki, munge.socket, policy=policy,
+                                         authd={**local, **(authd or {})},
+                                         sections={"slurm": {"conf": str(cluster.slurm_conf),
+                                                             "bin_dir": "/usr/bin"}})
+            res = authd_process.ztgpu("admin", "enroll", "root", "--local")
             if res.returncode != 0:
                 raise RuntimeError(f"bootstrap enrolment failed: {res.stderr}")
             uri = re.search(r"otpauth://\S+", res.stdout)
             assert uri is not None
-            holder["authd"], holder["root"] = authd.start(), secret_from_uri(uri.group(0))
+            holder["authd"] = authd_process.start()
+            holder["root"] = secret_from_uri(uri.group(0))
             cert, key = pki.issue("node", cluster.node)
             sections: dict[str, Any] = {
-                "auth": {"authd_url": authd.url, "revocation_poll_s": 0.5},
+                "auth": {"authd_url": authd_process.url, "revocation_poll_s": 0.5},
                 "tls": {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)}}
             if audit:
                 holder["collector"] = CollectorProcess(base / "collector", pki).start()
