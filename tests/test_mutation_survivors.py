@@ -128,11 +128,11 @@ def test_numeric_fields_are_exact() -> None:
 
 
 def test_user_name_check_is_exact() -> None:
-    assert slurm_env._valid_user_name("ab$") is True
-    assert slurm_env._valid_user_name("a" * 32 + "$") is True
-    assert slurm_env._valid_user_name("a" * 33) is False
-    assert slurm_env._valid_user_name("a!$") is False
-    assert slurm_env._valid_user_name("") is False
+    assert slurm_env.valid_user_name("ab$") is True
+    assert slurm_env.valid_user_name("a" * 32 + "$") is True
+    assert slurm_env.valid_user_name("a" * 33) is False
+    assert slurm_env.valid_user_name("a!$") is False
+    assert slurm_env.valid_user_name("") is False
 
 
 def test_job_id_and_uid_bounds() -> None:

@@ -131,6 +131,17 @@ EVENT_TYPES: tuple[EventType, ...] = (
     _t("node.unsafe", _CRIT, "check reason",
        "A start-up check failed: the agent grants no GPU on this node until it is fixed."),
     _t("hook.error", _WARN, "hook reason", "A Slurm hook or PAM client failed."),
+    _t("ssh.login", _INFO, "user rhost service outcome reason action",
+       "An SSH login was let in by the PAM module's account check (a job of the user "
+       "here, JIT admin access, root or a break-glass account)."),
+    _t("ssh.denied", _WARN, "user rhost service outcome reason action",
+       "An SSH login was refused by the PAM module's account check; ``action`` is what "
+       "the module does with the refusal."),
+    _t("ssh.session", _INFO, "user rhost service pid outcome reason",
+       "An SSH session was put into a job's cgroups (or a JIT admin cgroup), could not "
+       "be, or ended."),
+    _t("ssh.escaped", _CRIT, "user rhost service job_id pid cgroup action reason",
+       "An adopted SSH session was found outside its job's cgroups."),
     _t(
         "request.rejected",
         _WARN,

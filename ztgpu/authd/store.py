@@ -239,8 +239,11 @@ class AuthStore:
                         (jit_id, username, node, approver, reason, created, expires))
 
     def active_jit(self, username: str, node: str, now: str) -> list[dict[str, Any]]:
+        # A revocation of the user ends every JIT grant made before it.
         rows = self.db.execute("SELECT id, approver, reason, expires FROM jit WHERE "
-                               "username = ? AND node = ? AND expires > ?",
+                               "username = ? AND node = ? AND expires > ? AND NOT EXISTS "
+                               "(SELECT 1 FROM revocations r WHERE r.username = jit.username "
+                               "AND r.at >= jit.created)",
                                (username, node, now))
         return [{"id": i, "approver": a, "reason": r, "expires": e} for i, a, r, e in rows]
 

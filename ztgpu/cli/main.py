@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ztgpu.errors import ZtgpuError
+from ztgpu.errors import UsageError, ZtgpuError
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
@@ -54,6 +54,8 @@ def _cmd_install_check(args: argparse.Namespace) -> int:
     from ztgpu.slurm.hooks_install import hook_path
 
     config = load_config(args.config)
+    if args.slurm_conf is None:
+        raise UsageError("install --check needs --slurm-conf")
     conf = Path(args.slurm_conf)
     hooks = {"Prolog": hook_path("prolog", config), "Epilog": hook_path("epilog", config),
              "TaskProlog": hook_path("task_prolog", config)}
@@ -101,9 +103,52 @@ def _cmd_install_check(args: argparse.Namespace) -> int:
     return 1 if any(f.problem for f in findings) else 0
 
 
+def _cmd_install_pam(args: argparse.Namespace) -> int:
+    """``--pam SERVICE``: the module's loader (or pam_exec wrapper) and its stack lines."""
+    from ztgpu.config import load_config
+    from ztgpu.pam import install as pam_install
+    from ztgpu.slurm.hooks_install import write_root_file
+    from ztgpu.trust.safe_paths import require_trusted
+
+    config = load_config(args.config)
+    require_trusted(config.paths.hooks_dir, "paths.hooks_dir")
+    lines = pam_install.stack_lines(config, use_exec=args.pam_exec, options=args.pam_option)
+    result = pam_install.plan(args.pam, Path(args.pam_dir), lines)
+    if args.pam_exec:
+        program = config.paths.hooks_dir / pam_install.EXEC_WRAPPER
+        changed = write_root_file(program, pam_install.render_exec_wrapper(),
+                                  dry_run=args.dry_run)
+    else:
+        program = config.paths.hooks_dir / pam_install.LOADER
+        changed = write_root_file(program, pam_install.render_loader(), dry_run=args.dry_run,
+                                  mode=0o644)
+    verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
+    print(f"{verb}: {program}")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not result.changed:
+        print(f"unchanged: {result.path}")
+        return 0
+    print(result.diff(), end="")
+    if args.dry_run:
+        print(f"dry run: {result.path} not changed")
+        return 0
+    backup = pam_install.apply(result)
+    print(f"updated: {result.path} (backup: {backup})")
+    print("new logins use it at once; keep a root shell open until a test login works")
+    return 0
+
+
 def _cmd_install(args: argparse.Namespace) -> int:
     if args.check:
         return _cmd_install_check(args)
+    if args.slurm_conf is None and args.pam is None:
+        raise UsageError("install needs --slurm-conf (the Slurm hooks) and/or --pam SERVICE "
+                         "(the PAM module)")
+    if args.pam is not None:
+        status = _cmd_install_pam(args)
+        if args.slurm_conf is None or status != 0:
+            return status
     from ztgpu.config import load_config
     from ztgpu.slurm.conf import gate_changes, install, suite_changes
     from ztgpu.slurm.hooks_install import gate_path, hook_path, render_gate, write_gate, write_hooks
@@ -301,7 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_config_check)
 
     inst = sub.add_parser("install", help="install the node hooks into slurm.conf")
-    inst.add_argument("--slurm-conf", required=True, help="path of slurm.conf to update")
+    inst.add_argument("--slurm-conf", help="path of slurm.conf to update")
+    inst.add_argument("--pam", metavar="SERVICE",
+                      help="also (or only) put the ztgpu PAM module into this PAM service's "
+                      "stack (sshd on compute nodes): account and session lines at its end")
+    inst.add_argument("--pam-exec", action="store_true",
+                      help="with --pam: use pam_exec instead of pam_python")
+    inst.add_argument("--pam-dir", default="/etc/pam.d", help=argparse.SUPPRESS)
+    inst.add_argument("--pam-option", action="append", default=[], metavar="KEY=VALUE",
+                      help="with --pam: a module option for the stack lines (break_glass=, "
+                      "action_no_agent=, action_no_job=, action_adopt_failure=, "
+                      "action_error=, timeout=, log=); repeatable")
     inst.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
     inst.add_argument("--gate", action="store_true",
                       help="also install the job gate (PrologSlurmctld asking authd before a "

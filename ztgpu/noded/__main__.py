@@ -74,7 +74,13 @@ def _start_grant_checks(config: Config, agent: Agent) -> RevocationWatcher | Non
     agent.grant_checker = checker
     # Started by the caller once the agent has loaded its state: a revocation
     # acted on before that would find no job and be passed over.
-    return RevocationWatcher(checker, agent.revoke_user, auth.revocation_poll_s)
+    agent.jit_lookup = checker.jit
+
+    def on_revoke(user: str, reason: str, at: str) -> None:
+        agent.revoke_user(user, reason, at)
+        agent.jit_revoked(user)
+
+    return RevocationWatcher(checker, on_revoke, auth.revocation_poll_s)
 
 
 def serve(config: Config, ready: threading.Event | None = None) -> int:
@@ -166,6 +172,14 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
             return agent.verify(job_id)
         if op == "drift":
             return agent.check_drift()
+        if op in ("ssh_account", "ssh_open", "ssh_close"):
+            if peer.uid != 0:
+                raise Denied("only root (sshd's PAM stack) may ask about SSH sessions")
+            if op == "ssh_account":
+                return agent.ssh_account(req)
+            if op == "ssh_open":
+                return agent.ssh_open(req, peer.pid)
+            return agent.ssh_close(req, peer.pid)
         if op == "recover":
             if peer.uid != 0:
                 raise Denied("only root may recover the node")

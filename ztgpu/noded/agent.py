@@ -28,6 +28,7 @@ from ztgpu.noded.core import EventSink, LiveJob
 from ztgpu.noded.lifecycle import Lifecycle
 from ztgpu.noded.probing import Probing
 from ztgpu.noded.reconcile import Reconcile
+from ztgpu.noded.ssh import SshAccess
 
 __all__ = ["Agent", "EventSink", "LiveJob"]
 
@@ -38,11 +39,12 @@ FAST_SWEEP_S = 0.02
 FAST_SWEEP_WINDOW_S = 15.0
 
 
-class Agent(Lifecycle, Confinement, Probing, Reconcile):
+class Agent(Lifecycle, SshAccess, Confinement, Probing, Reconcile):
     """State and enforcement for one node, with its background loop. Thread-safe.
 
     The parts: ``lifecycle`` (grants and releases), ``confinement``,
-    ``probing``, ``reconcile`` (start and drift), over ``core``'s state.
+    ``probing``, ``reconcile`` (start and drift), ``ssh`` (PAM logins and
+    sessions), over ``core``'s state.
     """
 
     # ---- background loop ----------------------------------------------
@@ -58,6 +60,7 @@ class Agent(Lifecycle, Confinement, Probing, Reconcile):
         while not self._stop.is_set():
             try:
                 self.sweep()
+                self.check_sessions()
                 if self.guard is not None:
                     self.guard.check()
                 if self.jobs:

@@ -156,6 +156,13 @@ class GrantChecker:
         return claims
 
 
+    def jit(self, user: str) -> list[dict[str, Any]]:
+        """*user*'s active just-in-time admin grants for this node (authd decides
+        what is active: not expired, not revoked). Raises when authd cannot say."""
+        items = self._request("GET", "/v1/jit", query={"user": user}).get("jit", [])
+        return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
 class RevocationWatcher(threading.Thread):
     """Polls authd's revocation feed; calls ``on_revoke(user, reason, at)`` for each entry.
 

@@ -104,7 +104,7 @@ def parse_gpus(value: str | None) -> tuple[int, ...]:
     return tuple(sorted(gpus))
 
 
-def _valid_user_name(user: str) -> bool:
+def valid_user_name(user: str) -> bool:
     body = user[:-1] if user.endswith("$") else user
     return (0 < len(body) <= 32 and body[0] in _USER_FIRST
             and all(ch in _USER_REST for ch in body))
@@ -112,7 +112,7 @@ def _valid_user_name(user: str) -> bool:
 
 def check_user(user: str | None, uid: int) -> int:
     """The user must exist and have exactly *uid*; returns the user's primary gid."""
-    if user is None or not _valid_user_name(user):
+    if user is None or not valid_user_name(user):
         raise InputRejected(f"SLURM_JOB_USER {printable(user)} is not a user name")
     try:
         entry = pwd.getpwnam(user)

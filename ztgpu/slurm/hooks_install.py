@@ -58,7 +58,7 @@ def write_hooks(config: Config, *, dry_run: bool) -> list[tuple[Path, bool]]:
     results = []
     for hook in HOOKS:
         path = hook_path(hook, config)
-        results.append((path, _write_executable(path, render(hook, config), dry_run=dry_run)))
+        results.append((path, write_root_file(path, render(hook, config), dry_run=dry_run)))
     return results
 
 
@@ -124,14 +124,15 @@ def write_gate(config: Config, slurm_conf: Path | None, *,
                dry_run: bool) -> tuple[Path, bool]:
     """Write the gate wrapper (0755, atomically); returns (path, changed)."""
     path = gate_path(config)
-    return path, _write_executable(path, render_gate(config, slurm_conf), dry_run=dry_run)
+    return path, write_root_file(path, render_gate(config, slurm_conf), dry_run=dry_run)
 
 
-def _write_executable(path: Path, text: str, *, dry_run: bool) -> bool:
-    """Make ``path`` a root-owned 0755 file holding ``text``; returns whether it changed."""
+def write_root_file(path: Path, text: str, *, dry_run: bool, mode: int = 0o755) -> bool:
+    """Make ``path`` a root-owned file (0755 unless *mode* says otherwise)
+    holding ``text``; returns whether it changed."""
     try:
         st = os.lstat(path)
-        changed = (path.read_text() != text or stat.S_IMODE(st.st_mode) != 0o755
+        changed = (path.read_text() != text or stat.S_IMODE(st.st_mode) != mode
                    or st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode))
     except FileNotFoundError:
         changed = True
@@ -142,6 +143,6 @@ def _write_executable(path: Path, text: str, *, dry_run: bool) -> bool:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755)  # noqa: S103 - an executable Slurm runs as root
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     return changed

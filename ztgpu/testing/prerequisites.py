@@ -78,8 +78,15 @@ PREREQUISITES: dict[str, Prerequisite] = {p.name: p for p in [
     *_programs("mount", "the pure-v2 VM images (ztgpu.testing.vm)", "mount", "umount"),
     *_programs("qemu-utils", "the pure-v2 VMs' disks (ztgpu.testing.vm)", "qemu-img"),
     *_programs("qemu-system-x86", "the pure-v2 VMs (ztgpu.testing.vm)", "qemu-system-x86_64"),
-    *_programs("openssh-client", "commands in the pure-v2 VMs (ztgpu.testing.vm)",
-               "ssh", "ssh-keygen"),
+    *_programs("openssh-client", "commands in the pure-v2 VMs (ztgpu.testing.vm) and the "
+               "PAM tests' ssh logins (ztgpu.testing.sshd)", "ssh", "ssh-keygen"),
+    Prerequisite("sshd", "openssh-server", "the PAM tests' private sshd (ztgpu.testing.sshd)",
+                 pattern="/usr/sbin/sshd"),
+    Prerequisite("pam_python.so", "libpam-python", "the ztgpu PAM module under a private sshd",
+                 pattern="/lib/security/pam_python.so"),
+    Prerequisite("pam_slurm_adopt.so", "libpam-slurm-adopt", "the side-by-side PAM tests and "
+                 "bench/pam_latency.py", pattern="/lib/security/pam_slurm_adopt.so"),
+    *_programs("pamtester", "bench/pam_latency.py", "pamtester"),
 ]}
 
 
