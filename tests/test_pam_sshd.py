@@ -291,3 +291,29 @@ def _alive(pid: int) -> bool:
         return False
     return True
 
+
+
+def test_a_session_moved_out_of_its_job_after_adoption_is_recorded_and_put_back(suite, sshd):
+    """What pam_systemd does when it runs after the module: a later session
+    module moves sshd's process (and so the shell it forks) elsewhere."""
+    root = Path("/sys/fs/cgroup")
+    mover = sshd.base / "move-out.sh"
+    mover.write_text("#!/bin/sh\n"
+                     f"echo $PPID > {root / 'freezer' / 'cgroup.procs'}\n"
+                     f"echo $PPID > {root / 'devices' / 'cgroup.procs'}\n")
+    mover.chmod(0o755)
+    stack = sshd.stack()
+    sshd.write_stack(stack + f"session required pam_exec.so {mover}\n")
+    job, minors = running(suite, "ztalice")
+    mark = last_seq(suite)
+    try:
+        res = sshd.ssh("ztalice", "sleep 3; cat /proc/self/cgroup")
+    finally:
+        sshd.write_stack(stack)
+    assert res.returncode == 0, res
+    lines = {line.split(":", 2)[1]: line.split(":", 2)[2] for line in res.stdout.splitlines()}
+    assert f"job_{job}" in lines["freezer"] and f"job_{job}" in lines["devices"], res.stdout
+    escaped = events_since(suite, "ssh.escaped", mark)
+    assert escaped and escaped[0]["job_id"] == job and escaped[0]["action"] == "moved_back"
+    assert escaped[0]["severity"] == "critical", escaped
+    del minors

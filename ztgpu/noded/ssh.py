@@ -387,9 +387,11 @@ class SshAccess(Confinement):
                 continue
             where = job_cgroups.unified_path_of(entry.pid) if self.steps is not None else \
                 job_cgroups.devices_cgroup_of(entry.pid)
-            outcome, reason = "moved_back", "put back into its job"
+            outcome, reason = "moved_back", "put back into its job, with its processes"
             try:
-                self._adopt(live, entry.pid)
+                for member in _tree(entry.pid):
+                    if not self._in_job(member, live):
+                        self._adopt(live, member)
             except (CgroupError, Fault) as exc:
                 outcome, reason = "ended", f"could not be put back ({exc}); ended"
                 _end_tree(entry.pid, entry.start)
@@ -405,7 +407,13 @@ class SshAccess(Confinement):
             path = job_cgroups.unified_path_of(pid)
             owner = job_cgroups.v2_job_of_path(path) if path else None
             return owner is not None and owner[0] == live.record.job_id
-        return job_cgroups.job_of_pid(pid) == (live.record.uid, live.record.job_id)
+        # Both: the freezer says whose job it is, the devices cgroup confines it
+        # (systemd manages devices but not freezer on v1, so logind moves one only).
+        if job_cgroups.job_of_pid(pid) != (live.record.uid, live.record.job_id):
+            return False
+        devices = job_cgroups.devices_cgroup_of(pid)
+        # Slurm's job cgroup or the agent's own one for the job (both job_<id>).
+        return devices is not None and job_cgroups.in_job_cgroup(devices, live.record.job_id)
 
     def jit_revoked(self, user: str) -> None:
         """authd revoked *user*: end their JIT sessions now."""
@@ -442,25 +450,30 @@ def _attach(cgroup: Path, pid: int) -> bool:
     return True
 
 
-def _end_tree(pid: int, start: int) -> None:
-    """SIGKILL the session process *pid* (if still the one started at *start*)
-    and every process below it."""
-    import signal
-
+def _tree(pid: int) -> list[int]:
+    """*pid* and every process below it (the session's shell and what it ran)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             info = job_cgroups.proc_info(int(entry.name))
             if info is not None:
                 children.setdefault(info[0], []).append(int(entry.name))
-    if holders.start_time(pid) != start:
-        return
     todo, tree = [pid], []
     while todo:
         current = todo.pop()
         tree.append(current)
         todo.extend(children.get(current, []))
-    for member in tree:
+    return tree
+
+
+def _end_tree(pid: int, start: int) -> None:
+    """SIGKILL the session process *pid* (if still the one started at *start*)
+    and every process below it."""
+    import signal
+
+    if holders.start_time(pid) != start:
+        return
+    for member in _tree(pid):
         with contextlib.suppress(OSError):
             fd = os.pidfd_open(member)
             try:

@@ -1,0 +1,119 @@
+"""Just-in-time admin access through sshd and the ztgpu PAM module.
+
+A real authd grants JIT access (`ztgpu admin jit grant`); the node agent
+asks authd for it when a user with no job logs in. The session is let in,
+recorded, confined to no GPU, and ended when the grant expires or the user
+is revoked; a login after that is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import needs_slurm
+
+from ztgpu.testing import gpu_probe
+from ztgpu.testing.mfa_cluster import MfaCluster, mfa_cluster
+from ztgpu.testing.slurm_cluster import wait_for
+from ztgpu.testing.sshd import PrivateSshd, private_sshd
+
+pytestmark = [needs_slurm, pytest.mark.slurm]
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[tuple[MfaCluster, PrivateSshd]]:
+    with mfa_cluster(gate=False) as made, private_sshd(start=False) as sshd:
+        gpu_probe.install_probe(made.suite.cluster.work_dir)
+        sshd.authorize("root", *made.suite.cluster.spec.users)
+        made.suite.ztgpu("install", "--pam", sshd.service, "--pam-dir", "/etc/pam.d",
+                         f"--pam-option=log={sshd.base / 'pam.log'}")
+        sshd.start()
+        yield made, sshd
+
+
+def jit(made: MfaCluster, user: str, ttl: str) -> str:
+    res = made.admin("jit", "grant", "--user", user, "--node", made.suite.cluster.node,
+                     "--ttl", ttl, "--reason", "replace a failed disk")
+    assert res.returncode == 0, res.stderr
+    found = re.search(r"JIT access ([0-9a-f]+)", res.stdout)
+    assert found is not None, res.stdout
+    return found.group(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _pids(needle: bytes) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if needle in Path(f"/proc/{entry.name}/cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_jit_admin_gets_in_without_a_job_sees_no_gpu_and_is_out_when_it_expires(site):
+    made, sshd = site
+    suite = made.suite
+    refused = sshd.ssh("ztcarol", "echo in")
+    assert refused.returncode == 255 and "no running job" in refused.stderr, refused
+    grant = jit(made, "ztcarol", "60s")
+    res = sshd.ssh("ztcarol", f"python3 {suite.cluster.work_dir / 'probe.py'} jit "
+                              f"{suite.cluster.dev_dir}; cat /proc/self/cgroup")
+    assert res.returncode == 0, (res.stderr, sshd.log()[-2000:])
+    seen = gpu_probe.parse_probes(res.stdout)["jit"]
+    assert {seen[f"nvidia{m}"] for m in range(4)} <= {"EACCES", "EPERM"}, seen
+    assert f"/jit_ztcarol_" in res.stdout, res.stdout
+    logins = [e for e in suite.events("ssh.login") if e["user"] == "ztcarol"]
+    assert logins and grant in str(logins[-1]["reason"]), logins
+    sessions = [e for e in suite.events("ssh.session") if e["user"] == "ztcarol"]
+    assert any(e["outcome"] == "jit" for e in sessions), sessions
+
+    # A session open when the grant runs out is ended; a new login is refused.
+    login = sshd.ssh_background("ztcarol", "sleep 444; echo done")
+    wait_for(lambda: _pids(b"sleep\x00444"), 30, "the JIT session's sleep")
+    sleepers = _pids(b"sleep\x00444")
+    out, _ = login.communicate(timeout=120)
+    assert "done" not in out
+    wait_for(lambda: not any(_alive(p) for p in sleepers), 10, "the JIT session ended")
+
+    def ended() -> list[dict[str, object]]:
+        return [e for e in suite.events("ssh.session")
+                if e["user"] == "ztcarol" and e["outcome"] == "ended"]
+
+    wait_for(ended, 10, "the JIT session's end recorded")
+    assert "expired" in str(ended()[-1]["reason"]), ended()
+    late = sshd.ssh("ztcarol", "echo in")
+    assert late.returncode == 255, late
+
+
+def test_a_revoked_user_loses_jit_sessions_and_logins(site):
+    made, sshd = site
+    suite = made.suite
+    jit(made, "ztbob", "1h")
+    login = sshd.ssh_background("ztbob", "sleep 445; echo done")
+    wait_for(lambda: _pids(b"sleep\x00445"), 30, "the JIT session's sleep")
+    res = made.admin("revoke", "--user", "ztbob", "--reason", "laptop stolen")
+    assert res.returncode == 0, res.stderr
+    out, _ = login.communicate(timeout=60)
+    assert "done" not in out
+    def ended() -> list[dict[str, object]]:
+        return [e for e in suite.events("ssh.session")
+                if e["user"] == "ztbob" and e["outcome"] == "ended"]
+
+    wait_for(ended, 10, "the JIT session's end recorded")
+    assert "revoked" in str(ended()[-1]["reason"]), ended()
+    again = sshd.ssh("ztbob", "echo in")
+    assert again.returncode == 255 and "in" not in again.stdout.split(), again
