@@ -75,7 +75,7 @@ def test_jit_admin_gets_in_without_a_job_sees_no_gpu_and_is_out_when_it_expires(
     assert res.returncode == 0, (res.stderr, sshd.log()[-2000:])
     seen = gpu_probe.parse_probes(res.stdout)["jit"]
     assert {seen[f"nvidia{m}"] for m in range(4)} <= {"EACCES", "EPERM"}, seen
-    assert f"/jit_ztcarol_" in res.stdout, res.stdout
+    assert "/jit_ztcarol_" in res.stdout, res.stdout
     logins = [e for e in suite.events("ssh.login") if e["user"] == "ztcarol"]
     assert logins and grant in str(logins[-1]["reason"]), logins
     sessions = [e for e in suite.events("ssh.session") if e["user"] == "ztcarol"]
