@@ -619,6 +619,9 @@ def _gate_request(job: GateJob, resources: JobResources, authority: str) -> byte
         "job_id": job.job_id, "uid": job.uid, "user": job.user, "partition": job.partition,
         "account": job.account, "gpus_count": resources.gpus,
         "time_limit_s": resources.time_limit_s,
+        # An array task counts as bound when its array was (one binding per sbatch).
+        "array_job_id": (job.selector.split("_")[0]
+                         if job.selector and "_" in job.selector else None),
     }).encode()
     return (f"POST /v1/gate HTTP/1.1\r\nHost: {authority}\r\n"
             "Content-Type: application/json\r\nAccept: application/json\r\n"

@@ -363,13 +363,7 @@ def test_decisions_and_secrets_are_recorded_without_secrets(site: Site) -> None:
 
 
 def _authd_events(site: Site, code: str) -> list[dict[str, Any]]:
-    from ztgpu.audit.spool import Spool
-
-    spool = Spool.open(site.authd.base / "spool" / "authd-events.db", "authd")
-    try:
-        return spool.read(limit=10_000, code=code)
-    finally:
-        spool.close()
+    return site.authd.events(code)
 
 
 def test_kek_rotation_reencrypts_every_secret_and_logins_still_work(site: Site) -> None:

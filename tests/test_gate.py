@@ -409,7 +409,8 @@ def test_allowed_gpu_job_sends_the_documented_request(tmp_path: Path, pki: SiteP
     assert request["_status"] == 200
     body = {k: v for k, v in request.items() if not k.startswith("_")}
     assert body == {"job_id": "42", "uid": ME.pw_uid, "user": ME.pw_name, "partition": "gpu",
-                    "account": None, "gpus_count": 2, "time_limit_s": 7200.0}
+                    "account": None, "gpus_count": 2, "time_limit_s": 7200.0,
+                    "array_job_id": None}
     assert not any(call.startswith("scontrol") for call in slurm.log())
 
 

@@ -380,6 +380,14 @@ class AuthdConfig(_Strict):
     #: that is not the user named in the request. Turn off only for an authd
     #: with no Slurm to ask; then any controller certificate is believed.
     gate_checks_job_owner: bool = True
+    #: What an MFA login opens. ``user``: every login of the user may start
+    #: GPU jobs for the session's lifetime. ``login_session``: only jobs
+    #: submitted from the login session that ran `ztgpu login` (bound to it by
+    #: the submit hosts' cli_filter, `ztgpu install --cli-filter`); the job
+    #: gate (`ztgpu install --gate`) enforces it.
+    mfa_binding: Literal["user", "login_session"] = "user"
+    #: login_session: how long the gate waits for a just-submitted job's binding.
+    bind_wait_s: float = Field(default=3.0, ge=0, le=30)
     #: munged's socket used to check login credentials; None = munge's default.
     munge_socket: AbsPath | None = None
     #: Failed TOTP codes in a row that lock an account, and for how long.

@@ -186,6 +186,8 @@ EVENT_TYPES: tuple[EventType, ...] = (
     _t("auth.grant", _INFO, "job_id uid user target_node gpus jti expires",
        "A signed grant was issued for a job on a node."),
     _t("auth.released", _INFO, "user jobs", "Jobs held for MFA were released by a login."),
+    _t("auth.bound", _INFO, "user job_id outcome reason",
+       "A job was bound to the MFA login session that submitted it (or the proof failed)."),
     _t("auth.revoked", _CRIT, "user reason by", "A user's access was revoked."),
     _t("auth.jit", _WARN, "user target_node approver reason expires",
        "Just-in-time admin access to a node was granted."),

@@ -35,6 +35,7 @@ log = logging.getLogger("ztgpu.authd")
 LOGIN = b"ztgpu-login-v1"
 STATUS = b"ztgpu-status-v1"
 ADMIN = b"ztgpu-admin-v1"
+BIND = b"ztgpu-bind-v1"
 
 _MAX_GRANT_S = 30 * 86400.0
 _MFA_CODES = ("mfa_required", "mfa_too_old")
@@ -132,6 +133,13 @@ class JobRequest:
     account: str | None
     gpus: int
     time_limit_s: float | None = None
+    #: The job's array id (SLURM_ARRAY_JOB_ID): a binding of the array counts.
+    array_job_id: str | None = None
+
+
+def bind_message(user: str, job_id: str) -> bytes:
+    """What a login session's binding key signs to bind a job to it."""
+    return f"ztgpu-bind|{user}|{job_id}".encode()
 
 
 class Authority:
@@ -277,15 +285,108 @@ class Authority:
                     self.store.record_success(caller.user, step)
                     lifetime = self._session_lifetime_s(caller.user)
                     session = Session(secrets.token_hex(16), caller.user, caller.uid, ts,
-                                      self._ts(now + timedelta(seconds=lifetime)))
+                                      self._ts(now + timedelta(seconds=lifetime)),
+                                      bind_key=secrets.token_bytes(32))
                     self.store.open_session(session)
+                    assert session.bind_key is not None
+                    self.store.add_session_key(session.id, self.keyring.seal(
+                        session.bind_key, f"session:{session.id}".encode()))
                     outcome = "ok"
         self.events.append("auth.login", user=caller.user, uid=caller.uid, outcome=outcome,
                            reason=detail)
         if session is None:
             raise AuthDenied(detail, outcome)
-        self._release_held(caller.user)
+        if self.config.mfa_binding != "login_session":
+            # Per login session, a login here opens nothing submitted elsewhere:
+            # a held job is released by its own binding (`ztgpu job bind`).
+            self._release_held(caller.user)
         return session
+
+    def bind(self, credential: Any, job_id: Any, session_id: Any, mac: Any) -> dict[str, Any]:
+        """Bind a job to the login session that submitted it.
+
+        The caller (munge) proves the user; ``mac`` (HMAC-SHA256 of
+        ``ztgpu-bind|USER|JOB`` under the session's binding key, which only
+        that login holds) proves the session. The job must be the user's in
+        Slurm. A job held for want of a binding is released. Recorded
+        either way; raises AuthDenied when the proof fails.
+        """
+        import hashlib
+        import hmac
+
+        from ztgpu.slurm.env import parse_job_id
+
+        caller = self.identify(credential, BIND)
+        try:
+            job = parse_job_id(job_id if isinstance(job_id, str) else None)
+        except InputRejected:
+            raise InputRejected("job_id must be a Slurm job id") from None
+        if not (isinstance(session_id, str) and len(session_id) == 32
+                and all(c in "0123456789abcdef" for c in session_id)):
+            raise InputRejected("session_id must be a session id")
+        if not isinstance(mac, str) or len(mac) != 64:
+            raise InputRejected("mac must be 64 hex digits")
+
+        def refuse(reason: str, code: str) -> AuthDenied:
+            self.events.append("auth.bound", user=caller.user, job_id=job, outcome="refused",
+                               reason=reason)
+            return AuthDenied(reason, code)
+
+        now = self._ts()
+        sealed = self.store.session_key(session_id, caller.user, now)
+        if sealed is None:
+            raise refuse("no open MFA login session of yours has this id (expired, revoked, "
+                         "or another user's): run `ztgpu login` again", "no_session")
+        key = self.keyring.open(sealed, f"session:{session_id}".encode())
+        expected = hmac.new(key, bind_message(caller.user, job), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, mac):
+            raise refuse("the binding proof does not match this login session", "bad_proof")
+        if self.holder is not None:
+            try:
+                owner = self.holder.job_user(job)
+            except SlurmError as exc:
+                raise refuse(f"cannot check with Slurm whose job {job} is: {exc}",
+                             "slurm_error") from None
+            if owner != caller.user:
+                raise refuse(f"job {job} is not {caller.user}'s in Slurm", "not_your_job")
+        fresh = self.store.bind_job(job, session_id, caller.user, now)
+        self.events.append("auth.bound", user=caller.user, job_id=job,
+                           outcome="bound" if fresh else "already_bound",
+                           reason=f"login session {session_id[:8]}")
+        held = [j for j, _, _ in self.store.held_jobs(caller.user) if j == job]
+        if held:
+            if self.holder is not None:
+                self.holder.release(held)
+            self.store.mark_released(held, now)
+            self.events.append("auth.released", user=caller.user, jobs=held, outcome="released")
+        return {"job_id": job, "bound": fresh, "released": bool(held)}
+
+    def _bound_session(self, job: JobRequest) -> tuple[Session | None, str]:
+        """login_session mode: the open session *job* is bound to, else why not.
+
+        A job submitted a moment ago may reach the gate before its
+        submitter's binding (cli_filter's post-submit) reaches authd: while
+        the user has an MFA session anywhere, wait up to ``bind_wait_s``.
+        """
+        import time
+
+        ids = [job.job_id] + ([job.array_job_id] if job.array_job_id else [])
+        deadline = time.monotonic() + self.config.bind_wait_s
+        while True:
+            now = self._ts()
+            sid = self.store.job_session(ids, job.user, now)
+            if sid is not None:
+                found = self.store.session(sid)
+                if found is not None:
+                    return found, ""
+            if self.store.current_session(job.user, now) is None:
+                return None, ""  # no MFA at all: the policy's own reason says so
+            if time.monotonic() >= deadline:
+                return None, (f"job {job.job_id} was not submitted from a login session that "
+                              "passed MFA (another login's `ztgpu login` does not count): run "
+                              "`ztgpu login` in the shell you submit from, then `ztgpu job "
+                              f"bind {job.job_id}` there or submit again")
+            time.sleep(0.05)
 
     def _session_lifetime_s(self, user: str) -> float:
         hours: float = self.policy().defaults.mfa_max_age_h
@@ -310,14 +411,20 @@ class Authority:
                               for j, r, s in self.store.held_jobs(caller.user)]}
 
     # -- decisions ------------------------------------------------------------
-    def decide(self, job: JobRequest, *, gpus_held_on_node: int = 0) -> Any:
-        """The policy's decision for ``job`` (not recorded; see gate/grant)."""
+    def decide(self, job: JobRequest, *, gpus_held_on_node: int = 0,
+               session: Session | None = None, bound_only: bool = False) -> Any:
+        """The policy's decision for ``job`` (not recorded; see gate/grant).
+
+        The MFA age is that of *session* when given, else of the user's
+        newest session; with ``bound_only`` and no *session*, of none.
+        """
         from ztgpu.policy import AccessRequest, evaluate
 
         if self.users.uid_of(job.user) != job.uid:
             raise AuthDenied(f"uid {job.uid} is not user {job.user!r}", "uid_mismatch")
         now = self.now()
-        session = self.store.current_session(job.user, self._ts(now))
+        if session is None and not bound_only:
+            session = self.store.current_session(job.user, self._ts(now))
         age = None
         if session is not None:
             created = _session_time(session.created)
@@ -348,7 +455,15 @@ class Authority:
                             max_gpus_per_user_per_node=0, trace=())
         if job.time_limit_s:
             self.store.note_time_limit(job.job_id, job.time_limit_s, self._ts())
-        decision = self.decide(job)
+        if self.config.mfa_binding == "login_session":
+            session, unbound = self._bound_session(job)
+            decision = self.decide(job, session=session, bound_only=True)
+            if unbound and decision.code in _MFA_CODES:
+                from dataclasses import replace
+
+                decision = replace(decision, reason=unbound)
+        else:
+            decision = self.decide(job)
         self.events.append("auth.decision", job_id=job.job_id, uid=job.uid, user=job.user,
                            outcome="allow" if decision.allow else "deny",
                            reason=decision.reason, rule=decision.rule, stage="gate")

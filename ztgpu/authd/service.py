@@ -3,7 +3,8 @@
 Who may call what:
 
 * researchers, with no certificate (a munge credential proves the uid):
-  ``POST /v1/login``, ``POST /v1/status``;
+  ``POST /v1/login``, ``POST /v1/status``, ``POST /v1/bind`` (a job to the
+  login session that submitted it: its binding key signs the request);
 * admins, with no certificate (munge + a fresh MFA login + a policy role):
   ``POST /v1/admin/enroll|revoke|keys/rotate|jit``;
 * the controller, with a ``controller`` certificate (no other role, not even
@@ -82,7 +83,8 @@ def job_request(body: dict[str, Any]) -> JobRequest:
                       user=_field(body, "user", str, _USER),
                       partition=_field(body, "partition", str, _WORD, optional=True),
                       account=_field(body, "account", str, _WORD, optional=True),
-                      gpus=gpus, time_limit_s=float(limit) if limit is not None else None)
+                      gpus=gpus, time_limit_s=float(limit) if limit is not None else None,
+                      array_job_id=_field(body, "array_job_id", str, _JOB_ID, optional=True))
 
 
 def _gpu_list(value: Any) -> list[dict[str, Any]]:
@@ -123,6 +125,7 @@ class AuthService:
         self.app.add_routes([
             web.post("/v1/login", self.login),
             web.post("/v1/status", self.status),
+            web.post("/v1/bind", self.bind),
             web.post("/v1/gate", self.gate),
             web.post("/v1/grant", self.grant),
             web.get("/v1/jwks", self.jwks),
@@ -233,7 +236,19 @@ class AuthService:
         body = await self._json(request)
         session = await self._run_login(request, self.authority.login, body.get("credential"),
                                         body.get("code"))
-        return web.json_response({"user": session.username, "expires": session.expires})
+        import base64
+
+        # The binding key goes to this login once; the client keeps it in the
+        # login's session keyring (ztgpu.trust.session_keyring).
+        key = base64.b64encode(session.bind_key or b"").decode()
+        return web.json_response({"user": session.username, "expires": session.expires,
+                                  "session_id": session.id, "session_key": key})
+
+    async def bind(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        return web.json_response(await self._run_login(
+            request, self.authority.bind, body.get("credential"), body.get("job_id"),
+            body.get("session_id"), body.get("mac")))
 
     async def status(self, request: web.Request) -> web.Response:
         body = await self._json(request)

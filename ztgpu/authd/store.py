@@ -26,6 +26,11 @@ CREATE TABLE IF NOT EXISTS sessions (
     created TEXT NOT NULL, expires TEXT NOT NULL, revoked TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (username, expires);
+CREATE TABLE IF NOT EXISTS session_keys (session_id TEXT PRIMARY KEY, sealed TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_bindings (
+    job_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, username TEXT NOT NULL,
+    bound_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS signing_keys (
     kid TEXT PRIMARY KEY, private TEXT NOT NULL, created TEXT NOT NULL,
     retired TEXT, current {int} NOT NULL
@@ -75,6 +80,9 @@ class Session:
     uid: int
     created: str
     expires: str
+    #: Only when just opened: the key that binds jobs to this login session
+    #: (stored sealed, handed to the login once).
+    bind_key: bytes | None = None
 
 
 class AuthStore:
@@ -152,6 +160,49 @@ class AuthStore:
             return None
         sid, name, uid, created, expires = rows[0]
         return Session(str(sid), str(name), int(uid), str(created), str(expires))
+
+    def session(self, session_id: str) -> Session | None:
+        rows = self.db.execute("SELECT id, username, uid, created, expires FROM sessions "
+                               "WHERE id = ?", (session_id,))
+        if not rows:
+            return None
+        sid, name, uid, created, expires = rows[0]
+        return Session(str(sid), str(name), int(uid), str(created), str(expires))
+
+    def add_session_key(self, session_id: str, sealed: str) -> None:
+        self.db.execute("INSERT INTO session_keys (session_id, sealed) VALUES (?, ?)",
+                        (session_id, sealed))
+
+    def session_key(self, session_id: str, username: str, now: str) -> str | None:
+        """The sealed binding key of *username*'s session *session_id*, while
+        that session is open (not revoked, not expired at ``now``)."""
+        rows = self.db.execute(
+            "SELECT k.sealed FROM session_keys k JOIN sessions s ON s.id = k.session_id "
+            "WHERE k.session_id = ? AND s.username = ? AND s.revoked IS NULL AND s.expires > ?",
+            (session_id, username, now))
+        return str(rows[0][0]) if rows else None
+
+    def bind_job(self, job_id: str, session_id: str, username: str, at: str) -> bool:
+        """Bind a job to the login session that submitted it; False if it is
+        bound already (to this or another session: the first binding stays)."""
+        with self.db.transaction():
+            if self.db.execute("SELECT 1 FROM job_bindings WHERE job_id = ?", (job_id,)):
+                return False
+            self.db.execute("INSERT INTO job_bindings (job_id, session_id, username, bound_at) "
+                            "VALUES (?, ?, ?, ?)", (job_id, session_id, username, at))
+        return True
+
+    def job_session(self, job_ids: Sequence[str], username: str, now: str) -> str | None:
+        """The open session of *username* one of *job_ids* (a job, its array's
+        id) is bound to, or None."""
+        for job_id in job_ids:
+            rows = self.db.execute(
+                "SELECT b.session_id FROM job_bindings b JOIN sessions s ON s.id = b.session_id "
+                "WHERE b.job_id = ? AND b.username = ? AND s.revoked IS NULL AND s.expires > ?",
+                (job_id, username, now))
+            if rows:
+                return str(rows[0][0])
+        return None
 
     def revoke_sessions(self, username: str, at: str) -> int:
         rows = self.db.execute("SELECT count(*) FROM sessions WHERE username = ? AND "

@@ -53,6 +53,63 @@ def _cmd_login(args: argparse.Namespace) -> int:
         reply = client.request("POST", "/v1/login",
                                {"credential": credential(config, LOGIN), "code": code})
     print(f"MFA session for {reply['user']} valid until {reply['expires']}")
+    _keep_session_key(reply)
+    return 0
+
+
+def _keep_session_key(reply: dict[str, Any]) -> None:
+    """Keep the login's binding key in this login's session keyring."""
+    from datetime import UTC, datetime
+
+    from ztgpu.trust import session_keyring
+
+    session_id, key = reply.get("session_id"), reply.get("session_key")
+    if not isinstance(session_id, str) or not isinstance(key, str) or not key:
+        return  # an older authd: sessions are per user only
+    try:
+        expires = datetime.fromisoformat(str(reply["expires"]).replace("Z", "+00:00"))
+        lifetime = (expires - datetime.now(UTC)).total_seconds()
+        session_keyring.store(f"{session_id}:{key}".encode(), int(lifetime))
+    except (session_keyring.KeyringError, ValueError) as exc:
+        print(f"warning: jobs cannot be bound to this login session: {exc}", file=sys.stderr)
+        return
+    print("jobs submitted from this login session are bound to it (where the site "
+          "requires it, jobs from other logins wait for their own `ztgpu login`)")
+
+
+def _cmd_job_bind(args: argparse.Namespace) -> int:
+    """`ztgpu job bind JOB`: tell authd that this login session submitted JOB
+    (run by the site's cli_filter after every sbatch/salloc/srun)."""
+    import base64
+    import hashlib
+    import hmac
+    import os
+    import pwd
+
+    from ztgpu.auth_client import credential, user_client
+    from ztgpu.authd.authority import BIND, bind_message
+    from ztgpu.slurm.env import parse_job_id
+    from ztgpu.trust import session_keyring
+
+    job_id = parse_job_id(args.job)
+    stored = session_keyring.read()
+    if stored is None:
+        if not args.quiet:
+            print(f"ztgpu: job {job_id} is not bound: this login session has no MFA session "
+                  "key (run `ztgpu login` here)", file=sys.stderr)
+        return 1
+    session_id, _, key_text = stored.decode("ascii", "replace").partition(":")
+    key = base64.b64decode(key_text)
+    user = pwd.getpwuid(os.getuid()).pw_name
+    mac = hmac.new(key, bind_message(user, job_id), hashlib.sha256).hexdigest()
+    config = _config(args)
+    with user_client(config, args.authd) as client:
+        reply = client.request("POST", "/v1/bind", {
+            "credential": credential(config, BIND), "job_id": job_id,
+            "session_id": session_id, "mac": mac})
+    if not args.quiet:
+        print(f"job {job_id} bound to this login session"
+              + (" and released" if reply.get("released") else ""))
     return 0
 
 
@@ -214,6 +271,15 @@ def add_auth_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     login.add_argument("--code-stdin", action="store_true",
                        help="read the code from standard input (for scripts)")
     login.set_defaults(func=_cmd_login)
+
+    job = sub.add_parser("job", help="jobs and the login session that submitted them")
+    jsub = job.add_subparsers(dest="job_command", required=True)
+    bind = jsub.add_parser("bind", help="bind a job to this login's MFA session (the site's "
+                           "cli_filter runs it after each submission)")
+    bind.add_argument("job", help="the job id sbatch/srun/salloc printed")
+    bind.add_argument("--authd", metavar="URL", help="authd URL (default: auth.authd_url)")
+    bind.add_argument("--quiet", action="store_true", help="print nothing when it works")
+    bind.set_defaults(func=_cmd_job_bind)
 
     admin = sub.add_parser("admin", help="authd administration (needs a fresh MFA login)")
     admin.add_argument("--authd", metavar="URL", help="authd URL (default: auth.authd_url)")

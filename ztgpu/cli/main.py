@@ -150,8 +150,15 @@ def _cmd_install(args: argparse.Namespace) -> int:
         if args.slurm_conf is None or status != 0:
             return status
     from ztgpu.config import load_config
-    from ztgpu.slurm.conf import gate_changes, install, suite_changes
-    from ztgpu.slurm.hooks_install import gate_path, hook_path, render_gate, write_gate, write_hooks
+    from ztgpu.slurm.conf import cli_filter_changes, gate_changes, install, suite_changes
+    from ztgpu.slurm.hooks_install import (
+        gate_path,
+        hook_path,
+        render_gate,
+        write_cli_filter,
+        write_gate,
+        write_hooks,
+    )
     from ztgpu.trust.safe_paths import require_trusted
 
     config = load_config(args.config)
@@ -163,12 +170,17 @@ def _cmd_install(args: argparse.Namespace) -> int:
         # The job gate is opt-in; check its config before anything is written.
         render_gate(config, Path(args.slurm_conf))
         changes += gate_changes(gate_path(config))
+    if args.cli_filter:
+        changes += cli_filter_changes()
     # Plan first: a slurm.conf that cannot be read or changed safely stops
     # the install before any hook is written.
     result = install(Path(args.slurm_conf), changes, dry_run=True)
     written = write_hooks(config, dry_run=args.dry_run)
     if args.gate:
         written.append(write_gate(config, Path(args.slurm_conf), dry_run=args.dry_run))
+    if args.cli_filter:
+        written.append(write_cli_filter(Path(args.slurm_conf), args.cli_filter_config,
+                                        dry_run=args.dry_run))
     for path, changed in written:
         verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
         print(f"{verb}: {path}")
@@ -361,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--gate", action="store_true",
                       help="also install the job gate (PrologSlurmctld asking authd before a "
                       "GPU job starts; needs auth.authd_url, tls.cert, tls.key)")
+    inst.add_argument("--cli-filter", action="store_true",
+                      help="also install the submit-side cli_filter (Lua) that binds each "
+                      "job to the MFA login session that submitted it (for authd's "
+                      "mfa_binding: login_session); on login nodes and every submit host")
+    inst.add_argument("--cli-filter-config", type=Path, metavar="FILE",
+                      help="with --cli-filter: the ztgpu config the submitters' `ztgpu job "
+                      "bind` reads (default: $ZTGPU_CONFIG or /etc/ztgpu/ztgpu.yaml)")
     inst.add_argument("--check", action="store_true",
                       help="change nothing; check that slurm.conf names the hooks, that "
                       "slurmctld runs them and (with one short 1-GPU probe job on this node) "

@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 _KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-_FLAG_RE = re.compile(r"[A-Za-z0-9_.:-]+")
+_FLAG_RE = re.compile(r"[A-Za-z0-9_.:/-]+")  # flag words and plugin names
 _MARKER_RE = re.compile(r"[A-Za-z0-9_.-]+")
 # Characters a value we write may not contain: Slurm gives '#' and '\' a
 # meaning even inside quotes, and a '"' cannot be quoted at all.
@@ -183,6 +183,13 @@ def gate_changes(gate: Path) -> tuple[SlurmConfChange, ...]:
     """
     _check_hook_path("job gate", gate)
     return (SlurmConfChange("PrologSlurmctld", str(gate)),)
+
+
+def cli_filter_changes() -> tuple[SlurmConfChange, ...]:
+    """The slurm.conf setting of the submit-side binding (``ztgpu install
+    --cli-filter``): Slurm's Lua cli_filter, which reads ``cli_filter.lua``
+    beside slurm.conf. Other cli_filter plugins the site runs stay."""
+    return (SlurmConfChange("CliFilterPlugins", ensure_flags=("cli_filter/lua",)),)
 
 
 def _check_hook_path(name: str, path: Path) -> None:

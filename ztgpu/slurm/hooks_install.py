@@ -146,3 +146,48 @@ def write_root_file(path: Path, text: str, *, dry_run: bool, mode: int = 0o755) 
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     return changed
+
+
+#: File name Slurm's cli_filter/lua plugin reads, beside slurm.conf.
+CLI_FILTER = "cli_filter.lua"
+
+
+def render_cli_filter(config_file: Path | None, python: str = sys.executable) -> str:
+    """The Lua cli_filter: after each sbatch/salloc/srun submission it runs
+    ``ztgpu job bind JOB`` as the submitting user, so the job is bound to
+    this login session's MFA key (authd's ``mfa_binding: login_session``)."""
+    ztgpu = str(Path(python).with_name("ztgpu"))
+    config = f" --config {config_file}" if config_file is not None else ""
+    return (
+        "-- ztgpu cli_filter: written by `ztgpu install --cli-filter`; rerun it instead of\n"
+        "-- editing. Binds every job to the login session that submitted it.\n"
+        f"local ZTGPU = {_lua_string(ztgpu + config)}\n"
+        "function slurm_cli_setup_defaults(options, early_pass)\n"
+        "    return slurm.SUCCESS\n"
+        "end\n"
+        "function slurm_cli_pre_submit(options, pack_offset)\n"
+        "    return slurm.SUCCESS\n"
+        "end\n"
+        "function slurm_cli_post_submit(offset, job_id, step_id)\n"
+        "    local id = tonumber(job_id)\n"
+        "    if id ~= nil and offset == 0 then\n"
+        "        -- A failure is the job's to report: the gate holds an unbound job.\n"
+        "        os.execute(ZTGPU .. \" job bind --quiet \" .. string.format(\"%d\", id))\n"
+        "    end\n"
+        "    return slurm.SUCCESS\n"
+        "end\n"
+    )
+
+
+def _lua_string(text: str) -> str:
+    if any(c in text for c in "\"\\\n'$`") or not text.isprintable():
+        raise ConfigError(f"{text!r} cannot be written into the cli_filter")
+    return f'"{text}"'
+
+
+def write_cli_filter(slurm_conf: Path, config_file: Path | None, *,
+                     dry_run: bool) -> tuple[Path, bool]:
+    """Write cli_filter.lua beside *slurm_conf* (0644); returns (path, changed)."""
+    path = slurm_conf.parent / CLI_FILTER
+    return path, write_root_file(path, render_cli_filter(config_file), dry_run=dry_run,
+                                 mode=0o644)

@@ -95,6 +95,16 @@ class AuthdProcess(ServiceProcess):
         return subprocess.run(argv, input=stdin, capture_output=True, text=True,
                               timeout=timeout, check=False)
 
+    def events(self, code: str | None = None) -> list[dict[str, Any]]:
+        """authd's own recorded events (its spool), oldest first."""
+        from ztgpu.audit.spool import Spool
+
+        spool = Spool.open(self.base / "spool" / "authd-events.db", "authd")
+        try:
+            return spool.read(limit=100_000, code=code)
+        finally:
+            spool.close()
+
     def credential_as(self, user: str | None, purpose: bytes) -> str:
         """A munge credential for ``purpose`` made by local ``user`` (None: this process)."""
         argv = ["munge", "-S", str(self.munge_socket)]

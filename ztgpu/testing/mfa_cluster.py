@@ -84,14 +84,17 @@ class MfaCluster:
 def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
                 policy: str = DEFAULT_POLICY, audit: bool = False,
                 gate_socket: bool = True,
-                authd: dict[str, Any] | None = None) -> Iterator[MfaCluster]:
+                authd: dict[str, Any] | None = None,
+                cli_filter: bool = False) -> Iterator[MfaCluster]:
     """A running cluster where GPUs need MFA; everything is removed afterwards.
 
     With ``audit`` the node agent also forwards its spool to a private
     collector of the same site PKI, as a site with MFA runs it. The gate asks
     authd over its unix gate socket (authd runs on the "controller", this
     host) unless ``gate_socket`` is false, when it uses mutual TLS. ``authd``
-    adds settings to authd's own config section.
+    adds settings to authd's own config section. ``cli_filter`` installs the
+    submit-side binding (`ztgpu install --cli-filter`) with the users' login
+    config.
     """
     base = Path(tempfile.mkdtemp(prefix="ztgpu-mfa-"))
     base.chmod(0o755)
@@ -126,6 +129,10 @@ def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
         def installed(suite: SuiteCluster) -> None:
             if gate:
                 _install_gate(suite, pki, holder["authd"])
+            if cli_filter:
+                suite.ztgpu("install", "--slurm-conf", str(suite.cluster.slurm_conf),
+                            "--cli-filter", "--cli-filter-config",
+                            str(base / "login" / "ztgpu.yaml"))
 
         with suite_cluster(spec, prepare=prepare, installed=installed) as suite:
             login = base / "login"

@@ -31,13 +31,15 @@ from ztgpu.testing.slurm_cluster import ClusterError, wait_for
 PAM_DIR = Path("/etc/pam.d")
 PRIVSEP_DIR = Path("/run/sshd")
 
-#: A compute node's sshd stack before any module of ours (Debian's, without
-#: the includes): key logins, nologin, pam_unix's account and session.
+#: A node's sshd stack before any module of ours (Debian's, without the
+#: includes): key logins, nologin, pam_unix's account and session, and a
+#: session keyring of its own for every login (pam_keyinit).
 BASE_STACK = """\
 # private test sshd stack (ztgpu.testing.sshd)
 auth       required     pam_unix.so
 account    required     pam_nologin.so
 account    required     pam_unix.so
+session    optional     pam_keyinit.so force revoke
 session    required     pam_unix.so
 session    optional     pam_env.so
 """
@@ -107,7 +109,9 @@ class PrivateSshd:
             path.write_text(public)
             path.chmod(0o644)
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Start the daemon; *env* is added to its environment (PAM modules in
+        it see that, e.g. SLURM_CONF for pam_slurm_adopt)."""
         if not PRIVSEP_DIR.exists():
             PRIVSEP_DIR.mkdir(mode=0o755)
             self.made_privsep = True
@@ -115,7 +119,7 @@ class PrivateSshd:
             self.process = subprocess.Popen(
                 [str(self.base / self.service), "-D", "-e", "-f",
                  str(self.base / "sshd_config")], stdout=log, stderr=log,
-                start_new_session=True)
+                start_new_session=True, env={**os.environ, **(env or {})})
         wait_for(self._listening, 20, f"the private sshd on port {self.port}")
 
     def _listening(self) -> bool:
