@@ -91,6 +91,7 @@ bench: install
 	$(PY) bench/holder_scan.py
 	$(PY) bench/login_flood.py
 	$(PY) bench/v2_node.py
+	$(PY) bench/pam_latency.py
 
 # Mutation testing of the security-critical pure logic (slurm/env, trust/grants,
 # audit/events, policy, trust/totp), configured in pyproject.toml [tool.mutmut];
