@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from ztgpu.pam import session
 from ztgpu.pam.install import BEGIN, END
 
