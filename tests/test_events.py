@@ -102,8 +102,12 @@ def test_the_documented_codes_and_required_fields() -> None:
         "audit.chain_broken", "audit.rejected", "audit.refused", "auth.enrolled",
         "auth.login", "auth.locked", "auth.decision", "auth.grant", "auth.released",
         "auth.revoked", "auth.jit", "auth.keys_rotated", "auth.policy_loaded", "auth.refused",
-        "auth.start", "auth.stop",
+        "auth.start", "auth.stop", "auth.bound",
+        "ssh.login", "ssh.denied", "ssh.session", "ssh.escaped",
     }  # fmt: skip
+    assert REGISTRY["ssh.escaped"].severity is Severity.CRITICAL
+    assert REGISTRY["ssh.denied"].required == {
+        "user", "rhost", "service", "outcome", "reason", "action"}
     assert REGISTRY["audit.gap"].severity is Severity.CRITICAL
     assert REGISTRY["audit.chain_broken"].severity is Severity.CRITICAL
     assert REGISTRY["spool.full"].severity is Severity.CRITICAL

@@ -258,6 +258,58 @@ def test_the_agents_slurm_client_reads_and_drives_this_slurm(suite):
     finish(c, job)
 
 
+SSH = ("ssh -i /root/ztgpu-ssh -o BatchMode=yes -o StrictHostKeyChecking=no "
+       "-o UserKnownHostsFile=/dev/null -o LogLevel=INFO")
+
+
+@pytest.fixture
+def pam_on_sshd(suite: VmCluster) -> Iterator[VmCluster]:
+    """The node's own sshd (Debian's stack, pam_systemd included) with the PAM
+    module as the README installs it, through pam_exec (available on every
+    release); the stack and sshd are put back afterwards."""
+    c = suite
+    for step in (
+        "test -f /root/ztgpu-ssh || ssh-keygen -q -t ed25519 -N '' -f /root/ztgpu-ssh",
+        "mkdir -p /etc/ssh/ztgpu-keys && for u in ztalice ztcarol; do "
+        "cp /root/ztgpu-ssh.pub /etc/ssh/ztgpu-keys/$u; done",
+        "printf 'AuthorizedKeysFile .ssh/authorized_keys /etc/ssh/ztgpu-keys/%%u\\n' "
+        "> /etc/ssh/sshd_config.d/ztgpu-test-keys.conf && systemctl reload ssh",
+        "cp -p /etc/pam.d/sshd /root/sshd.pam.orig",
+        f"{VENV}/bin/ztgpu install --pam sshd --pam-exec",
+    ):
+        c.sh(step, timeout=300)
+    try:
+        yield c
+    finally:
+        c.sh("cp -p /root/sshd.pam.orig /etc/pam.d/sshd && "
+             "rm -f /etc/ssh/sshd_config.d/ztgpu-test-keys.conf && systemctl reload ssh",
+             timeout=300)
+
+
+def test_ssh_is_denied_without_a_job_and_adopted_into_the_v2_extern_step(pam_on_sshd):
+    c = pam_on_sshd
+    c.set_constrain_devices(True)
+    assert "pam_exec.so stdout quiet" in c.sh("cat /etc/pam.d/sshd").stdout
+    denied = c.sh(f"{SSH} ztcarol@127.0.0.1 echo in", check=False, timeout=300)
+    assert denied.returncode == 255 and "in" not in denied.stdout.split(), denied
+    assert [e["user"] for e in c.events("ssh.denied")][-1:] == ["ztcarol"]
+    job = running(c, "ztalice")
+    mine = granted_minors(c, job)
+    out = c.sh(f"{SSH} ztalice@127.0.0.1 'cat /proc/self/cgroup; "
+               f"python3 -I {WORK}/probe.py ssh /dev'", timeout=300).stdout
+    # Adopted after pam_systemd put it into a logind scope (the module's lines
+    # come last): the shell runs in the job's extern step, under the agent's
+    # step program.
+    assert f"/job_{job}/step_extern/user/task_special" in out, out
+    seen = probes(out)["ssh"]
+    for minor in range(4):
+        wanted = ("open",) if minor in mine else ("EACCES", "EPERM")
+        assert seen[f"nvidia{minor}"] in wanted, seen
+    adopted = [e for e in c.events("ssh.session", job) if e["outcome"] == "adopted"]
+    assert adopted and adopted[-1]["user"] == "ztalice", adopted
+    finish(c, job)
+
+
 @pytest.fixture
 def run_in_job(suite: VmCluster) -> Iterator[VmCluster]:
     c = suite
