@@ -70,7 +70,7 @@ PREREQUISITES: dict[str, Prerequisite] = {p.name: p for p in [
                  "(run by Slurm with the system PATH)", pattern="/usr/bin/python3"),
     *_programs("util-linux", "running commands as test users", "runuser"),
     *_programs("passwd", "the test users of the private cluster",
-               "useradd", "userdel", "groupadd", "groupdel"),
+               "useradd", "userdel", "usermod", "groupadd", "groupdel"),
     *_programs("systemd", "checking the shipped unit files", "systemd-analyze"),
     *_programs("openssl", "inspecting the site PKI's certificates", "openssl"),
     *_programs("debootstrap", "the pure-v2 VM images (ztgpu.testing.vm)", "debootstrap"),
