@@ -65,6 +65,13 @@ def test_a_second_login_without_totp_cannot_ride_the_first_logins_mfa(site):
     bound = [e for e in made.authd.events("auth.bound") if e.get("job_id") == job_a]
     assert [e["outcome"] for e in bound] == ["bound"], bound
 
+    # srun/salloc: Slurm runs the cli_filter's post-submit step only once the
+    # allocation has started, after the gate, so an interactive allocation
+    # cannot be bound in time and is refused (fail closed; the README says so).
+    srun = sshd.ssh("ztalice", shell(made, "srun --gres=gpu:1 echo ran-on-gpu"))
+    assert "ran-on-gpu" not in srun.stdout, (srun.stdout, srun.stderr)
+    assert "not submitted from a login session that passed MFA" in srun.stderr, srun.stderr
+
     # Login B: the same user and key, no code. Its job waits, with the reason.
     b = sshd.ssh("ztalice", shell(made, sbatch(made)))
     assert b.returncode == 0, (b.stdout, b.stderr)
