@@ -303,9 +303,11 @@ class SshAccess(Confinement):
                         f"(slurm.conf needs PrologFlags=Contain; `ztgpu install` sets it)")
         if not self._cover_step(live, step):
             raise Fault(f"job {record.job_id}'s extern step cannot be confined")
+        # Slurm 22.05 may not have made the step's user/ level yet for an
+        # extern step with no task; make both (a leaf can take processes).
         leaf = step / "user" / "task_special"
         try:
-            leaf.mkdir(exist_ok=True)
+            leaf.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CgroupError(f"cannot make {leaf}: {exc.strerror}") from exc
         if holders.exited(pidfd) or not _attach(leaf, pid):
