@@ -8,10 +8,8 @@ is revoked; a login after that is refused.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import needs_slurm
@@ -19,7 +17,7 @@ from conftest import needs_slurm
 from ztgpu.testing import gpu_probe
 from ztgpu.testing.mfa_cluster import MfaCluster, mfa_cluster
 from ztgpu.testing.slurm_cluster import wait_for
-from ztgpu.testing.sshd import PrivateSshd, private_sshd
+from ztgpu.testing.sshd import PrivateSshd, alive, pids_running, private_sshd
 
 pytestmark = [needs_slurm, pytest.mark.slurm]
 
@@ -44,24 +42,6 @@ def jit(made: MfaCluster, user: str, ttl: str) -> str:
     return found.group(1)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _pids(needle: bytes) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if needle in Path(f"/proc/{entry.name}/cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def test_jit_admin_gets_in_without_a_job_sees_no_gpu_and_is_out_when_it_expires(site):
@@ -83,11 +63,11 @@ def test_jit_admin_gets_in_without_a_job_sees_no_gpu_and_is_out_when_it_expires(
 
     # A session open when the grant runs out is ended; a new login is refused.
     login = sshd.ssh_background("ztcarol", "sleep 444; echo done")
-    wait_for(lambda: _pids(b"sleep\x00444"), 30, "the JIT session's sleep")
-    sleepers = _pids(b"sleep\x00444")
+    wait_for(lambda: pids_running(b"sleep\x00444"), 30, "the JIT session's sleep")
+    sleepers = pids_running(b"sleep\x00444")
     out, _ = login.communicate(timeout=120)
     assert "done" not in out
-    wait_for(lambda: not any(_alive(p) for p in sleepers), 10, "the JIT session ended")
+    wait_for(lambda: not any(alive(p) for p in sleepers), 10, "the JIT session ended")
 
     def ended() -> list[dict[str, object]]:
         return [e for e in suite.events("ssh.session")
@@ -104,7 +84,7 @@ def test_a_revoked_user_loses_jit_sessions_and_logins(site):
     suite = made.suite
     jit(made, "ztbob", "1h")
     login = sshd.ssh_background("ztbob", "sleep 445; echo done")
-    wait_for(lambda: _pids(b"sleep\x00445"), 30, "the JIT session's sleep")
+    wait_for(lambda: pids_running(b"sleep\x00445"), 30, "the JIT session's sleep")
     res = made.admin("revoke", "--user", "ztbob", "--reason", "laptop stolen")
     assert res.returncode == 0, res.stderr
     out, _ = login.communicate(timeout=60)

@@ -19,7 +19,7 @@ from conftest import needs_slurm
 
 from ztgpu.testing import gpu_probe
 from ztgpu.testing.slurm_cluster import ClusterSpec, wait_for
-from ztgpu.testing.sshd import PrivateSshd, private_sshd
+from ztgpu.testing.sshd import PrivateSshd, alive, pids_running, private_sshd
 from ztgpu.testing.suite_cluster import SuiteCluster, suite_cluster
 
 pytestmark = [needs_slurm, pytest.mark.slurm]
@@ -137,13 +137,13 @@ def test_the_adopted_shell_ends_with_its_job(suite, sshd):
     # A login that would keep running: when the job ends, every process of
     # it must end too (Slurm ends the extern step it was put into).
     login = sshd.ssh_background("ztalice", "sleep 555; echo done")
-    wait_for(lambda: _pids_running("sleep 555"), 30, "the ssh session's sleep")
-    sleepers = _pids_running("sleep 555")
+    wait_for(lambda: pids_running(b"sleep\x00555"), 30, "the ssh session's sleep")
+    sleepers = pids_running(b"sleep\x00555")
     suite.cluster.slurm(["scancel", job])
     suite.cluster.wait_job(job, ["CANCELLED", "COMPLETED"], timeout=60)
     out, _ = login.communicate(timeout=60)
     assert "done" not in out
-    wait_for(lambda: not any(_alive(p) for p in sleepers), 30, "the session's processes gone")
+    wait_for(lambda: not any(alive(p) for p in sleepers), 30, "the session's processes gone")
     suite.wait_event("job.release", job)
 
 
@@ -271,25 +271,6 @@ def test_pam_exec_entry_point_denies_and_adopts_the_same(suite, sshd):
     assert "pam_python.so" in sshd.stack() and "pam_exec.so" not in sshd.stack()
 
 
-def _pids_running(needle: str) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if needle.encode() in cmd:
-                found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 

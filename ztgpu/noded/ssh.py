@@ -283,7 +283,7 @@ class SshAccess(Confinement):
                             if p.parts[len(root.parts)] != "freezer")
             moved = []
             for cgroup in [freezer[0], *others]:
-                if holders.exited(pidfd) or not _attach(cgroup, pid):
+                if holders.exited(pidfd) or not self.devices.attach(cgroup, pid):
                     raise Fault(f"the session process {pid} is gone")
                 moved.append(str(cgroup.relative_to(root)))
             # Then the same device narrowing as the job's own tasks get.
@@ -310,7 +310,7 @@ class SshAccess(Confinement):
             leaf.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CgroupError(f"cannot make {leaf}: {exc.strerror}") from exc
-        if holders.exited(pidfd) or not _attach(leaf, pid):
+        if holders.exited(pidfd) or not self.devices.attach(leaf, pid):
             raise Fault(f"the session process {pid} is gone")
         live.probed.setdefault(leaf, 0.0)
         return f"cgroup {self.cgroup_name(leaf)}"
@@ -436,20 +436,6 @@ class SshAccess(Confinement):
         self.spool.append("ssh.session", user=entry.user, rhost=entry.rhost,
                           service=entry.service, pid=entry.pid, outcome="ended",
                           reason=f"JIT admin session {entry.jit_id} ended: {why}")
-
-
-def _attach(cgroup: Path, pid: int) -> bool:
-    try:
-        fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY)
-        try:
-            os.write(fd, str(pid).encode())
-        finally:
-            os.close(fd)
-    except ProcessLookupError:
-        return False
-    except OSError as exc:
-        raise CgroupError(f"cannot move pid {pid} into {cgroup}: {exc.strerror}") from exc
-    return True
 
 
 def _tree(pid: int) -> list[int]:
