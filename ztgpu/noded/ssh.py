@@ -109,12 +109,10 @@ class SshAccess(Confinement):
     #: user on this node, as ``[{"id", "expires"}]`` (raises on failure).
     jit_lookup: Any = None
 
-    def _adopted(self) -> dict[int, Adopted]:
-        table: dict[int, Adopted] | None = getattr(self, "_adopted_table", None)
-        if table is None:
-            table = {}
-            self._adopted_table = table
-        return table
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Session processes put into a job or a JIT cgroup, by pid.
+        self.adopted: dict[int, Adopted] = {}
 
     def _user_jobs(self, uid: int) -> list[LiveJob]:
         with self.lock:
@@ -251,7 +249,7 @@ class SshAccess(Confinement):
         start = holders.start_time(pid)
         with self.lock:
             if start is not None:
-                self._adopted()[pid] = Adopted(pid=pid, start=start, user=user, rhost=rhost,
+                self.adopted[pid] = Adopted(pid=pid, start=start, user=user, rhost=rhost,
                                                service=service, job_id=job_id)
         self._record("ssh.session", user, rhost, service, job_id=job_id, pid=pid,
                      outcome="adopted", reason=f"{why}; {where}"[:500])
@@ -334,7 +332,7 @@ class SshAccess(Confinement):
         start = holders.start_time(pid)
         with self.lock:
             if start is not None:
-                self._adopted()[pid] = Adopted(
+                self.adopted[pid] = Adopted(
                     pid=pid, start=start, user=user, rhost=rhost, service=service,
                     job_id=None, until=time.monotonic() + left, jit_id=str(grant.get("id")))
         self._record("ssh.session", user, rhost, service, pid=pid,
@@ -360,7 +358,7 @@ class SshAccess(Confinement):
         user, rhost, service, _ = _parse(req)
         pid = self._session_pid(peer_pid, req.get("target"))
         with self.lock:
-            entry = self._adopted().pop(pid, None)
+            entry = self.adopted.pop(pid, None)
         job = {"job_id": entry.job_id} if entry is not None and entry.job_id else {}
         self._record("ssh.session", user, rhost, service, pid=pid, outcome="closed",
                      reason="session closed", **job)
@@ -370,12 +368,12 @@ class SshAccess(Confinement):
     def check_sessions(self) -> None:
         """Adopted sessions still where they belong; JIT sessions end on time."""
         with self.lock:
-            entries = list(self._adopted().values())
+            entries = list(self.adopted.values())
         now = time.monotonic()
         for entry in entries:
             if holders.start_time(entry.pid) != entry.start:
                 with self.lock:
-                    self._adopted().pop(entry.pid, None)
+                    self.adopted.pop(entry.pid, None)
                 continue
             if entry.job_id is None:
                 if entry.until is not None and now >= entry.until:
@@ -420,14 +418,14 @@ class SshAccess(Confinement):
     def jit_revoked(self, user: str) -> None:
         """authd revoked *user*: end their JIT sessions now."""
         with self.lock:
-            entries = [e for e in self._adopted().values()
+            entries = [e for e in self.adopted.values()
                        if e.job_id is None and e.user == user]
         for entry in entries:
             self._end_jit(entry, "the user's access was revoked")
 
     def _end_jit(self, entry: Adopted, why: str) -> None:
         with self.lock:
-            self._adopted().pop(entry.pid, None)
+            self.adopted.pop(entry.pid, None)
         _end_tree(entry.pid, entry.start)
         if self.v1:
             cgroup = self.devices.path(f"{self.own_cgroup}/jit_{entry.user}_{entry.pid}")
