@@ -1,6 +1,6 @@
 """The ``pam_exec`` face of the ztgpu PAM module, for sites without pam_python.
 
-``ztgpu install --pam SERVICE --pam-exec`` writes the ``pam_exec`` wrapper
+``ztgpu install --pam SERVICE --pam-module exec`` writes the ``pam_exec`` wrapper
 into the hooks directory; the stack lines then read::
 
     account  required  pam_exec.so stdout quiet /usr/libexec/ztgpu/pam_exec socket=...

@@ -1,13 +1,24 @@
 """``ztgpu install --pam SERVICE``: the module's loader and its stack lines.
 
-Writes the loader (pam_python) or the ``pam_exec`` wrapper into
-``paths.hooks_dir`` (root-owned, checked like the Slurm hooks) and one
-marked block at the *end* of ``/etc/pam.d/SERVICE``::
+Puts the module into ``paths.hooks_dir`` (root-owned, checked like the
+Slurm hooks) and one marked block at the *end* of ``/etc/pam.d/SERVICE``::
 
     # BEGIN ztgpu (written by `ztgpu install --pam`; rerun it instead of editing)
-    account required pam_python.so /usr/libexec/ztgpu/pam_ztgpu.py socket=...
-    session required pam_python.so /usr/libexec/ztgpu/pam_ztgpu.py socket=...
+    account required /usr/libexec/ztgpu/pam_ztgpu.so socket=...
+    session required /usr/libexec/ztgpu/pam_ztgpu.so socket=...
     # END ztgpu
+
+Three forms of the same module (``--pam-module``):
+
+``compiled`` (the default)
+    ``pam_ztgpu.so``, built here from the C source shipped in the package
+    (gcc and the PAM headers, libpam0g-dev): a login pays a few
+    milliseconds, as with pam_slurm_adopt.
+``python``
+    ``pam_ztgpu.py``, a loader for pam_python (libpam-python), which also
+    has the auth phase (TOTP on login nodes and for JIT admins).
+``exec``
+    a ``pam_exec`` wrapper, for sites with neither.
 
 At the end, the account line runs after the site's own account checks, and
 the session line after every other session module, pam_systemd included:
@@ -37,6 +48,13 @@ BEGIN = "# BEGIN ztgpu (written by `ztgpu install --pam`; rerun it instead of ed
 END = "# END ztgpu"
 LOADER = "pam_ztgpu.py"
 EXEC_WRAPPER = "pam_exec"
+COMPILED = "pam_ztgpu.so"
+MODULE_KINDS = ("compiled", "python", "exec")
+PAM_HEADER = Path("/usr/include/security/pam_modules.h")
+#: Hardening as Debian builds its own PAM modules, and no warning let through.
+CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-Wformat=2", "-Wshadow", "-fPIC",
+          "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2", "-fcf-protection")
+LDFLAGS = ("-shared", "-Wl,-z,relro,-z,now", "-Wl,-z,noexecstack")
 _SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -64,7 +82,7 @@ def render_loader() -> str:
 def render_exec_wrapper(python: str = sys.executable) -> str:
     return (
         f"#!{python} -IS\n"
-        "# ztgpu PAM module for pam_exec: written by `ztgpu install --pam --pam-exec`;\n"
+        "# ztgpu PAM module for pam_exec: written by `ztgpu install --pam --pam-module exec`;\n"
         "# rerun it instead of editing.\n"
         "import sys\n"
         f"sys.path.insert(0, {_site()!r})\n"
@@ -73,7 +91,57 @@ def render_exec_wrapper(python: str = sys.executable) -> str:
     )
 
 
-def stack_lines(config: Config, *, use_exec: bool, options: list[str]) -> list[str]:
+def source_path() -> Path:
+    """The C source of the compiled module, shipped in the package."""
+    return Path(__file__).with_name("pam_ztgpu.c")
+
+
+def build_compiled(dest: Path, *, dry_run: bool) -> bool:
+    """Compile the C module into *dest* (root's, 0644, atomically); returns
+    whether it changed. gcc's output is the same for the same source and
+    flags, so an unchanged module is not replaced. Raises ConfigError when
+    the compiler or the PAM headers are missing."""
+    import shutil
+    import stat
+    import subprocess
+
+    gcc = shutil.which("gcc")
+    if gcc is None or not PAM_HEADER.exists():
+        missing = "gcc" if gcc is None else f"the PAM headers ({PAM_HEADER})"
+        raise ConfigError(f"--pam-module compiled needs {missing}: apt-get install gcc "
+                          f"libpam0g-dev, or use --pam-module python (pam_python)")
+    with tempfile.TemporaryDirectory(prefix="ztgpu-pam-") as tmp:
+        built = Path(tmp) / COMPILED
+        res = subprocess.run([gcc, *CFLAGS, *LDFLAGS, "-o", str(built), str(source_path()),
+                              "-lpam"], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise ConfigError(f"compiling {source_path()} failed:\n{res.stderr[-2000:]}")
+        data = built.read_bytes()
+    try:
+        st = os.lstat(dest)
+        changed = (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
+                   or stat.S_IMODE(st.st_mode) != 0o644 or dest.read_bytes() != data)
+    except FileNotFoundError:
+        changed = True
+    if changed and not dry_run:
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        fd, tmp_path = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, dest)
+    return changed
+
+
+def module_path(config: Config, kind: str) -> Path:
+    """Where the module of *kind* lives (in the hooks directory)."""
+    name = {"compiled": COMPILED, "python": LOADER, "exec": EXEC_WRAPPER}[kind]
+    return config.paths.hooks_dir / name
+
+
+def stack_lines(config: Config, *, kind: str, options: list[str]) -> list[str]:
     """The block's account and session lines. Raises ConfigError for a bad option."""
     words = [f"socket={config.paths.socket}", *options]
     try:
@@ -81,13 +149,14 @@ def stack_lines(config: Config, *, use_exec: bool, options: list[str]) -> list[s
     except OptionError as exc:
         raise ConfigError(f"--pam-option: {exc}") from None
     args = " ".join(words)
-    if use_exec:
-        program = config.paths.hooks_dir / EXEC_WRAPPER
+    program = module_path(config, kind)
+    if kind == "exec":
         return [f"account required pam_exec.so stdout quiet {program} {args}",
                 f"session required pam_exec.so stdout quiet {program} {args}"]
-    loader = config.paths.hooks_dir / LOADER
-    return [f"account required pam_python.so {loader} {args}",
-            f"session required pam_python.so {loader} {args}"]
+    if kind == "python":
+        return [f"account required pam_python.so {program} {args}",
+                f"session required pam_python.so {program} {args}"]
+    return [f"account required {program} {args}", f"session required {program} {args}"]
 
 
 @dataclass

@@ -3,6 +3,7 @@ diff; the module's option parsing refuses what it does not know."""
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 from pathlib import Path
@@ -44,8 +45,9 @@ def test_install_pam_dry_run_then_real_then_rerun_then_other_options(tmp_path):
     config, pam_dir = setup(tmp_path)
     dry = run(config, pam_dir, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert f"+account required pam_python.so {tmp_path / 'libexec' / 'pam_ztgpu.py'}" in dry.stdout
-    assert (pam_dir / "sshd").read_text() == DEBIAN_SSHD
+    module = tmp_path / "libexec" / "pam_ztgpu.so"
+    assert f"+account required {module} socket=" in dry.stdout
+    assert (pam_dir / "sshd").read_text() == DEBIAN_SSHD and not module.exists()
     assert "pam_systemd" in dry.stderr  # found through @include common-session
 
     real = run(config, pam_dir, "--pam-option=break_glass=hpcadmin")
@@ -55,21 +57,46 @@ def test_install_pam_dry_run_then_real_then_rerun_then_other_options(tmp_path):
     block = text[text.index(BEGIN):]
     assert f"socket={tmp_path / 'noded.sock'} break_glass=hpcadmin" in block
     assert [line.split()[0] for line in block.splitlines()[1:-1]] == ["account", "session"]
-    loader = tmp_path / "libexec" / "pam_ztgpu.py"
-    assert loader.stat().st_mode & 0o777 == 0o644 and "pam_sm_acct_mgmt" in loader.read_text()
+    assert module.stat().st_mode & 0o777 == 0o644 and module.stat().st_uid == 0
+    loaded = ctypes.CDLL(str(module))  # what libpam looks up in it
+    for name in ("pam_sm_acct_mgmt", "pam_sm_open_session", "pam_sm_close_session"):
+        assert getattr(loaded, name) is not None
+    built = module.stat().st_mtime_ns
     backups = list(pam_dir.glob("sshd.ztgpu-backup-*"))
     assert len(backups) == 1 and backups[0].read_text() == DEBIAN_SSHD
 
     again = run(config, pam_dir, "--pam-option=break_glass=hpcadmin")
     assert again.returncode == 0 and f"unchanged: {pam_dir / 'sshd'}" in again.stdout
     assert (pam_dir / "sshd").read_text() == text
+    # The same source and flags build the same bytes: the module is left alone.
+    assert f"unchanged: {module}" in again.stdout and module.stat().st_mtime_ns == built
 
-    exec_ = run(config, pam_dir, "--pam-exec")
+    python = run(config, pam_dir, "--pam-module", "python")
+    assert python.returncode == 0, python.stderr
+    loader = tmp_path / "libexec" / "pam_ztgpu.py"
+    assert loader.stat().st_mode & 0o777 == 0o644 and "pam_sm_acct_mgmt" in loader.read_text()
+    new = (pam_dir / "sshd").read_text()
+    assert new.count(BEGIN) == 1 and f"account required pam_python.so {loader}" in new
+
+    exec_ = run(config, pam_dir, "--pam-module", "exec")
     assert exec_.returncode == 0, exec_.stderr
     new = (pam_dir / "sshd").read_text()
     assert new.count(BEGIN) == 1 and "pam_exec.so stdout quiet" in new
     assert "pam_python.so" not in new and "break_glass" not in new
+    assert str(module) not in new
     assert (tmp_path / "libexec" / "pam_exec").stat().st_mode & 0o777 == 0o755
+
+
+def test_install_pam_compiled_says_what_is_missing_without_a_compiler(tmp_path):
+    config, pam_dir = setup(tmp_path)
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    res = subprocess.run([ZTGPU, "--config", str(config), "install", "--pam", "sshd",
+                          "--pam-dir", str(pam_dir)], capture_output=True, text=True,
+                         timeout=60, check=False, env={"PATH": str(bare)})
+    assert res.returncode != 0, res
+    assert "needs gcc" in res.stderr and "--pam-module python" in res.stderr, res.stderr
+    assert (pam_dir / "sshd").read_text() == DEBIAN_SSHD
 
 
 def test_install_pam_refuses_bad_options_and_broken_blocks_and_writes_nothing(tmp_path):

@@ -3,8 +3,10 @@
 A private sshd (own config, host key, port on 127.0.0.1, own PAM service
 whose stack ``ztgpu install --pam`` wrote) in front of the real private
 Slurm cluster with the suite. Every login is the real ``ssh`` client with a
-key. Runs with ``ConstrainDevices=yes`` and ``no``: in both the adopted shell
-must open exactly its job's GPUs.
+key. Runs with ``ConstrainDevices=yes`` and the compiled module
+(pam_ztgpu.so, the default), then ``no`` and the pam_python one: in both
+the adopted shell must open exactly its job's GPUs. (Both faces make the
+same decisions on every failure mode: tests/test_pam_module_faces.py.)
 """
 
 from __future__ import annotations
@@ -27,12 +29,18 @@ pytestmark = [needs_slurm, pytest.mark.slurm]
 HOLD = "sleep 600"
 
 
-@pytest.fixture(scope="module", params=["ConstrainDevices=yes", "ConstrainDevices=no"])
+@pytest.fixture(scope="module", params=["ConstrainDevices=yes,compiled",
+                                        "ConstrainDevices=no,python"])
 def suite(request: pytest.FixtureRequest) -> Iterator[SuiteCluster]:
-    constrain = request.param.endswith("yes")
+    constrain = "=yes" in request.param
     with suite_cluster(ClusterSpec(constrain_devices=constrain)) as running:
         gpu_probe.install_probe(running.cluster.work_dir)
         yield running
+
+
+def face(suite: SuiteCluster) -> str:
+    """The module's form this run of the file uses (see the suite's params)."""
+    return "compiled" if suite.cluster.spec.constrain_devices else "python"
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +53,10 @@ def sshd(suite: SuiteCluster) -> Iterator[PrivateSshd]:
 
 
 def install_pam(suite: SuiteCluster, daemon: PrivateSshd, *options: str,
-                use_exec: bool = False) -> subprocess.CompletedProcess[str]:
-    args = ["install", "--pam", daemon.service, "--pam-dir", "/etc/pam.d"]
+                kind: str | None = None) -> subprocess.CompletedProcess[str]:
+    args = ["install", "--pam", daemon.service, "--pam-dir", "/etc/pam.d",
+            "--pam-module", kind or face(suite)]
     args += [f"--pam-option={o}" for o in options]
-    if use_exec:
-        args.append("--pam-exec")
     return suite.ztgpu(*args)
 
 
@@ -246,7 +253,10 @@ def test_a_crash_inside_the_module_denies_and_is_logged(suite, sshd, tmp_path):
         res = sshd.ssh("ztalice", "echo in")
         assert res.returncode == 255 and "internal error" in res.stderr, res
         log = (sshd.base / "pam.log").read_text()
-        assert "internal error" in log and "AttributeError" in log, log[-2000:]
+        # pam_python: the exception and its traceback; compiled: what was wrong.
+        cause = ("AttributeError" if face(suite) == "python"
+                 else "the node agent's answer has no result object")
+        assert "internal error" in log and cause in log, log[-2000:]
         assert sshd.ssh("root", "echo in").stdout.split() == ["in"]
     finally:
         sshd.write_stack(stack)
@@ -256,7 +266,7 @@ def test_a_crash_inside_the_module_denies_and_is_logged(suite, sshd, tmp_path):
 
 
 def test_pam_exec_entry_point_denies_and_adopts_the_same(suite, sshd):
-    install_pam(suite, sshd, f"log={sshd.base / 'pam.log'}", use_exec=True)
+    install_pam(suite, sshd, f"log={sshd.base / 'pam.log'}", kind="exec")
     try:
         assert "pam_exec.so" in sshd.stack()
         res = sshd.ssh("ztcarol", "echo in")
@@ -268,7 +278,7 @@ def test_pam_exec_entry_point_denies_and_adopts_the_same(suite, sshd):
         assert {seen[f"nvidia{m}"] for m in range(4) if m not in minors} <= {"EACCES", "EPERM"}
     finally:
         install_pam(suite, sshd, f"log={sshd.base / 'pam.log'}")
-    assert "pam_python.so" in sshd.stack() and "pam_exec.so" not in sshd.stack()
+    assert "pam_exec.so" not in sshd.stack()
 
 
 
@@ -288,12 +298,17 @@ def test_a_session_moved_out_of_its_job_after_adoption_is_recorded_and_put_back(
     job, minors = running(suite, "ztalice")
     mark = last_seq(suite)
     try:
-        res = sshd.ssh("ztalice", "sleep 3; cat /proc/self/cgroup")
+        # The agent's loop puts it back within a few seconds; the shell waits
+        # for that (at most 30 s) and then shows where it is.
+        res = sshd.ssh("ztalice", "for i in $(seq 60); do grep -q 'freezer:.*job_' "
+                       "/proc/$$/cgroup && grep -q 'devices:.*job_' /proc/$$/cgroup && break; "
+                       "sleep 0.5; done; cat /proc/self/cgroup")
     finally:
         sshd.write_stack(stack)
     assert res.returncode == 0, res
     lines = {line.split(":", 2)[1]: line.split(":", 2)[2] for line in res.stdout.splitlines()}
-    assert f"job_{job}" in lines["freezer"] and f"job_{job}" in lines["devices"], res.stdout
+    assert f"job_{job}" in lines["freezer"] and f"job_{job}" in lines["devices"], (
+        res.stdout, events_since(suite, "ssh.session", mark), (sshd.base / "pam.log").read_text()[-1500:])
     escaped = events_since(suite, "ssh.escaped", mark)
     assert escaped and escaped[0]["job_id"] == job and escaped[0]["action"] == "moved_back"
     assert escaped[0]["severity"] == "critical", escaped

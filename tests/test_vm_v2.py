@@ -275,7 +275,7 @@ def pam_on_sshd(suite: VmCluster) -> Iterator[VmCluster]:
         "printf 'AuthorizedKeysFile .ssh/authorized_keys /etc/ssh/ztgpu-keys/%%u\\n' "
         "> /etc/ssh/sshd_config.d/ztgpu-test-keys.conf && systemctl reload ssh",
         "cp -p /etc/pam.d/sshd /root/sshd.pam.orig",
-        f"{VENV}/bin/ztgpu install --pam sshd --pam-exec",
+        f"{VENV}/bin/ztgpu install --pam sshd --pam-module exec",
     ):
         c.sh(step, timeout=300)
     try:

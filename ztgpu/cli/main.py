@@ -112,16 +112,18 @@ def _cmd_install_pam(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     require_trusted(config.paths.hooks_dir, "paths.hooks_dir")
-    lines = pam_install.stack_lines(config, use_exec=args.pam_exec, options=args.pam_option)
+    kind = args.pam_module
+    lines = pam_install.stack_lines(config, kind=kind, options=args.pam_option)
     result = pam_install.plan(args.pam, Path(args.pam_dir), lines)
-    if args.pam_exec:
-        program = config.paths.hooks_dir / pam_install.EXEC_WRAPPER
+    program = pam_install.module_path(config, kind)
+    if kind == "exec":
         changed = write_root_file(program, pam_install.render_exec_wrapper(),
                                   dry_run=args.dry_run)
-    else:
-        program = config.paths.hooks_dir / pam_install.LOADER
+    elif kind == "python":
         changed = write_root_file(program, pam_install.render_loader(), dry_run=args.dry_run,
                                   mode=0o644)
+    else:
+        changed = pam_install.build_compiled(program, dry_run=args.dry_run)
     verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
     print(f"{verb}: {program}")
     for warning in result.warnings:
@@ -362,8 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--pam", metavar="SERVICE",
                       help="also (or only) put the ztgpu PAM module into this PAM service's "
                       "stack (sshd on compute nodes): account and session lines at its end")
-    inst.add_argument("--pam-exec", action="store_true",
-                      help="with --pam: use pam_exec instead of pam_python")
+    inst.add_argument("--pam-module", choices=("compiled", "python", "exec"),
+                      default="compiled",
+                      help="with --pam: the module's form: compiled (pam_ztgpu.so, built "
+                      "here with gcc and libpam0g-dev; the default), python (pam_python; "
+                      "also has the auth phase) or exec (pam_exec)")
     inst.add_argument("--pam-dir", default="/etc/pam.d", help=argparse.SUPPRESS)
     inst.add_argument("--pam-option", action="append", default=[], metavar="KEY=VALUE",
                       help="with --pam: a module option for the stack lines (break_glass=, "

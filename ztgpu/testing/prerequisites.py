@@ -86,7 +86,11 @@ PREREQUISITES: dict[str, Prerequisite] = {p.name: p for p in [
                  pattern="/lib/security/pam_python.so"),
     Prerequisite("pam_slurm_adopt.so", "libpam-slurm-adopt", "the side-by-side PAM tests and "
                  "bench/pam_latency.py", pattern="/lib/security/pam_slurm_adopt.so"),
-    *_programs("pamtester", "bench/pam_latency.py", "pamtester"),
+    *_programs("pamtester", "bench/pam_latency.py and the PAM module tests", "pamtester"),
+    *_programs("gcc", "building the compiled PAM module (`ztgpu install --pam`) and the "
+               "tests' sanitizer builds", "gcc"),
+    Prerequisite("pam_modules.h", "libpam0g-dev", "building the compiled PAM module",
+                 pattern="/usr/include/security/pam_modules.h"),
 ]}
 
 
