@@ -274,6 +274,11 @@ class SshAccess(Confinement):
             root = self.config.cgroups.root
             pattern = f"slurm*/uid_{record.uid}/job_{record.job_id}/step_extern"
             freezer = sorted((root / "freezer").glob(pattern))
+            for _ in range(3):  # seen missing for a moment under load: look again
+                if freezer:
+                    break
+                time.sleep(0.05)
+                freezer = sorted((root / "freezer").glob(pattern))
             if not freezer:
                 raise Fault(f"job {record.job_id} has no extern step on this node "
                             f"(slurm.conf needs PrologFlags=Contain; `ztgpu install` sets it)")
