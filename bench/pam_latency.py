@@ -97,7 +97,8 @@ def main() -> int:
             for label, service in (("ztgpu", ours), ("ztgpu_python", python),
                                    ("slurm_adopt", theirs)):
                 values = sorted(times[service])
-                print(f"{label}: {len(failures[service])} failed logins, p50 {percentile(values, 50):.1f} ms, p90 "
+                print(f"{label}: {len(failures[service])} failed logins, "
+                      f"p50 {percentile(values, 50):.1f} ms, p90 "
                       f"{percentile(values, 90):.1f} ms, p99 {percentile(values, 99):.1f} ms, "
                       f"min {values[0]:.1f} ms, max {values[-1]:.1f} ms")
             for service, seen in failures.items():

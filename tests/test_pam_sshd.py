@@ -308,7 +308,8 @@ def test_a_session_moved_out_of_its_job_after_adoption_is_recorded_and_put_back(
     assert res.returncode == 0, res
     lines = {line.split(":", 2)[1]: line.split(":", 2)[2] for line in res.stdout.splitlines()}
     assert f"job_{job}" in lines["freezer"] and f"job_{job}" in lines["devices"], (
-        res.stdout, events_since(suite, "ssh.session", mark), (sshd.base / "pam.log").read_text()[-1500:])
+        res.stdout, events_since(suite, "ssh.session", mark),
+        (sshd.base / "pam.log").read_text()[-1500:])
     escaped = events_since(suite, "ssh.escaped", mark)
     assert escaped and escaped[0]["job_id"] == job and escaped[0]["action"] == "moved_back"
     assert escaped[0]["severity"] == "critical", escaped
