@@ -141,22 +141,42 @@ def module_path(config: Config, kind: str) -> Path:
     return config.paths.hooks_dir / name
 
 
-def stack_lines(config: Config, *, kind: str, options: list[str]) -> list[str]:
-    """The block's account and session lines. Raises ConfigError for a bad option."""
+def stack_lines(config: Config, *, kind: str, options: list[str],
+                mfa: str | None = None) -> list[str]:
+    """The block's lines. *mfa* ``login``: a login node's auth (TOTP) and
+    session (key into the keyring) lines, through pam_python; ``jit``: a
+    compute node's lines with an auth line asking JIT logins for TOTP.
+    Raises ConfigError for a bad option."""
     words = [f"socket={config.paths.socket}", *options]
+    if mfa == "login":
+        words.append("mode=login")
+    elif mfa == "jit":
+        words.append("mfa=jit")
     try:
         parse_options(words)
     except OptionError as exc:
         raise ConfigError(f"--pam-option: {exc}") from None
     args = " ".join(words)
+    loader = module_path(config, "python")
+    if mfa == "login":
+        return [f"auth required pam_python.so {loader} {args}",
+                f"session required pam_python.so {loader} {args}"]
     program = module_path(config, kind)
+    auth = [f"auth required pam_python.so {loader} {args}"] if mfa == "jit" else []
     if kind == "exec":
-        return [f"account required pam_exec.so stdout quiet {program} {args}",
-                f"session required pam_exec.so stdout quiet {program} {args}"]
-    if kind == "python":
-        return [f"account required pam_python.so {program} {args}",
-                f"session required pam_python.so {program} {args}"]
-    return [f"account required {program} {args}", f"session required {program} {args}"]
+        module = f"pam_exec.so stdout quiet {program}"
+    elif kind == "python":
+        module = f"pam_python.so {program}"
+    else:
+        module = str(program)
+    return [*auth, f"account required {module} {args}", f"session required {module} {args}"]
+
+
+def kinds_used(kind: str, mfa: str | None) -> list[str]:
+    """The module files a block of *kind* (and *mfa*) needs."""
+    if mfa == "login":
+        return ["python"]
+    return sorted({kind, "python"}) if mfa == "jit" else [kind]
 
 
 @dataclass
@@ -201,7 +221,7 @@ def _in_session(lines: list[str], module: str) -> bool:
     return any(line.split()[0].lstrip("-") == "session" and module in line for line in lines)
 
 
-def plan(service: str, pam_dir: Path, lines: list[str]) -> PamPlan:
+def plan(service: str, pam_dir: Path, lines: list[str], *, mfa: str | None = None) -> PamPlan:
     """The file's new text with the block in place; raises ConfigError when
     the file cannot be read or the block markers are broken."""
     if not _SERVICE.fullmatch(service):
@@ -239,6 +259,17 @@ def plan(service: str, pam_dir: Path, lines: list[str]) -> PamPlan:
             "it, so the session ends up in the job again, and the agent records and undoes "
             "any later move (ssh.escaped); on compute nodes, consider removing pam_systemd "
             "from this service as Slurm's pam_slurm_adopt documentation advises")
+    if mfa is not None:
+        result.warnings.append(
+            "the TOTP line runs in the auth phase, which sshd reaches only with "
+            "`KbdInteractiveAuthentication yes` and `AuthenticationMethods "
+            "publickey,keyboard-interactive` in sshd_config")
+        if any(line.split()[0].lstrip("-") == "auth" and "pam_unix.so" in line
+               for line in others):
+            result.warnings.append(
+                f"{path}: pam_unix runs in this stack's auth phase (directly or through "
+                "@include common-auth): with keyboard-interactive it asks for the password "
+                "as well; for key plus TOTP, remove it from this service's auth lines")
     if any("pam_slurm_adopt.so" in line for line in others):
         result.warnings.append(
             f"{path}: pam_slurm_adopt is in the same stack: both modules adopt sessions. "

@@ -327,9 +327,12 @@ int main(void) {
 
 /* --------------------------------------------------------------- options */
 
-enum { A_NO_AGENT, A_NO_JOB, A_ADOPT_FAILURE, A_ERROR, N_ACTIONS };
+/* The first N_AGENT_ACTIONS are sent to the agent; no_authd is the auth
+ * phase's (pam_python) and only accepted here, the same line serving both. */
+enum { A_NO_AGENT, A_NO_JOB, A_ADOPT_FAILURE, A_ERROR, N_AGENT_ACTIONS, A_NO_AUTHD = N_AGENT_ACTIONS,
+       N_ACTIONS };
 static const char *const ACTION_NAMES[N_ACTIONS] = {"no_agent", "no_job", "adopt_failure",
-                                                    "error"};
+                                                    "error", "no_authd"};
 
 struct options {
     char socket[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -337,6 +340,7 @@ struct options {
     char break_glass[512]; /* comma-separated, validated */
     int allow[N_ACTIONS];
     char log[1024];
+    int jit_mfa; /* mfa=jit: JIT logins need the auth phase's TOTP check */
 };
 
 static int name_chars_ok(const char *s, size_t n) {
@@ -416,6 +420,28 @@ static int parse_options(int argc, const char **argv, struct options *o, char *e
                 return -1;
             }
             strcpy(o->break_glass, value);
+        } else if (KEY("mode")) {
+            if (strcmp(value, "login") == 0) {
+                snprintf(err, cap, "mode=login (TOTP on login nodes) is the pam_python "
+                         "module's: `ztgpu install --pam SERVICE --pam-mfa login`");
+                return -1;
+            }
+            if (strcmp(value, "compute") != 0) {
+                snprintf(err, cap, "mode='%.100s': the mode is 'compute' or 'login'", value);
+                return -1;
+            }
+        } else if (KEY("mfa")) {
+            if (strcmp(value, "jit") == 0) o->jit_mfa = 1;
+            else if (strcmp(value, "off") == 0) o->jit_mfa = 0;
+            else {
+                snprintf(err, cap, "mfa='%.100s': 'off' or 'jit'", value);
+                return -1;
+            }
+        } else if (KEY("config")) { /* the auth phase's: checked, not used here */
+            if (value[0] != '/') {
+                snprintf(err, cap, "config='%.200s' is not an absolute path", value);
+                return -1;
+            }
         } else if (KEY("log")) {
             if (value[0] != '/' || strlen(value) >= sizeof o->log) {
                 snprintf(err, cap, "log='%.200s' is not an absolute path", value);
@@ -439,8 +465,8 @@ static int parse_options(int argc, const char **argv, struct options *o, char *e
             }
             if (!matched) {
                 snprintf(err, cap, "unknown option '%.*s' (known: socket, timeout, "
-                         "break_glass, log, action_no_agent, action_no_job, "
-                         "action_adopt_failure, action_error)", (int)(klen > 100 ? 100 : klen),
+                         "break_glass, log, mode, mfa, config, action_no_agent, action_no_job, "
+                         "action_adopt_failure, action_error, action_no_authd)", (int)(klen > 100 ? 100 : klen),
                          word);
                 return -1;
             }
@@ -653,11 +679,12 @@ static size_t request(char *buf, size_t cap, const char *op, const struct option
         || put_raw(buf, cap, &n, ",\"rhost\":") || put_json(buf, cap, &n, rhost)
         || put_raw(buf, cap, &n, ",\"service\":") || put_json(buf, cap, &n, service)
         || put_raw(buf, cap, &n, ",\"actions\":{");
-    for (int a = 0; !bad && a < N_ACTIONS; a++)
+    for (int a = 0; !bad && a < N_AGENT_ACTIONS; a++)
         bad = (a && put_raw(buf, cap, &n, ",")) || put_json(buf, cap, &n, ACTION_NAMES[a])
             || put_raw(buf, cap, &n, o->allow[a] ? ":\"allow\"" : ":\"deny\"");
     bad = bad || put_raw(buf, cap, &n, "}");
     if (!bad && target_self) bad = put_raw(buf, cap, &n, ",\"target\":\"self\"");
+    if (!bad && !target_self && o->jit_mfa) bad = put_raw(buf, cap, &n, ",\"jit_mfa\":true");
     if (!bad && break_glass >= 0)
         bad = put_raw(buf, cap, &n, break_glass ? ",\"break_glass\":true" : ",\"break_glass\":false");
     bad = bad || put_raw(buf, cap, &n, "}\n");

@@ -16,7 +16,14 @@ lost in syslog.
 
 from __future__ import annotations
 
-from ztgpu.pam.session import Outcome, account, close_session, log_line, open_session
+from ztgpu.pam.session import (
+    Outcome,
+    account,
+    authenticate,
+    close_session,
+    log_line,
+    open_session,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -41,19 +48,47 @@ def _tell(pamh: Any, outcome: Outcome) -> None:
 
 def _answer(pamh: Any, outcome: Outcome, refused: int) -> int:
     _tell(pamh, outcome)
+    if outcome.ignore:
+        return int(pamh.PAM_IGNORE)
     if outcome.allowed:
         return int(pamh.PAM_SUCCESS)
     return int(pamh.PAM_SYSTEM_ERR if outcome.error and refused != pamh.PAM_SESSION_ERR
                else refused)
 
 
+def _env(pamh: Any) -> tuple[Any, Any]:
+    """Read and set (None: remove) a PAM environment variable."""
+    def get(name: str) -> str | None:
+        try:
+            value = pamh.env.get(name)
+        except Exception:  # noqa: BLE001 - no such variable
+            return None
+        return None if value is None else str(value)
+
+    def put(name: str, value: str | None) -> None:
+        if value is None:
+            if get(name) is not None:
+                del pamh.env[name]
+        else:
+            pamh.env[name] = value
+    return get, put
+
+
 def _run(pamh: Any, argv: list[str], phase: str) -> int:
     try:
         user, rhost, service = _facts(pamh)
+        if phase == "auth":
+            def prompt(text: str) -> str:
+                reply = pamh.conversation(pamh.Message(pamh.PAM_PROMPT_ECHO_OFF, text))
+                return str(reply.resp or "")
+            _, put = _env(pamh)
+            return _answer(pamh, authenticate(argv[1:], user, rhost, service, prompt, put),
+                           pamh.PAM_AUTH_ERR)
         if phase == "account":
             return _answer(pamh, account(argv[1:], user, rhost, service), pamh.PAM_PERM_DENIED)
         if phase == "open_session":
-            return _answer(pamh, open_session(argv[1:], user, rhost, service, "self"),
+            get, put = _env(pamh)
+            return _answer(pamh, open_session(argv[1:], user, rhost, service, "self", get, put),
                            pamh.PAM_SESSION_ERR)
         close_session(argv[1:], user, rhost, service, "self")
         return int(pamh.PAM_SUCCESS)
@@ -66,8 +101,9 @@ def _run(pamh: Any, argv: list[str], phase: str) -> int:
 
 
 def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
-    """Not used on compute nodes (sshd checks the key); lets the stack decide."""
-    return int(pamh.PAM_IGNORE)
+    """TOTP: on login nodes (``mode=login``) for every login, on compute nodes
+    (``mfa=jit``) for just-in-time admin logins; otherwise PAM_IGNORE."""
+    return _run(pamh, argv, "auth")
 
 
 def pam_sm_setcred(pamh: Any, flags: int, argv: list[str]) -> int:

@@ -24,6 +24,23 @@ Options (``key=value`` words after the module on the stack line):
 ``log=PATH``
     Also append each decision line to this file (root's, 0600); every line
     goes to syslog (authpriv) as well.
+``mode=compute|login``
+    ``compute`` (the default): the account and session checks above.
+    ``login`` (login nodes, pam_python only): the auth phase asks for the
+    user's TOTP code and opens their MFA session with authd, and the
+    session phase keeps its binding key in the new login's session keyring,
+    so a researcher's daily MFA is the SSH login itself (:func:`authenticate`).
+``mfa=off|jit``
+    On compute nodes: with ``jit``, a login that would be let in by a
+    just-in-time admin grant (no job here) must give a TOTP code in the auth
+    phase, which authd checks; the agent lets such a login through the
+    account phase only after that check.
+``config=PATH``
+    The ztgpu configuration the auth phase reads (authd's URL, the site CA);
+    default: the one ``ztgpu`` finds.
+``action_no_authd=deny|allow``
+    Login nodes: what to do when authd cannot be reached for the TOTP check
+    (``allow`` lets the login in without an MFA session).
 
 An unknown option or a bad value is a configuration error: the login is
 refused (except root and well-formed break-glass accounts) and the line
@@ -37,7 +54,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 DEFAULT_SOCKET = "/run/ztgpu/noded.sock"
-ACTION_NAMES = ("no_agent", "no_job", "adopt_failure", "error")
+ACTION_NAMES = ("no_agent", "no_job", "adopt_failure", "error", "no_authd")
+#: PAM environment name carrying the auth phase's MFA session to the
+#: session phase (inside sshd only: removed before the shell starts).
+MFA_ENV = "ZTGPU_MFA_SESSION"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-$")
 
 
@@ -54,6 +74,9 @@ class Options:
         self.break_glass: frozenset[str] = frozenset()
         self.actions = dict.fromkeys(ACTION_NAMES, "deny")
         self.log: str | None = None
+        self.mode = "compute"
+        self.mfa = "off"
+        self.config: str | None = None
 
 
 def break_glass_of(argv: list[str]) -> frozenset[str]:
@@ -112,23 +135,36 @@ def parse_options(argv: list[str]) -> Options:
             if value not in ("deny", "allow"):
                 raise OptionError(f"{key}={value!r}: the action is 'deny' or 'allow'")
             opts.actions[key[len("action_"):]] = value
-        elif key == "log":
+        elif key in ("log", "config"):
             if not value.startswith("/"):
-                raise OptionError(f"log={value!r} is not an absolute path")
-            opts.log = value
+                raise OptionError(f"{key}={value!r} is not an absolute path")
+            setattr(opts, key, value)
+        elif key == "mode":
+            if value not in ("compute", "login"):
+                raise OptionError(f"mode={value!r}: the mode is 'compute' or 'login'")
+            opts.mode = value
+        elif key == "mfa":
+            if value not in ("off", "jit"):
+                raise OptionError(f"mfa={value!r}: 'off' or 'jit'")
+            opts.mfa = value
         else:
-            known = ", ".join(["socket", "timeout", "break_glass", "log",
-                               *(f"action_{a}" for a in ACTION_NAMES)])
+            known = ", ".join(["socket", "timeout", "break_glass", "log", "mode", "mfa",
+                               "config", *(f"action_{a}" for a in ACTION_NAMES)])
             raise OptionError(f"unknown option {key!r} (known: {known})")
+    if opts.mode == "login" and opts.mfa != "off":
+        raise OptionError("mfa=jit is for compute nodes, not mode=login")
     return opts
 
 
 class Outcome:
     """What the module answers: allowed or not, and what the user is told."""
 
-    def __init__(self, allowed: bool, message: str = "", *, error: bool = False) -> None:
+    def __init__(self, allowed: bool, message: str = "", *, error: bool = False,
+                 ignore: bool = False) -> None:
         self.allowed = allowed
         self.message = message
+        #: Not this module's concern (PAM_IGNORE).
+        self.ignore = ignore
         #: The refusal came from a failure (not a decision): PAM is told so.
         self.error = error
 
@@ -215,17 +251,198 @@ def guarded(phase: str, argv: list[str], user: str, rhost: str, service: str,
 def _ask(opts: Options, op: str, **payload: Any) -> Any:
     from ztgpu.node_client import call
 
-    return call(opts.socket, op, timeout=opts.timeout,
-                actions=opts.actions, **payload)
+    actions = {k: v for k, v in opts.actions.items() if k != "no_authd"}
+    return call(opts.socket, op, timeout=opts.timeout, actions=actions, **payload)
+
+
+# ---- auth phase: TOTP ------------------------------------------------------
+
+class TotpRefused(Exception):
+    """authd did not accept the code (wrong, reused, user not enrolled...)."""
+
+
+class AuthdUnreachable(Exception):
+    """authd could not be asked."""
+
+
+def login_as(user: str, code: str, config_path: str | None, timeout: float) -> dict[str, Any]:
+    """Open *user*'s MFA session with authd as ``ztgpu login`` would, in a
+    child process running as the user (so munge proves the user's uid, and
+    root proves nothing on the user's behalf). Returns authd's answer.
+
+    Raises TotpRefused or AuthdUnreachable.
+    """
+    import os
+    import pwd
+    import select
+    import signal
+    import time
+
+    entry = pwd.getpwnam(user)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        status = 70
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.initgroups(user, entry.pw_gid)
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            os.write(write_end, _login_child(code, config_path).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise AuthdUnreachable(f"authd did not answer within {timeout:g}s")
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    from ztgpu.node_client import _loads
+
+    try:
+        answer = _loads(b"".join(chunks))
+    except ValueError:
+        raise AuthdUnreachable("the TOTP check ended without an answer") from None
+    if not isinstance(answer, dict):
+        raise AuthdUnreachable("the TOTP check ended without an answer")
+    if answer.get("refused"):
+        raise TotpRefused(str(answer.get("error")))
+    if answer.get("unreachable"):
+        raise AuthdUnreachable(str(answer.get("error")))
+    reply = answer.get("reply")
+    if not isinstance(reply, dict):
+        raise AuthdUnreachable("authd's answer has no session")
+    return reply
+
+
+def _login_child(code: str, config_path: str | None) -> str:
+    """In the child, as the user: POST /v1/login; the outcome as JSON."""
+    import json
+
+    try:
+        from ztgpu.auth_client import AuthdRefused, credential, user_client
+        from ztgpu.authd.authority import LOGIN
+        from ztgpu.config import load_config
+
+        config = load_config(config_path)
+        with user_client(config) as client:
+            reply = client.request("POST", "/v1/login",
+                                   {"credential": credential(config, LOGIN), "code": code})
+        return json.dumps({"reply": reply})
+    except AuthdRefused as exc:
+        return json.dumps({"refused": True, "error": f"{exc} ({exc.code})"})
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
+        return json.dumps({"unreachable": True, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def authenticate(argv: list[str], user: str, rhost: str, service: str,
+                 prompt: Any, put_env: Any) -> Outcome:
+    """Auth phase: a TOTP code, checked by authd. ``prompt(text)`` asks the
+    user (echo off) and returns the answer; ``put_env(name, value)`` sets a
+    PAM environment variable. ``Outcome.ignore``: not this module's concern."""
+    def work(opts: Options, who: str) -> Outcome:
+        if user == "root" or user in opts.break_glass:
+            log_line(opts, f"{who}: no TOTP asked of root/break-glass")
+            return Outcome(True)
+        if opts.mode == "compute":
+            if opts.mfa != "jit":
+                return Outcome(True, ignore=True)
+            need = _ask(opts, "ssh_auth", user=user, rhost=rhost, service=service)
+            if need.get("mfa") is not True:
+                log_line(opts, f"{who}: no TOTP needed ({need.get('reason')})")
+                return Outcome(True)
+        code = str(prompt("ztgpu TOTP code: ") or "").strip()
+        if not (code.isdigit() and 6 <= len(code) <= 8):
+            return _totp_failed(opts, who, user, rhost, service, "no code was given"
+                                if not code else "the answer is not a TOTP code")
+        try:
+            reply = login_as(user, code, opts.config, max(opts.timeout, 10.0))
+        except TotpRefused as exc:
+            return _totp_failed(opts, who, user, rhost, service, f"authd refused it ({exc})")
+        except AuthdUnreachable as exc:
+            if opts.mode == "compute":
+                return _totp_failed(opts, who, user, rhost, service,
+                                    f"authd cannot be reached ({exc})")
+            return _fallback(opts, "no_authd", who, f"authd cannot be reached ({exc})",
+                             message="ztgpu: the MFA service cannot be reached")
+        if opts.mode == "compute":
+            _ask(opts, "ssh_mfa", user=user, rhost=rhost, service=service, passed=True)
+            log_line(opts, f"{who}: TOTP accepted for just-in-time access")
+            return Outcome(True)
+        session_id, key = reply.get("session_id"), reply.get("session_key")
+        if isinstance(session_id, str) and isinstance(key, str) and key:
+            put_env(MFA_ENV, f"{session_id}:{key}:{reply.get('expires')}")
+        log_line(opts, f"{who}: TOTP accepted; MFA session until {reply.get('expires')}")
+        return Outcome(True, f"ztgpu: MFA session open until {reply.get('expires')}")
+    return guarded("auth", argv, user, rhost, service, work)
+
+
+def _totp_failed(opts: Options, who: str, user: str, rhost: str, service: str,
+                 why: str) -> Outcome:
+    log_line(opts, f"{who}: TOTP check failed: {why}", error=True)
+    if opts.mode == "compute":
+        try:
+            _ask(opts, "ssh_mfa", user=user, rhost=rhost, service=service, passed=False,
+                 reason=why[:300])
+        except Exception as exc:  # noqa: BLE001 - the refusal stands either way
+            log_line(opts, f"{who}: the failed check was not recorded by the agent: {exc}",
+                     error=True)
+    return Outcome(False, "ztgpu: the TOTP code was not accepted")
+
+
+def keep_mfa_session(opts: Options, who: str, user: str, get_env: Any,
+                     put_env: Any) -> Outcome:
+    """Login nodes' session phase: the auth phase's binding key goes into the
+    session keyring pam_keyinit just made for this login (owned by the user,
+    possessed by the login's processes), and out of the PAM environment."""
+    import pwd
+    from datetime import UTC, datetime
+
+    from ztgpu.trust import session_keyring
+
+    value = get_env(MFA_ENV)
+    if not value:
+        log_line(opts, f"{who}: no MFA session from the auth phase (the user can run "
+                 f"`ztgpu login`)")
+        return Outcome(True)
+    put_env(MFA_ENV, None)
+    session_id, key, expires = str(value).split(":", 2)
+    entry = pwd.getpwnam(user)
+    try:
+        until = datetime.fromisoformat(expires.replace("Z", "+00:00"))
+        lifetime = int((until - datetime.now(UTC)).total_seconds())
+        session_keyring.store(f"{session_id}:{key}".encode(), lifetime,
+                              owner=(entry.pw_uid, entry.pw_gid))
+    except (session_keyring.KeyringError, ValueError) as exc:
+        log_line(opts, f"{who}: the MFA session key could not be kept: {exc}", error=True)
+        return Outcome(True, f"ztgpu: warning: jobs cannot be bound to this login ({exc}); "
+                             f"run `ztgpu login`")
+    log_line(opts, f"{who}: MFA session {session_id} kept in the login's session keyring")
+    return Outcome(True)
 
 
 def account(argv: list[str], user: str, rhost: str, service: str) -> Outcome:
     """Account phase: may *user* log in on this compute node?"""
     def work(opts: Options, who: str) -> Outcome:
+        if opts.mode == "login":
+            return Outcome(True, ignore=True)
         if user == "root" or user in opts.break_glass:
             _record_break_glass(opts, who, user, rhost, service)
             return Outcome(True)
-        reply = _ask(opts, "ssh_account", user=user, rhost=rhost, service=service)
+        extra = {"jit_mfa": True} if opts.mfa == "jit" else {}
+        reply = _ask(opts, "ssh_account", user=user, rhost=rhost, service=service, **extra)
         if reply.get("allow") is True:
             log_line(opts, f"{who}: allowed ({reply.get('code')})")
             return Outcome(True, str(reply.get("message") or ""))
@@ -250,11 +467,17 @@ def _record_break_glass(opts: Options, who: str, user: str, rhost: str,
 
 
 def open_session(argv: list[str], user: str, rhost: str, service: str,
-                 target: str) -> Outcome:
+                 target: str, get_env: Any = None, put_env: Any = None) -> Outcome:
     """Session phase: put the session (``target``: this process or its
-    parent) into the user's job on this node."""
+    parent) into the user's job on this node; on login nodes, keep the auth
+    phase's MFA session key (``get_env``/``put_env``: the PAM environment)."""
     def work(opts: Options, who: str) -> Outcome:
         from ztgpu.errors import AgentUnreachable, Fault
+
+        if opts.mode == "login":
+            if get_env is None or put_env is None:
+                return Outcome(True, ignore=True)
+            return keep_mfa_session(opts, who, user, get_env, put_env)
 
         glass = user in opts.break_glass and user != "root"
         try:
@@ -283,7 +506,8 @@ def close_session(argv: list[str], user: str, rhost: str, service: str,
                   target: str) -> Outcome:
     """Session end: recorded. Never refuses (PAM ignores close failures anyway)."""
     def work(opts: Options, who: str) -> Outcome:
-        _ask(opts, "ssh_close", user=user, rhost=rhost, service=service, target=target)
+        if opts.mode == "compute":
+            _ask(opts, "ssh_close", user=user, rhost=rhost, service=service, target=target)
         return Outcome(True)
     guarded("close_session", argv, user, rhost, service, work)
     return Outcome(True)

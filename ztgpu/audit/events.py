@@ -140,6 +140,9 @@ EVENT_TYPES: tuple[EventType, ...] = (
     _t("ssh.session", _INFO, "user rhost service pid outcome reason",
        "An SSH session was put into a job's cgroups (or a JIT admin cgroup), could not "
        "be, or ended."),
+    _t("ssh.mfa", _INFO, "user rhost service outcome reason",
+       "The auth phase of a just-in-time SSH login checked a TOTP code with authd "
+       "(passed or failed; authd records the check itself as well)."),
     _t("ssh.escaped", _CRIT, "user rhost service job_id pid cgroup action reason",
        "An adopted SSH session was found outside its job's cgroups."),
     _t(

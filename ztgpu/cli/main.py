@@ -112,20 +112,21 @@ def _cmd_install_pam(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     require_trusted(config.paths.hooks_dir, "paths.hooks_dir")
-    kind = args.pam_module
-    lines = pam_install.stack_lines(config, kind=kind, options=args.pam_option)
-    result = pam_install.plan(args.pam, Path(args.pam_dir), lines)
-    program = pam_install.module_path(config, kind)
-    if kind == "exec":
-        changed = write_root_file(program, pam_install.render_exec_wrapper(),
-                                  dry_run=args.dry_run)
-    elif kind == "python":
-        changed = write_root_file(program, pam_install.render_loader(), dry_run=args.dry_run,
-                                  mode=0o644)
-    else:
-        changed = pam_install.build_compiled(program, dry_run=args.dry_run)
-    verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
-    print(f"{verb}: {program}")
+    kind, mfa = args.pam_module, args.pam_mfa
+    lines = pam_install.stack_lines(config, kind=kind, options=args.pam_option, mfa=mfa)
+    result = pam_install.plan(args.pam, Path(args.pam_dir), lines, mfa=mfa)
+    for used in pam_install.kinds_used(kind, mfa):
+        program = pam_install.module_path(config, used)
+        if used == "exec":
+            changed = write_root_file(program, pam_install.render_exec_wrapper(),
+                                      dry_run=args.dry_run)
+        elif used == "python":
+            changed = write_root_file(program, pam_install.render_loader(),
+                                      dry_run=args.dry_run, mode=0o644)
+        else:
+            changed = pam_install.build_compiled(program, dry_run=args.dry_run)
+        verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
+        print(f"{verb}: {program}")
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if not result.changed:
@@ -369,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --pam: the module's form: compiled (pam_ztgpu.so, built "
                       "here with gcc and libpam0g-dev; the default), python (pam_python; "
                       "also has the auth phase) or exec (pam_exec)")
+    inst.add_argument("--pam-mfa", choices=("login", "jit"),
+                      help="with --pam: TOTP in the auth phase (pam_python): 'login' on "
+                      "login nodes (every login opens the user's MFA session; no compute "
+                      "checks), 'jit' on compute nodes (just-in-time admin logins give a "
+                      "code)")
     inst.add_argument("--pam-dir", default="/etc/pam.d", help=argparse.SUPPRESS)
     inst.add_argument("--pam-option", action="append", default=[], metavar="KEY=VALUE",
                       help="with --pam: a module option for the stack lines (break_glass=, "

@@ -172,11 +172,15 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
             return agent.verify(job_id)
         if op == "drift":
             return agent.check_drift()
-        if op in ("ssh_account", "ssh_open", "ssh_close"):
+        if op in ("ssh_account", "ssh_open", "ssh_close", "ssh_auth", "ssh_mfa"):
             if peer.uid != 0:
                 raise Denied("only root (sshd's PAM stack) may ask about SSH sessions")
             if op == "ssh_account":
-                return agent.ssh_account(req)
+                return agent.ssh_account(req, peer.pid)
+            if op == "ssh_auth":
+                return agent.ssh_auth(req)
+            if op == "ssh_mfa":
+                return agent.ssh_mfa(req, peer.pid)
             if op == "ssh_open":
                 return agent.ssh_open(req, peer.pid)
             return agent.ssh_close(req, peer.pid)

@@ -28,6 +28,15 @@ kernel (SO_PEERCRED), never from the request.
   node and no job here is let in; the session goes into an agent-made
   cgroup that denies every GPU (v1), is recorded, and is ended when the
   grant expires or is revoked.
+* **TOTP for JIT access** (``ssh_auth``, ``ssh_mfa``; the stack's
+  ``mfa=jit``): in the auth phase the module asks whether this login would
+  be a JIT one (no job here, an active grant); if so it asks the user for a
+  TOTP code, has authd check it, and tells the agent (``ssh_mfa``). The
+  agent keeps that for :data:`MFA_VALID_S` seconds, bound to the process
+  that asked and its parent (sshd runs the auth phase in a child of the
+  process that then runs the account phase); an account request marked
+  ``jit_mfa`` lets a JIT login in only with such a record, so a stack or an
+  sshd that skips the auth phase fails closed.
 * **Moved out**: an adopted session that later sits outside its job (e.g.
   pam_systemd ran after the module and moved it into a logind scope) is
   recorded critically and put back into the job.
@@ -56,6 +65,8 @@ from ztgpu.slurm.env import parse_job_id, valid_user_name
 #: The PAM module's failure modes and the actions it may take for each.
 ACTION_NAMES = ("no_agent", "no_job", "adopt_failure", "error")
 ACTIONS = ("deny", "allow")
+#: How long a TOTP check of the auth phase stands for the account phase.
+MFA_VALID_S = 120.0
 #: Where a user may name the job an SSH login should join (relative to home).
 JOB_CHOICE_FILE = Path(".config/ztgpu/ssh-job")
 #: What asking authd for JIT grants may raise (refused, unreachable, garbage).
@@ -113,6 +124,8 @@ class SshAccess(Confinement):
         super().__init__(*args, **kwargs)
         #: Session processes put into a job or a JIT cgroup, by pid.
         self.adopted: dict[int, Adopted] = {}
+        #: TOTP checks of JIT logins' auth phase: (user, pid) -> until (monotonic).
+        self.mfa_passed: dict[tuple[str, int], float] = {}
 
     def _user_jobs(self, uid: int) -> list[LiveJob]:
         with self.lock:
@@ -129,8 +142,51 @@ class SshAccess(Confinement):
     def _record(self, code: str, user: str, rhost: str, service: str, **fields: Any) -> None:
         self.spool.append(code, user=user, rhost=rhost, service=service, **fields)
 
+    # ---- auth (TOTP for JIT logins) -------------------------------------
+    def ssh_auth(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Would this login be a JIT one, so that the module asks for TOTP?"""
+        user, _, _, _ = _parse(req)
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            return {"mfa": False, "reason": "no such user (the account phase refuses)"}
+        if uid == 0 or self._user_jobs(uid):
+            return {"mfa": False, "reason": "root, or a running job here"}
+        try:
+            jit = self._jit(user)
+        except _LOOKUP_ERRORS:
+            return {"mfa": False, "reason": "JIT grants cannot be checked (the account "
+                                             "phase refuses)"}
+        return {"mfa": bool(jit), "reason": "just-in-time admin access" if jit else
+                "no job and no JIT grant (the account phase refuses)"}
+
+    def ssh_mfa(self, req: dict[str, Any], peer_pid: int) -> dict[str, Any]:
+        """The module checked this login's TOTP code with authd: remember it
+        for the account phase (of this process or its parent)."""
+        user, rhost, service, _ = _parse(req)
+        passed = req.get("passed") is True
+        self._record("ssh.mfa", user, rhost, service, outcome="passed" if passed else "failed",
+                     reason=_text(req, "reason", 300, required=False) or
+                     ("TOTP code accepted by authd" if passed else "TOTP check failed"))
+        if passed:
+            until = time.monotonic() + MFA_VALID_S
+            info = job_cgroups.proc_info(peer_pid)
+            with self.lock:
+                now = time.monotonic()
+                for key in [k for k, v in self.mfa_passed.items() if v < now]:
+                    del self.mfa_passed[key]
+                self.mfa_passed[(user, peer_pid)] = until
+                if info is not None and info[0] > 1:
+                    self.mfa_passed[(user, info[0])] = until
+        return {"recorded": True}
+
+    def _mfa_ok(self, user: str, peer_pid: int) -> bool:
+        with self.lock:
+            until = self.mfa_passed.pop((user, peer_pid), None)
+        return until is not None and until >= time.monotonic()
+
     # ---- account --------------------------------------------------------
-    def ssh_account(self, req: dict[str, Any]) -> dict[str, Any]:
+    def ssh_account(self, req: dict[str, Any], peer_pid: int = 0) -> dict[str, Any]:
         """May *user* log in here? Always answers; records the decision."""
         user, rhost, service, actions = _parse(req)
         if req.get("break_glass") is True:
@@ -161,6 +217,12 @@ class SshAccess(Confinement):
             jit_problem = f"; JIT grants could not be checked: {str(exc)[:200]}"
         else:
             jit_problem = ""
+        if jit and req.get("jit_mfa") is True and not self._mfa_ok(user, peer_pid):
+            return self._deny(user, rhost, service, actions, "mfa_required",
+                              "just-in-time access needs a TOTP code in this login's auth "
+                              "phase, and it has none (sshd needs `AuthenticationMethods "
+                              "publickey,keyboard-interactive` and the stack the ztgpu auth "
+                              "line with mfa=jit)")
         if jit:
             self._record("ssh.login", user, rhost, service, outcome="allowed",
                          reason=f"just-in-time admin access {jit[0].get('id')} until "

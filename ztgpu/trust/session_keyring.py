@@ -37,6 +37,7 @@ _SESSION = -3  # KEY_SPEC_SESSION_KEYRING
 _USER_SESSION = -5  # KEY_SPEC_USER_SESSION_KEYRING
 _GET_KEYRING_ID = 0
 _READ = 11
+_CHOWN = 4
 _SET_TIMEOUT = 15
 _INVALIDATE = 21
 
@@ -70,8 +71,9 @@ def own_session_keyring() -> bool:
     return session >= 0 and session != user_session
 
 
-def store(payload: bytes, lifetime_s: int) -> None:
-    """Keep *payload* in this login's session keyring for *lifetime_s* seconds.
+def store(payload: bytes, lifetime_s: int, owner: tuple[int, int] | None = None) -> None:
+    """Keep *payload* in this login's session keyring for *lifetime_s* seconds;
+    *owner* (uid, gid): root (the PAM module) gives the key to the user.
 
     Raises KeyringError when the login has no session keyring of its own.
     """
@@ -85,6 +87,9 @@ def store(payload: bytes, lifetime_s: int) -> None:
                  "cannot add the key to the session keyring")
     _check(libc.syscall(keyctl, _SET_TIMEOUT, key, max(1, int(lifetime_s))),
            "cannot set the key's lifetime")
+    if owner is not None:
+        _check(libc.syscall(keyctl, _CHOWN, key, owner[0], owner[1]),
+               "cannot give the key to the user")
 
 
 def read() -> bytes | None:
