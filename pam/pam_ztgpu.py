@@ -107,7 +107,10 @@ def pam_sm_authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
 
 
 def pam_sm_setcred(pamh: Any, flags: int, argv: list[str]) -> int:
-    return int(pamh.PAM_IGNORE)
+    """Nothing to set (the MFA session's key is kept in the session phase);
+    success, since with only this module in the auth phase an ignore would
+    fail sshd's pam_setcred."""
+    return int(pamh.PAM_SUCCESS)
 
 
 def pam_sm_acct_mgmt(pamh: Any, flags: int, argv: list[str]) -> int:

@@ -44,6 +44,10 @@ session    required     pam_unix.so
 session    optional     pam_env.so
 """
 
+#: A login node's stack for key plus TOTP: the base stack without pam_unix's
+#: password in the auth phase (the ztgpu auth line is the second factor).
+TOTP_STACK = BASE_STACK.replace("auth       required     pam_unix.so\n", "")
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -60,6 +64,8 @@ class PrivateSshd:
     port: int = field(default_factory=_free_port)
     process: subprocess.Popen[bytes] | None = None
     made_privsep: bool = False
+    #: Key and then keyboard-interactive (PAM's auth phase: the TOTP prompt).
+    totp: bool = False
 
     @property
     def pam_file(self) -> Path:
@@ -87,7 +93,10 @@ class PrivateSshd:
             f"Port {self.port}", "ListenAddress 127.0.0.1",
             f"HostKey {self.base / 'host_ed25519'}", f"PidFile {self.base / 'sshd.pid'}",
             f"AuthorizedKeysFile {self.base / 'keys'}/%u", "UsePAM yes",
-            "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            "PasswordAuthentication no",
+            *(["KbdInteractiveAuthentication yes",
+                "AuthenticationMethods publickey,keyboard-interactive"] if self.totp
+              else ["KbdInteractiveAuthentication no"]),
             "PubkeyAuthentication yes", "PermitRootLogin prohibit-password",
             "StrictModes no", "UseDNS no", "PrintMotd no", "PrintLastLog no",
             "LogLevel VERBOSE", "MaxStartups 100:30:200", "MaxSessions 50",
@@ -148,6 +157,27 @@ class PrivateSshd:
         return subprocess.run(self.ssh_argv(user, command, *options), capture_output=True,
                               text=True, timeout=timeout, check=False,
                               stdin=subprocess.DEVNULL)
+
+    def ssh_with_code(self, user: str, command: str, code: str, *, timeout: float = 60
+                      ) -> subprocess.CompletedProcess[str]:
+        """Log in with the key, answering the keyboard-interactive prompt (the
+        PAM auth phase's TOTP question) with *code* through SSH_ASKPASS, as a
+        researcher types it; the prompts asked are in ``askpass.log``."""
+        askpass = self.base / "askpass"
+        askpass.write_text("#!/bin/sh\n"
+                           f"echo \"$1\" >> {self.base / 'askpass.log'}\n"
+                           f"cat {self.base / 'askpass.code'}\n")
+        askpass.chmod(0o700)
+        (self.base / "askpass.code").write_text(code + "\n")
+        argv = ["BatchMode=no" if word == "BatchMode=yes" else word
+                for word in self.ssh_argv(
+                    user, command, "-o", "NumberOfPasswordPrompts=1", "-o",
+                    "PreferredAuthentications=publickey,keyboard-interactive")]
+        env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
+               "DISPLAY": ":0"}
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              check=False, stdin=subprocess.DEVNULL, env=env,
+                              start_new_session=True)
 
     def ssh_background(self, user: str, command: str) -> subprocess.Popen[str]:
         """A login that stays open while *command* runs."""
@@ -216,12 +246,13 @@ def _descendants(root: int) -> list[int]:
 
 @contextlib.contextmanager
 def private_sshd(stack: str = BASE_STACK, base: Path | None = None,
-                 start: bool = True) -> Iterator[PrivateSshd]:
-    """A private sshd (started unless ``start`` is false); removed afterwards."""
+                 start: bool = True, totp: bool = False) -> Iterator[PrivateSshd]:
+    """A private sshd (started unless ``start`` is false; key plus
+    keyboard-interactive with ``totp``); removed afterwards."""
     made = base is None
     where = Path(tempfile.mkdtemp(prefix="ztgpu-sshd-")) if base is None else base
     where.chmod(0o755)
-    sshd = PrivateSshd(base=where)
+    sshd = PrivateSshd(base=where, totp=totp)
     try:
         sshd.prepare(stack)
         if start:
