@@ -9,6 +9,7 @@ is revoked; a login after that is refused.
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -16,8 +17,9 @@ from conftest import needs_slurm
 
 from ztgpu.testing import gpu_probe
 from ztgpu.testing.mfa_cluster import MfaCluster, mfa_cluster
+from ztgpu.testing.prerequisites import require
 from ztgpu.testing.slurm_cluster import wait_for
-from ztgpu.testing.sshd import PrivateSshd, alive, pids_running, private_sshd
+from ztgpu.testing.sshd import TOTP_STACK, PrivateSshd, alive, pids_running, private_sshd
 
 pytestmark = [needs_slurm, pytest.mark.slurm]
 
@@ -97,3 +99,52 @@ def test_a_revoked_user_loses_jit_sessions_and_logins(site):
     assert "revoked" in str(ended()[-1]["reason"]), ended()
     again = sshd.ssh("ztbob", "echo in")
     assert again.returncode == 255 and "in" not in again.stdout.split(), again
+
+
+def test_with_mfa_jit_the_admin_gives_a_totp_code_and_a_job_user_is_not_asked(site):
+    """``ztgpu install --pam-mfa jit``: JIT logins answer a TOTP prompt in the
+    auth phase (authd checks it, as the user); the agent lets a JIT login
+    through the account phase only after that check."""
+    made, _ = site
+    suite = made.suite
+    admin = "ztcarol"  # (ztbob was revoked above)
+    made.enroll(admin)
+    with private_sshd(TOTP_STACK, start=False, totp=True) as sshd:
+        sshd.authorize(admin, "ztalice")
+        log = sshd.base / "pam.log"
+        res = suite.ztgpu("install", "--pam", sshd.service, "--pam-dir", "/etc/pam.d",
+                          "--pam-mfa", "jit", f"--pam-option=config={made.login_config}",
+                          f"--pam-option=log={log}")
+        assert "mfa=jit" in sshd.stack() and "pam_ztgpu.so" in sshd.stack(), sshd.stack()
+        sshd.start()
+        grant = jit(made, admin, "600s")
+        code = made.code(admin)
+        wrong = sshd.ssh_with_code(admin, "echo in", "000000" if code != "000000" else "111111")
+        assert wrong.returncode == 255 and "in" not in wrong.stdout.split(), wrong
+        right = sshd.ssh_with_code(admin, "echo in", code)
+        assert right.stdout.split() == ["in"], (right.stdout, right.stderr, log.read_text())
+        checks = [e["outcome"] for e in suite.events("ssh.mfa") if e["user"] == admin]
+        assert checks == ["failed", "passed"], checks
+        logins = [e for e in suite.events("ssh.login") if e["user"] == admin]
+        assert logins and grant in str(logins[-1]["reason"]), logins
+
+        # A stack or an sshd that skips the auth phase: the account phase
+        # alone does not let a JIT login in.
+        alone = subprocess.run([str(require("pamtester")), sshd.service, admin, "acct_mgmt"],
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert alone.returncode != 0 and "needs a TOTP code" in alone.stdout + alone.stderr
+        denied = [e for e in suite.events("ssh.denied") if e["user"] == admin]
+        assert "needs a TOTP code" in str(denied[-1]["reason"]), denied[-1:]
+
+        # A user with a running job here is not asked for a code.
+        made.enroll("ztalice")
+        assert made.login("ztalice").returncode == 0
+        job = suite.cluster.sbatch("ztalice", "sleep 300", gpus=1)
+        suite.cluster.wait_job(job, ["RUNNING"])
+        suite.wait_event("job.grant", job)
+        (sshd.base / "askpass.log").unlink(missing_ok=True)
+        res = sshd.ssh_with_code("ztalice", "echo in", "")
+        assert res.stdout.split() == ["in"], (res.stdout, res.stderr, log.read_text()[-1500:])
+        assert not (sshd.base / "askpass.log").exists() or \
+            "TOTP" not in (sshd.base / "askpass.log").read_text()
+        suite.cluster.slurm(["scancel", job])
