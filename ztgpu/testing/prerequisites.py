@@ -94,6 +94,14 @@ PREREQUISITES: dict[str, Prerequisite] = {p.name: p for p in [
 ]}
 
 
+#: Programs some tests use when present and skip without, with why: not
+#: Debian packages `make setup` installs (the CUDA toolkit comes from NVIDIA).
+OPTIONAL = {
+    "nvcc": "tests/test_cuda_wipe.py: the shipped PTX is what verify.cu compiles to",
+    "ptxas": "tests/test_cuda_wipe.py: the shipped PTX assembles for sm_90",
+}
+
+
 def require(name: str) -> Path:
     """The installed path of prerequisite ``name``.
 
