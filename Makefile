@@ -93,6 +93,7 @@ bench: install
 	$(PY) bench/login_flood.py
 	$(PY) bench/v2_node.py
 	$(PY) bench/pam_latency.py
+	$(PY) bench/gpu_wipe.py
 
 # Mutation testing of the security-critical pure logic (slurm/env, trust/grants,
 # audit/events, policy, trust/totp), configured in pyproject.toml [tool.mutmut];

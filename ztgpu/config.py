@@ -231,6 +231,23 @@ class IsolationConfig(_Strict):
     holder_kill_timeout_s: float = Field(default=5.0, gt=0, le=8)
 
 
+WipeMode = Literal["off", "verify", "wipe"]
+
+
+class WipeConfig(_Strict):
+    """GPU memory hygiene between jobs (``ztgpu.noded.hygiene``)."""
+
+    #: ``wipe``: after each job, fill every GPU's memory with a pattern, check
+    #: it, fill with zeros and check again (through libcuda); ``verify``: only
+    #: check that the memory handed out reads as zeros (the driver's scrub on
+    #: free happened); ``off``: neither.
+    mode: WipeMode = "wipe"
+    #: Per Slurm partition, overriding ``mode``.
+    partitions: dict[str, WipeMode] = Field(default_factory=dict)
+    #: The CUDA driver library (tests point it at a stand-in of host memory).
+    libcuda: str = "libcuda.so.1"
+
+
 class SlurmConfig(_Strict):
     #: Besides root, the one account allowed on the agent's socket: set it only
     #: when slurm.conf's SlurmdUser is not root. None (the default): root only
@@ -457,6 +474,7 @@ class Config(_Strict):
     devices: DevicesConfig = DevicesConfig()
     cgroups: CgroupsConfig = CgroupsConfig()
     isolation: IsolationConfig = IsolationConfig()
+    wipe: WipeConfig = WipeConfig()
     slurm: SlurmConfig = SlurmConfig()
     noded: NodedConfig = NodedConfig()
     tls: TlsConfig = TlsConfig()

@@ -131,6 +131,12 @@ EVENT_TYPES: tuple[EventType, ...] = (
     _t("node.unsafe", _CRIT, "check reason",
        "A start-up check failed: the agent grants no GPU on this node until it is fixed."),
     _t("hook.error", _WARN, "hook reason", "A Slurm hook or PAM client failed."),
+    _t("gpu.wipe", _INFO, "gpus mode outcome",
+       "A GPU's memory was wiped and verified (or verified only) after a job: bytes "
+       "covered and not reachable, per-pass times and bandwidths, a digest of the result."),
+    _t("gpu.wipe_failed", _CRIT, "gpus mode outcome reason",
+       "A GPU's wipe failed or found memory it could not clear: the GPU is not granted "
+       "again until a wipe succeeds, and the node is drained."),
     _t("ssh.login", _INFO, "user rhost service outcome reason action",
        "An SSH login was let in by the PAM module's account check (a job of the user "
        "here, JIT admin access, root or a break-glass account)."),

@@ -210,7 +210,7 @@ class WipeReport:
         return fields
 
 
-class _Context:
+class Context:
     """The wiper's context on one device, current on the calling thread."""
 
     def __init__(self, driver: Driver, ordinal: int) -> None:
@@ -243,7 +243,7 @@ class _Context:
             self.handle = _ptr()
 
 
-def _allocate_all(driver: Driver, start: int) -> list[tuple[int, int]]:
+def allocate_all(driver: Driver, start: int) -> list[tuple[int, int]]:
     """(pointer, bytes) chunks covering all the memory that can be allocated."""
     chunks: list[tuple[int, int]] = []
     size = max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, start) // MIN_CHUNK_BYTES * MIN_CHUNK_BYTES)
@@ -260,7 +260,7 @@ def _allocate_all(driver: Driver, start: int) -> list[tuple[int, int]]:
     return chunks
 
 
-def _verify(ctx: _Context, chunks: list[tuple[int, int]], expect: int) -> tuple[int, int, int]:
+def verify_chunks(ctx: Context, chunks: list[tuple[int, int]], expect: int) -> tuple[int, int, int]:
     """Mismatched words, lowest mismatching offset (bytes, over all chunks as
     one range) and the xor digest, as the kernel computes them."""
     driver = ctx.driver
@@ -301,14 +301,14 @@ def wipe_one(driver: Driver, ordinal: int, mode: str, gpu: str = "") -> WipeRepo
     """Wipe (or verify) one device; never raises: failures are in the report."""
     report = WipeReport(gpu=gpu or f"cuda{ordinal}", mode=mode)
     began = time.perf_counter()
-    ctx: _Context | None = None
+    ctx: Context | None = None
     chunks: list[tuple[int, int]] = []
     try:
-        ctx = _Context(driver, ordinal)
+        ctx = Context(driver, ordinal)
         free, total = _size(), _size()
         driver.call("cuMemGetInfo_v2", ctypes.byref(free), ctypes.byref(total))
         report.total_bytes, report.free_reported_bytes = total.value, free.value
-        chunks = _allocate_all(driver, free.value)
+        chunks = allocate_all(driver, free.value)
         # The verify kernel's result buffer needs a page of its own: give one back.
         if chunks:
             ptr, size = chunks.pop()
@@ -347,10 +347,10 @@ def wipe_one(driver: Driver, ordinal: int, mode: str, gpu: str = "") -> WipeRepo
     return report
 
 
-def _timed_verify(ctx: _Context, chunks: list[tuple[int, int]], expect: int,
+def _timed_verify(ctx: Context, chunks: list[tuple[int, int]], expect: int,
                   report: WipeReport) -> tuple[int, int, int, int]:
     started = time.perf_counter()
-    bad, first, digest = _verify(ctx, chunks, expect)
+    bad, first, digest = verify_chunks(ctx, chunks, expect)
     report.verify_s += time.perf_counter() - started
     report.passes.append(f"verify-{expect:#x}")
     return expect, bad, first, digest

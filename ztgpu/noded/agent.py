@@ -25,6 +25,7 @@ import time
 
 from ztgpu.noded.confinement import Confinement
 from ztgpu.noded.core import EventSink, LiveJob
+from ztgpu.noded.hygiene import Hygiene
 from ztgpu.noded.lifecycle import Lifecycle
 from ztgpu.noded.probing import Probing
 from ztgpu.noded.reconcile import Reconcile
@@ -39,7 +40,7 @@ FAST_SWEEP_S = 0.02
 FAST_SWEEP_WINDOW_S = 15.0
 
 
-class Agent(Lifecycle, SshAccess, Confinement, Probing, Reconcile):
+class Agent(Lifecycle, SshAccess, Hygiene, Confinement, Probing, Reconcile):
     """State and enforcement for one node, with its background loop. Thread-safe.
 
     The parts: ``lifecycle`` (grants and releases), ``confinement``,

@@ -69,6 +69,8 @@ class LiveJob:
     violated: bool = False
     #: v2: step cgroups where our program could not be attached (recorded once).
     unconfinable: set[Path] = field(default_factory=set)
+    #: The job's Slurm partition, as its Prolog said (not kept across restarts).
+    partition: str | None = None
 
 
 def boot_id() -> str:
@@ -140,6 +142,9 @@ class AgentCore:
         #: GPUs (by minor) a process would not let go of, and why: never granted
         #: until it is gone (kept in the state across restarts).
         self.held_gpus: dict[int, str] = {}
+        #: GPUs (by minor) not wiped since a job used them: (job id, why);
+        #: never granted until a wipe succeeds (kept in the state).
+        self.dirty_gpus: dict[int, tuple[str, str]] = {}
         #: Why this node grants nothing at all (set at start), if anything.
         self.unsafe: list[str] = []
         #: Processes of these uids may hold idle GPUs (root, the rest owner,
@@ -290,6 +295,10 @@ class AgentCore:
             self._drain("; ".join(self.held_gpus[m] for m in fresh))
         return problems
 
+    def restore_dirty(self) -> None:
+        """At start: the dirty marks of the state (wipes that never finished)."""
+        self.dirty_gpus = {m: v for m, v in self.state.dirty().items() if m in self.by_minor}
+
     def _check_held(self, minors: Collection[int]) -> list[str]:
         """Problems for the GPUs among *minors* that a process still holds.
 
@@ -408,6 +417,20 @@ class AgentCore:
 
     def _release(self, live: LiveJob, why: str) -> list[str]:
         """Take the job's GPUs back and forget its grant (``ztgpu.noded.lifecycle``)."""
+        raise NotImplementedError
+
+    def wipe(self, minors: Collection[int], *, job_id: str, mode: str,
+             context: str) -> list[str]:
+        """Wipe the GPUs' memory after a job (``ztgpu.noded.hygiene``)."""
+        raise NotImplementedError
+
+    def wipe_mode(self, partition: str | None) -> str:
+        """The wipe mode for a job of *partition* (``ztgpu.noded.hygiene``)."""
+        raise NotImplementedError
+
+    def check_dirty(self, minors: Collection[int], *, job_id: str,
+                    context: str | None = None) -> list[str]:
+        """Wipe dirty GPUs before a grant (``ztgpu.noded.hygiene``)."""
         raise NotImplementedError
 
     def verify(self, job_id: str | None = None, *, due_only: bool = False

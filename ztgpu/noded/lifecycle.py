@@ -73,6 +73,14 @@ class Lifecycle(AgentCore):
         record = JobRecord(job_id=job_id, uid=uid, gid=gid, user=user,
                            minors=tuple(g.minor for g in gpus),
                            granted_at=self.clock().isoformat())
+        # A GPU an earlier job's data may still be on is wiped first (outside
+        # the lock: it takes a while, and nothing else grants this GPU now).
+        dirty = self.check_dirty([g.minor for g in gpus], job_id=job_id)
+        if dirty:
+            reason = "; ".join(dirty)
+            self.spool.append("job.refused", job_id=job_id, uid=uid, user=user,
+                              outcome="node_unsafe", reason=reason[:500])
+            raise Fault(reason)
         with self.lock:
             held = self._check_held([g.minor for g in gpus])
             if held:
@@ -96,7 +104,7 @@ class Lifecycle(AgentCore):
                     self._refuse("prolog", reason, job)
                     raise InputRejected(reason)
             self.state.put(record)
-            live = LiveJob(record=record)
+            live = LiveJob(record=record, partition=parse_word(job.get("partition")))
             self.jobs[job_id] = live
             try:
                 for gpu in gpus:
@@ -249,6 +257,9 @@ class Lifecycle(AgentCore):
                     apply_state(self.device_path(gpu), self.major, gpu.minor,
                                 self._expected_state(gpu.minor)[0])
         stuck = self._take_back(record.minors, context="release", job=record)
+        # Nobody holds them now: wipe their memory before anyone else gets them.
+        dirty = self.wipe(record.minors, job_id=record.job_id,
+                          mode=self.wipe_mode(live.partition), context="release")
         with self.lock:
             problems = self._undo_grant(live)
             self.revoked_jobs.discard(record.job_id)
@@ -256,9 +267,10 @@ class Lifecycle(AgentCore):
             self.spool.append("job.release", job_id=record.job_id, uid=record.uid,
                               user=record.user, gpus=gpu_fields(held),
                               outcome="failed" if problems else "held" if stuck
-                              else "released",
-                              reason="; ".join([r for r in (why, *problems, *stuck) if r])[:500])
-        return problems + stuck
+                              else "dirty" if dirty else "released",
+                              reason="; ".join([r for r in (why, *problems, *stuck, *dirty)
+                                                if r])[:500])
+        return problems + stuck + dirty
 
     def _undo_grant(self, live: LiveJob) -> list[str]:
         """Restore rest state for the job's GPUs and forget it; returns problems."""

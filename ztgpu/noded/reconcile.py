@@ -45,6 +45,7 @@ class Reconcile(AgentCore):
                                       outcome="freed", reason="the node rebooted")
             held = {}
         self.held_gpus.update(held)
+        self.restore_dirty()
         self.unsafe = self._start_checks()
         revoked = {job_id: why for job_id, why in self.state.revoked().items()
                    if job_id in recovered}
@@ -119,6 +120,12 @@ class Reconcile(AgentCore):
         self.sweep()
         probes = self.verify()
         problems = [*self.unsafe, *self.held_gpus.values()]
+        with self.lock:
+            dirty = sorted(m for m in self.dirty_gpus if not any(
+                m in j.record.minors for j in self.jobs.values()))
+        for minor in dirty:  # a wipe that never finished: try it now
+            problems += self.check_dirty([minor], job_id=self.dirty_gpus[minor][0],
+                                         context="dirty at ztgpu node recover")
         problems += [f"job {r['job_id']}: " + "; ".join(r.get("problems", []))
                      for r in probes if not r["ok"]]
         problems += [f"{d['path']}: {d['found']}" for d in drift

@@ -54,6 +54,10 @@ class StateStore:
             # across restarts of the agent (a reboot ends the process).
             self._db.execute("CREATE TABLE IF NOT EXISTS held (minor INTEGER PRIMARY KEY,"
                              " reason TEXT NOT NULL)")
+            # GPUs whose memory a job used and no wipe has yet cleared: never
+            # granted until a wipe succeeds, across crashes and reboots.
+            self._db.execute("CREATE TABLE IF NOT EXISTS dirty (minor INTEGER PRIMARY KEY,"
+                             " job_id TEXT NOT NULL, reason TEXT NOT NULL)")
         except sqlite3.Error as exc:
             raise Fault(f"cannot open agent state {path}: {exc}") from exc
 
@@ -97,6 +101,21 @@ class StateStore:
         """The GPU of *minor* is held no more."""
         self._write("DELETE FROM held WHERE minor = ?", (minor,),
                     f"the end of the hold on GPU minor {minor}")
+
+    def put_dirty(self, minor: int, job_id: str, reason: str) -> None:
+        """Mark the GPU of *minor* as holding a job's data (before wiping it)."""
+        self._write("INSERT OR REPLACE INTO dirty VALUES (?, ?, ?)", (minor, job_id, reason[:500]),
+                    f"the dirty mark of GPU minor {minor}")
+
+    def dirty(self) -> dict[int, tuple[str, str]]:
+        """GPUs (by minor) not wiped since a job used them: (job id, why)."""
+        with self._lock:
+            rows = self._db.execute("SELECT minor, job_id, reason FROM dirty").fetchall()
+        return {int(minor): (str(job), str(reason)) for minor, job, reason in rows}
+
+    def delete_dirty(self, minor: int) -> None:
+        self._write("DELETE FROM dirty WHERE minor = ?", (minor,),
+                    f"the end of the dirty mark of GPU minor {minor}")
 
     def _write(self, sql: str, args: tuple[object, ...], what: str) -> None:
         with self._lock:

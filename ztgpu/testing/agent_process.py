@@ -207,6 +207,8 @@ def standalone_agent(base: Path, gpus: int = 4, openable: bool = False,
                 **({"simulated_major": OPENABLE_MAJOR} if openable else {})},
         "cgroups": {"name": f"ztgpu_test_{secrets.token_hex(4)}"},
         "isolation": {"sweep_interval_s": 0.2, "drift_interval_s": 0.5},
+        # No libcuda here: the tests that wipe point it at the stand-in.
+        "wipe": {"mode": "off"},
         "slurm": {"user": "root", "bin_dir": "/nonexistent-slurm-bin",
                   "gres_conf": str(base / "gres.conf")},
     }

@@ -20,7 +20,8 @@
  * "name@ordinal" to hit one GPU): init (no device), alloc (nothing can be
  * allocated), stuck (one word of the first allocation keeps its old value
  * whatever is written: a wipe that fails verification), launch (kernels
- * fail), slow (memset sleeps 50 ms per call).
+ * fail), slow (memset sleeps 50 ms per call), hang (memset never returns:
+ * an agent that dies in the middle of a wipe).
  */
 
 #define _GNU_SOURCE
@@ -156,7 +157,8 @@ CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
 CUresult cuDeviceGetPCIBusId(char *bus, int len, CUdevice dev) {
     if (dev < 0 || dev >= gpus()) return INVALID_DEVICE;
     if (bus == NULL || len <= 0) return INVALID_VALUE;
-    snprintf(bus, (size_t)len, "0000:%02X:00.0", 0x10 + dev);
+    /* The buses the test harness's simulated GPUs declare. */
+    snprintf(bus, (size_t)len, "0000:%02X:00.0", 0x17 + dev * 0x10);
     return SUCCESS;
 }
 
@@ -298,6 +300,10 @@ CUresult cuMemsetD32_v2(CUdeviceptr ptr, unsigned int value, size_t count) {
     uint32_t *stuck = a ? stuck_word[a->gpu] : NULL;
     pthread_mutex_unlock(&lock);
     if (a == NULL) return INVALID_VALUE;
+    while (fault("hang", a->gpu)) {
+        struct timespec ts = {1, 0};
+        nanosleep(&ts, NULL);
+    }
     if (fault("slow", a->gpu)) {
         struct timespec ts = {0, 50 * 1000 * 1000};
         nanosleep(&ts, NULL);

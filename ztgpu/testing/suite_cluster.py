@@ -40,6 +40,8 @@ def agent_config(cluster: SlurmTestCluster, base: Path, **overrides: Any) -> dic
                       "drift_interval_s": 1.0},
         "slurm": {"conf": str(cluster.slurm_conf), "user": "root"},
         "noded": {"log_level": "info"},
+        # No libcuda here: the tests that wipe point it at the stand-in.
+        "wipe": {"mode": "off"},
     }
     for section, values in overrides.items():
         config.setdefault(section, {}).update(values)

@@ -1,0 +1,179 @@
+"""GPU memory hygiene between jobs, through real Slurm jobs and the installed hooks.
+
+The private cluster's agent wipes through ``ztgpu.gpu.cuda`` with
+``wipe.libcuda`` pointing at the stand-in libcuda (host memory, same entry
+points; ztgpu/testing/stand_in_libcuda.c), whose GPUs sit at the PCI buses
+the simulated inventory declares, so the agent maps NVML's view to CUDA's
+by bus id as on a real node. Faults are the stand-in's, set in the agent's
+environment when it starts: a word that keeps its old value, memory that
+cannot be allocated, a driver that did not scrub (verify mode), a wipe that
+never returns (the agent is then killed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import needs_slurm
+
+from ztgpu.testing import stand_in_cuda
+from ztgpu.testing.slurm_cluster import ClusterSpec, wait_for
+from ztgpu.testing.suite_cluster import SuiteCluster, suite_cluster
+
+pytestmark = [needs_slurm, pytest.mark.slurm]
+
+STAND_IN = {"ZTGPU_STANDIN_GPUS": "4", "ZTGPU_STANDIN_MEM_MIB": "64",
+            "ZTGPU_STANDIN_CTX_MIB": "8"}
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuiteCluster]:
+    library = stand_in_cuda.build(tmp_path_factory.mktemp("stand-in"))
+    saved = {k: os.environ.get(k) for k in [*STAND_IN, "ZTGPU_STANDIN_FAULT",
+                                            "ZTGPU_STANDIN_LEFTOVERS"]}
+    os.environ.update(STAND_IN)
+    try:
+        with suite_cluster(ClusterSpec(), wipe={"mode": "wipe",
+                                                "libcuda": str(library)}) as running:
+            yield running
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def restart_with(suite: SuiteCluster, sig: int = signal.SIGTERM, **env: str) -> None:
+    """Restart the agent with the stand-in's faults/leftovers set as given."""
+    suite.stop_agent(sig)
+    for key in ("ZTGPU_STANDIN_FAULT", "ZTGPU_STANDIN_LEFTOVERS"):
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    suite.start_agent()
+
+
+@pytest.fixture(autouse=True)
+def _healthy_after(suite: SuiteCluster) -> Iterator[None]:
+    yield
+    c = suite.cluster
+    for user in c.spec.users:
+        c.slurm(["scancel", "-u", user], check=False)
+    wait_for(lambda: not c.slurm(["squeue", "-h"], check=False).strip(), 60, "empty queue")
+    restart_with(suite)
+    if "drain" in c.node_state():
+        suite.ztgpu("node", "recover", check=False)
+    wait_for(lambda: c.node_state() == "idle", 60, "idle node")
+
+
+def run_job(suite: SuiteCluster, gpus: int = 1) -> tuple[str, list[dict[str, object]]]:
+    c = suite.cluster
+    job = c.sbatch("ztalice", "sleep 1", gpus=gpus)
+    grant = suite.wait_event("job.grant", job, timeout=60)
+    c.wait_job(job, ["COMPLETED", "FAILED", "CANCELLED"], timeout=90)
+    suite.wait_event("job.release", job, timeout=60)
+    return job, list(grant["gpus"])  # type: ignore[arg-type]
+
+
+def test_after_a_job_each_of_its_gpus_is_wiped_and_verified_with_the_figures(suite):
+    job, gpus = run_job(suite, gpus=2)
+    wipes = suite.events("gpu.wipe", job)
+    assert sorted(w["gpus"][0]["uuid"] for w in wipes) == sorted(g["uuid"] for g in gpus)
+    for wipe in wipes:
+        assert wipe["mode"] == "wipe" and wipe["outcome"] == "clean" and wipe["ok"] is True
+        assert wipe["passes"] == "pattern,verify-0xa5c35a3c,zero,verify-0x0"
+        # 64 MiB GPUs: the wiper's context (8) and its result page (2) unreachable.
+        assert wipe["covered_bytes"] == 54 << 20 and wipe["unreachable_bytes"] == 10 << 20
+        assert wipe["mismatched_words"] == 0 and len(str(wipe["digest"])) == 64
+        assert wipe["context"] == "release"
+    release = suite.wait_event("job.release", job)
+    assert release["outcome"] == "released"
+    # The wipe came before the GPUs were free again.
+    assert max(int(w["seq"]) for w in wipes) < int(release["seq"])
+
+
+def test_a_wipe_that_fails_verification_keeps_the_gpu_out_until_a_wipe_succeeds(suite):
+    restart_with(suite, ZTGPU_STANDIN_FAULT="stuck")
+    job, gpus = run_job(suite)
+    failed = suite.wait_event("gpu.wipe_failed", job)
+    assert failed["severity"] == "critical" and failed["outcome"] == "dirty"
+    assert "1 words did not read back as written" in str(failed["reason"])
+    assert "not granted again until a wipe succeeds" in str(failed["reason"])
+    assert suite.wait_event("job.release", job)["outcome"] == "dirty"
+    c = suite.cluster
+    wait_for(lambda: "drain" in c.node_state(), 30, "the node drained")
+    minor = int(str(gpus[0]["minor"]))
+    state = Path(suite.config["paths"]["state_dir"]) / "state.db"
+    with sqlite3.connect(state) as db:
+        assert [r[0] for r in db.execute("SELECT minor FROM dirty")] == [minor]
+    # recover wipes it again (the stand-in's stuck word was the first
+    # allocation only) and resumes the node; the GPU is granted again.
+    res = suite.ztgpu("node", "recover", check=False)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    again = [w for w in suite.events("gpu.wipe") if w["gpus"][0]["minor"] == minor]
+    assert again and again[-1]["context"] == "dirty at ztgpu node recover", again[-1:]
+    next_job, _ = run_job(suite, gpus=4)
+    assert suite.events("job.grant", next_job)
+
+
+def test_a_gpu_that_cannot_allocate_is_a_failed_wipe(suite):
+    restart_with(suite, ZTGPU_STANDIN_FAULT="alloc")
+    job, _ = run_job(suite)
+    failed = suite.wait_event("gpu.wipe_failed", job)
+    assert "no GPU memory could be allocated" in str(failed["reason"])
+    c = suite.cluster
+    wait_for(lambda: "drain" in c.node_state(), 30, "the node drained")
+
+
+def test_verify_mode_catches_a_driver_that_did_not_scrub(suite):
+    suite.stop_agent()
+    config = suite.config_path.read_text().replace("mode: wipe", "mode: verify")
+    suite.config_path.write_text(config)
+    try:
+        restart_with(suite, ZTGPU_STANDIN_LEFTOVERS="1")
+        job, _ = run_job(suite)
+        failed = suite.wait_event("gpu.wipe_failed", job)
+        assert failed["mode"] == "verify"
+        assert "were not zero" in str(failed["reason"]) and "did not scrub" in str(
+            failed["reason"])
+        assert failed["mismatched_words"] == failed["covered_bytes"] // 4
+    finally:
+        suite.stop_agent()
+        suite.config_path.write_text(config.replace("mode: verify", "mode: wipe"))
+        suite.start_agent()
+
+
+def test_a_wipe_cut_short_by_a_crash_leaves_the_gpu_dirty_across_restart_and_reboot(suite):
+    restart_with(suite, ZTGPU_STANDIN_FAULT="hang")
+    c = suite.cluster
+    job = c.sbatch("ztalice", "sleep 1", gpus=1)
+    grant = suite.wait_event("job.grant", job, timeout=60)
+    minor = int(str(grant["gpus"][0]["minor"]))
+    state = Path(suite.config["paths"]["state_dir"]) / "state.db"
+
+    def dirty() -> list[int]:
+        with sqlite3.connect(state) as db:
+            return [r[0] for r in db.execute("SELECT minor FROM dirty")]
+
+    wait_for(lambda: dirty() == [minor], 60, "the wipe to start (GPU marked dirty)")
+    suite.stop_agent(signal.SIGKILL)  # in the middle of the wipe
+    assert dirty() == [minor]
+    with sqlite3.connect(state) as db:  # and as if the node had rebooted
+        db.execute("UPDATE meta SET value = 'another-boot' WHERE key = 'boot_id'")
+    restart_with(suite, signal.SIGTERM)
+    assert dirty() == [minor]  # a reboot forgets the grants, not the dirty mark
+    assert not [w for w in suite.events("gpu.wipe") if w["gpus"][0]["minor"] == minor
+                and w.get("job_id") == job]
+    # The next job that gets that GPU has it wiped first.
+    wait_for(lambda: c.job_state(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
+                                                          None, ""), 90, "the first job gone")
+    suite.ztgpu("node", "recover", check=False)
+    assert dirty() == []
+    wiped = [w for w in suite.events("gpu.wipe") if w["gpus"][0]["minor"] == minor]
+    assert wiped and wiped[-1]["job_id"] == job, wiped[-1:]
+    assert wiped[-1]["context"] == "dirty at ztgpu node recover"

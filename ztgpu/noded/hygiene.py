@@ -1,0 +1,154 @@
+"""GPU memory hygiene between jobs: the wipe, and the dirty mark that outlives crashes.
+
+When a job's GPUs are taken back (Epilog, revocation, a stale grant), and
+once every process holding them has been ended (``Core._take_back``), the
+agent wipes each GPU's memory, all GPUs of the job at once, through the CUDA
+driver (:mod:`ztgpu.gpu.cuda`; ``wipe.mode``, per partition in
+``wipe.partitions``):
+
+* before it touches a GPU it marks it **dirty** in its state (sqlite,
+  synchronous): a GPU whose wipe did not finish (a failure, an agent crash,
+  a reboot) stays dirty;
+* a dirty GPU is never granted: the Prolog wipes it first and refuses the
+  job if that fails; at start the agent wipes the GPUs it finds dirty;
+* a wipe that completes clean clears the mark and is a ``gpu.wipe`` event
+  with its figures and the digest of the verify result; one that fails, or
+  finds a word it could not clear, is ``gpu.wipe_failed`` (critical): the
+  GPU stays out of every grant and the node is drained with a reason naming
+  the GPU.
+
+A GPU a process still holds (``held_gpus``) is not wiped: it is out of use
+anyway until the holder is gone, and its next grant waits for a wipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from ztgpu.errors import GpuError
+from ztgpu.gpu.backend import GpuInfo
+from ztgpu.noded.core import AgentCore, gpu_fields
+
+log = logging.getLogger("ztgpu.noded")
+
+
+class Hygiene(AgentCore):
+    """The wipe after each job and the dirty marks (see the module docs)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._driver: Any = None
+        self._driver_lock = threading.Lock()
+
+    def wipe_mode(self, partition: str | None) -> str:
+        cfg = self.config.wipe
+        return str(cfg.partitions.get(partition or "", cfg.mode))
+
+    def _cuda(self) -> Any:
+        """The driver library, loaded at the first wipe (raises GpuError)."""
+        with self._driver_lock:
+            if self._driver is None:
+                from ztgpu.errors import ConfigError
+                from ztgpu.gpu.cuda import Driver
+                from ztgpu.trust.safe_paths import require_trusted
+
+                path = self.config.wipe.libcuda
+                if "/" in path:  # root loads it: nobody else may change it
+                    try:
+                        require_trusted(Path(path), "wipe.libcuda")
+                    except ConfigError as exc:
+                        raise GpuError(str(exc)) from None
+                self._driver = Driver(path)
+            return self._driver
+
+    def wipe(self, minors: Collection[int], *, job_id: str, mode: str,
+             context: str) -> list[str]:
+        """Wipe (or verify) the GPUs of *minors*; returns a problem per GPU
+        that is still dirty afterwards. Marks them dirty first."""
+        if mode == "off":
+            return []
+        gpus = [self.by_minor[m] for m in sorted(set(minors))
+                if m in self.by_minor and m not in self.held_gpus]
+        if not gpus:
+            return []
+        for gpu in gpus:
+            self.state.put_dirty(gpu.minor, job_id, f"used by job {job_id}; {context}")
+            self.dirty_gpus[gpu.minor] = (job_id, context)
+        problems = []
+        reports = self._run_wipes(gpus, mode)
+        for gpu in gpus:
+            report = reports.get(gpu.uuid)
+            if report is not None and report.ok:
+                self.state.delete_dirty(gpu.minor)
+                self.dirty_gpus.pop(gpu.minor, None)
+                self.spool.append("gpu.wipe", job_id=job_id, gpus=gpu_fields([gpu]), mode=mode,
+                                  context=context, outcome="clean", **_figures(report))
+                continue
+            reason = self._wipe_reason(gpu, mode, report)
+            problems.append(reason)
+            self.spool.append("gpu.wipe_failed", job_id=job_id, gpus=gpu_fields([gpu]),
+                              mode=mode, context=context, outcome="dirty", reason=reason[:500],
+                              **(_figures(report) if report is not None else {}))
+            log.critical("%s", reason)
+        if problems:
+            self._drain("; ".join(problems))
+        return problems
+
+    def _run_wipes(self, gpus: list[GpuInfo], mode: str) -> dict[str, Any]:
+        from ztgpu.gpu.cuda import WipeReport, normalise_bus_id, wipe_gpus
+
+        try:
+            driver = self._cuda()
+            ordinals = driver.devices()
+        except GpuError as exc:
+            return {gpu.uuid: WipeReport(gpu=gpu.uuid, mode=mode, error=str(exc))
+                    for gpu in gpus}
+        targets, missing = {}, {}
+        for gpu in gpus:
+            ordinal = ordinals.get(normalise_bus_id(gpu.pci_bus_id))
+            if ordinal is None:
+                missing[gpu.uuid] = WipeReport(
+                    gpu=gpu.uuid, mode=mode,
+                    error=f"the CUDA driver shows no device at PCI {gpu.pci_bus_id}")
+            else:
+                targets[gpu.uuid] = ordinal
+        reports: dict[str, Any] = wipe_gpus(driver, targets, mode) if targets else {}
+        reports.update(missing)
+        return reports
+
+    def _wipe_reason(self, gpu: GpuInfo, mode: str, report: Any) -> str:
+        what = f"GPU {gpu.index} (minor {gpu.minor}, {gpu.uuid})"
+        if report is None:
+            why = "no wipe report"
+        elif report.error:
+            why = report.error
+        else:
+            why = (f"{report.mismatched_words} words did not read back as written (first at "
+                   f"byte {report.first_mismatch_offset})" if mode == "wipe" else
+                   f"{report.mismatched_words} words left by the last job were not zero "
+                   f"(first at byte {report.first_mismatch_offset}): the driver did not "
+                   f"scrub; set wipe.mode: wipe")
+        return f"{what}: memory {mode} failed: {why}; it is not granted again until a wipe " \
+               f"succeeds"
+
+    def check_dirty(self, minors: Collection[int], *, job_id: str,
+                    context: str | None = None) -> list[str]:
+        """Before a grant (or at ``ztgpu node recover``): wipe the dirty GPUs
+        among *minors* now; returns the problems of those that stay dirty."""
+        problems = []
+        for minor in sorted(set(minors) & set(self.dirty_gpus)):
+            # A full wipe whatever the mode: a verify cannot clean what is left.
+            problems += self.wipe([minor], job_id=self.dirty_gpus[minor][0], mode="wipe",
+                                  context=context or f"dirty before job {job_id}'s grant")
+        return problems
+
+
+def _figures(report: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = report.as_event()
+    fields.pop("gpu", None)
+    fields.pop("mode", None)
+    return fields
