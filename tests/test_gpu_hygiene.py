@@ -34,12 +34,16 @@ STAND_IN = {"ZTGPU_STANDIN_GPUS": "4", "ZTGPU_STANDIN_MEM_MIB": "64",
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuiteCluster]:
     library = stand_in_cuda.build(tmp_path_factory.mktemp("stand-in"))
+    where = tmp_path_factory.mktemp("gpu-state")
+    state, kmsg = where / "state.json", where / "kmsg"
+    kmsg.write_text("")
     saved = {k: os.environ.get(k) for k in [*STAND_IN, "ZTGPU_STANDIN_FAULT",
                                             "ZTGPU_STANDIN_LEFTOVERS"]}
     os.environ.update(STAND_IN)
     try:
-        with suite_cluster(ClusterSpec(), wipe={"mode": "wipe",
-                                                "libcuda": str(library)}) as running:
+        with suite_cluster(ClusterSpec(), wipe={"mode": "wipe", "libcuda": str(library)},
+                           gpu={"simulated_state": str(state),
+                                "baseline": {"kmsg": str(kmsg)}}) as running:
             yield running
     finally:
         for key, value in saved.items():
@@ -177,3 +181,65 @@ def test_a_wipe_cut_short_by_a_crash_leaves_the_gpu_dirty_across_restart_and_reb
     wiped = [w for w in suite.events("gpu.wipe") if w["gpus"][0]["minor"] == minor]
     assert wiped and wiped[-1]["job_id"] == job, wiped[-1:]
     assert wiped[-1]["context"] == "dirty at ztgpu node recover"
+
+
+def _bus(suite: SuiteCluster, uuid: str) -> str:
+    gpu = next(g for g in suite.config["gpu"]["simulated"] if g["uuid"] == uuid)
+    return str(gpu["pci_bus_id"])
+
+
+def test_a_gpu_setting_the_job_changed_is_put_back_and_an_xid_drains_the_node(suite):
+    import json
+    import time
+
+    state = Path(suite.config["gpu"]["simulated_state"])
+    kmsg = Path(suite.config["gpu"]["baseline"]["kmsg"])
+    baseline = {"compute_mode": "default", "app_clocks": [2619, 1980],
+                "default_app_clocks": [2619, 1980], "ecc_uncorrected": 0,
+                "remapped_rows_pending": False}
+    state.write_text(json.dumps({g["uuid"]: baseline for g in suite.config["gpu"]["simulated"]}))
+    now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    try:
+        c = suite.cluster
+        job = c.sbatch("ztalice", "sleep 3", gpus=1)
+        uuid = str(suite.wait_event("job.grant", job, timeout=60)["gpus"][0]["uuid"])
+        # What the job does to its GPU (as `nvidia-smi -c 3 -ac 2619,1000` would).
+        states = json.loads(state.read_text())
+        states[uuid] = {**baseline, "compute_mode": "exclusive_process",
+                        "app_clocks": [2619, 1000]}
+        state.write_text(json.dumps(states))
+        # An Xid of that GPU from before the job does not count.
+        short = _bus(suite, uuid).lower()[4:-2]
+        kmsg.write_text(f"3,100,{now_us - 60_000_000},-;NVRM: Xid (PCI:{short}): 13, pid=1\n")
+        c.wait_job(job, ["COMPLETED"], timeout=60)
+        release = suite.wait_event("job.release", job, timeout=60)
+        assert release["outcome"] == "released", release
+        restored = {(e["setting"], e["was"], e["now"]) for e in suite.events("gpu.state", job)}
+        assert restored == {("compute_mode", "exclusive_process", "default"),
+                            ("app_clocks", "(2619, 1000)", "(2619, 1980)")}, restored
+        assert json.loads(state.read_text())[uuid]["compute_mode"] == "default"
+        assert not suite.events("gpu.unhealthy", job)
+
+        # An Xid during the next job, and a row remapping left pending.
+        job = c.sbatch("ztalice", "sleep 3", gpus=1)
+        uuid = str(suite.wait_event("job.grant", job, timeout=60)["gpus"][0]["uuid"])
+        short = _bus(suite, uuid).lower()[4:-2]
+        stamp = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        with kmsg.open("a") as log:
+            log.write(f"4,101,{stamp},-;NVRM: Xid (PCI:{short}): 79, pid=4242, GPU has "
+                      f"fallen off the bus.\n")
+        states = json.loads(state.read_text())
+        states[uuid] = {**baseline, "remapped_rows_pending": True}
+        state.write_text(json.dumps(states))
+        c.wait_job(job, ["COMPLETED"], timeout=60)
+        release = suite.wait_event("job.release", job, timeout=60)
+        assert release["outcome"] == "unhealthy", release
+        checks = {e["check"]: e for e in suite.events("gpu.unhealthy", job)}
+        assert set(checks) == {"xid", "remapped_rows"}, checks
+        assert "Xid 79" in str(checks["xid"]["reason"]) and uuid in str(checks["xid"]["reason"])
+        assert checks["xid"]["severity"] == "critical"
+        wait_for(lambda: "drain" in c.node_state(), 30, "the node drained")
+    finally:
+        gpus = suite.config["gpu"]["simulated"]
+        state.write_text(json.dumps({g["uuid"]: baseline for g in gpus}))
+        kmsg.write_text("")

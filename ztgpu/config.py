@@ -113,6 +113,22 @@ class SimulatedGpu(_Strict):
         return value
 
 
+class GpuBaselineConfig(_Strict):
+    """The state every GPU returns to after a job, and the health it must be in
+    (``ztgpu.noded.hygiene``); a setting left None is not checked."""
+
+    compute_mode: Literal["default", "exclusive_process", "prohibited"] | None = "default"
+    persistence: bool | None = None
+    accounting: bool | None = None
+    #: Put application clocks back to the GPU's defaults.
+    reset_app_clocks: bool = True
+    #: ECC (volatile uncorrectable), retired pages / remapped rows pending and
+    #: Xid events since the job started: any of them drains the node.
+    health: bool = True
+    #: The kernel log the Xid events are read from.
+    kmsg: AbsPath = Path("/dev/kmsg")
+
+
 class GpuConfig(_Strict):
     #: ``auto``: NVML when the NVIDIA driver is loaded, else the simulated
     #: inventory if one is declared; ``nvml`` or ``simulated`` force one.
@@ -128,6 +144,12 @@ class GpuConfig(_Strict):
     #: Tests use the kernel's memory devices (major 1), which really open,
     #: to show what a process holding a GPU open can and cannot keep.
     simulated_major: int | None = Field(default=None, ge=1, le=4095)
+    #: For the simulated backend: a JSON file of each GPU's settings and
+    #: health by UUID (``ztgpu.gpu.device_state.DeviceState`` fields), read
+    #: at each check and written when a setting is restored. Unset: nothing
+    #: to check.
+    simulated_state: AbsPath | None = None
+    baseline: GpuBaselineConfig = GpuBaselineConfig()
 
     @model_validator(mode="after")
     def _check_unique(self) -> GpuConfig:

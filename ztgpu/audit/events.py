@@ -137,6 +137,12 @@ EVENT_TYPES: tuple[EventType, ...] = (
     _t("gpu.wipe_failed", _CRIT, "gpus mode outcome reason",
        "A GPU's wipe failed or found memory it could not clear: the GPU is not granted "
        "again until a wipe succeeds, and the node is drained."),
+    _t("gpu.state", _INFO, "gpus setting was now outcome",
+       "A GPU setting a job left changed (compute mode, persistence, accounting, "
+       "application clocks) was put back to the node's baseline."),
+    _t("gpu.unhealthy", _CRIT, "gpus check outcome reason",
+       "After a job a GPU failed a check (ECC, retired pages, remapped rows, Xid events, "
+       "a setting that cannot be put back): the node is drained."),
     _t("ssh.login", _INFO, "user rhost service outcome reason action",
        "An SSH login was let in by the PAM module's account check (a job of the user "
        "here, JIT admin access, root or a break-glass account)."),

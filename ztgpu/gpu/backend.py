@@ -23,6 +23,7 @@ from itertools import pairwise
 from typing import Protocol
 
 from ztgpu.errors import GpuError
+from ztgpu.gpu.device_state import DeviceState
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,22 @@ class GpuBackend(Protocol):
 
         Raises:
             GpuError: the inventory could not be read (or a call timed out).
+        """
+        ...
+
+    def device_state(self, gpu: GpuInfo) -> DeviceState:
+        """The GPU's settings and health (``ztgpu.gpu.device_state``).
+
+        Raises:
+            GpuError: they could not be read.
+        """
+        ...
+
+    def restore(self, gpu: GpuInfo, setting: str, value: object) -> None:
+        """Put one setting of the GPU back to *value* (``app_clocks``: defaults).
+
+        Raises:
+            GpuError: it could not be changed.
         """
         ...
 

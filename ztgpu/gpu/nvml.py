@@ -20,6 +20,11 @@ from typing import Any
 
 from ztgpu.errors import GpuError
 from ztgpu.gpu.backend import GpuInfo, slurm_order
+from ztgpu.gpu.device_state import COMPUTE_MODES, DeviceState
+
+# NVML's enum values (nvml.h): clock types, ECC counter kinds.
+_CLOCK_SM, _CLOCK_MEM = 1, 2
+_ERROR_UNCORRECTED, _VOLATILE_ECC = 1, 0
 
 _MIB = 1024 * 1024
 # nvidiactl owns minor 255 under the NVIDIA major, so a GPU's minor is below it.
@@ -174,6 +179,72 @@ class NvmlBackend:
                     if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
                         pids.add(pid)
             return pids
+
+    def _maybe(self, nvml: ModuleType, call: str, *args: object) -> Any:
+        """``_call``, with None where the GPU does not support the query."""
+        try:
+            return self._call(nvml, call, *args)
+        except GpuError as exc:
+            if "Not Supported" in str(exc) or "not supported" in str(exc):
+                return None
+            raise
+
+    def device_state(self, gpu: GpuInfo) -> DeviceState:
+        """Settings and health of *gpu* (None where not supported).
+
+        Raises:
+            GpuError: NVML failed or overran its deadline, or the backend is closed.
+        """
+        with self._lock:
+            if self._closed or not self._initialised:
+                raise GpuError("the NVML backend is closed")
+            nvml = self._pynvml()
+            handle = self._call(nvml, "nvmlDeviceGetHandleByUUID", gpu.uuid)
+            mode = self._maybe(nvml, "nvmlDeviceGetComputeMode", handle)
+            clocks = [self._maybe(nvml, call, handle, kind)
+                      for call in ("nvmlDeviceGetApplicationsClock",
+                                   "nvmlDeviceGetDefaultApplicationsClock")
+                      for kind in (_CLOCK_MEM, _CLOCK_SM)]
+            ecc = self._maybe(nvml, "nvmlDeviceGetTotalEccErrors", handle,
+                              _ERROR_UNCORRECTED, _VOLATILE_ECC)
+            retired = self._maybe(nvml, "nvmlDeviceGetRetiredPagesPendingStatus", handle)
+            remapped = self._maybe(nvml, "nvmlDeviceGetRemappedRows", handle)
+            persistence = self._maybe(nvml, "nvmlDeviceGetPersistenceMode", handle)
+            accounting = self._maybe(nvml, "nvmlDeviceGetAccountingMode", handle)
+        return DeviceState(
+            compute_mode=COMPUTE_MODES[mode] if isinstance(mode, int) and 0 <= mode < 4
+            else None,
+            persistence=None if persistence is None else bool(persistence),
+            accounting=None if accounting is None else bool(accounting),
+            app_clocks=None if None in clocks[:2] else (int(clocks[0]), int(clocks[1])),
+            default_app_clocks=None if None in clocks[2:] else (int(clocks[2]), int(clocks[3])),
+            ecc_uncorrected=None if ecc is None else int(ecc),
+            retired_pages_pending=None if retired is None else bool(retired),
+            remapped_rows_pending=None if remapped is None else bool(remapped[2]),
+            remap_failure=None if remapped is None else bool(remapped[3]))
+
+    def restore(self, gpu: GpuInfo, setting: str, value: object) -> None:
+        """Put *setting* of *gpu* back (``app_clocks``: to the defaults).
+
+        Raises:
+            GpuError: NVML refused or failed.
+        """
+        with self._lock:
+            if self._closed or not self._initialised:
+                raise GpuError("the NVML backend is closed")
+            nvml = self._pynvml()
+            handle = self._call(nvml, "nvmlDeviceGetHandleByUUID", gpu.uuid)
+            if setting == "compute_mode":
+                self._call(nvml, "nvmlDeviceSetComputeMode", handle,
+                           COMPUTE_MODES.index(str(value)))
+            elif setting == "persistence":
+                self._call(nvml, "nvmlDeviceSetPersistenceMode", handle, int(bool(value)))
+            elif setting == "accounting":
+                self._call(nvml, "nvmlDeviceSetAccountingMode", handle, int(bool(value)))
+            elif setting == "app_clocks":
+                self._call(nvml, "nvmlDeviceResetApplicationsClocks", handle)
+            else:
+                raise GpuError(f"no such GPU setting {setting!r}")
 
     def close(self) -> None:
         """Shut NVML down (time-boxed) and stop the worker; idempotent.

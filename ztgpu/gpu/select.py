@@ -16,7 +16,8 @@ log = logging.getLogger("ztgpu.gpu")
 
 
 def _simulated(config: GpuConfig) -> SimulatedBackend:
-    backend = SimulatedBackend(config.simulated, config.simulated_driver_params)
+    backend = SimulatedBackend(config.simulated, config.simulated_driver_params,
+                               config.simulated_state)
     log.warning("Using %d simulated GPUs from gpu.simulated: no real GPU device is "
                 "protected by this inventory.", len(config.simulated))
     return backend

@@ -71,6 +71,10 @@ class LiveJob:
     unconfinable: set[Path] = field(default_factory=set)
     #: The job's Slurm partition, as its Prolog said (not kept across restarts).
     partition: str | None = None
+    #: When the grant was made, on the kernel log's clock (µs since boot):
+    #: Xid events from then on are the job's.
+    granted_us: int = field(default_factory=lambda: time.clock_gettime_ns(
+        time.CLOCK_MONOTONIC) // 1000)
 
 
 def boot_id() -> str:
@@ -431,6 +435,10 @@ class AgentCore:
     def check_dirty(self, minors: Collection[int], *, job_id: str,
                     context: str | None = None) -> list[str]:
         """Wipe dirty GPUs before a grant (``ztgpu.noded.hygiene``)."""
+        raise NotImplementedError
+
+    def check_state(self, minors: Collection[int], *, job_id: str, since_us: int) -> list[str]:
+        """GPU settings back to baseline, health checked (``ztgpu.noded.hygiene``)."""
         raise NotImplementedError
 
     def verify(self, job_id: str | None = None, *, due_only: bool = False

@@ -19,6 +19,16 @@ driver (:mod:`ztgpu.gpu.cuda`; ``wipe.mode``, per partition in
 
 A GPU a process still holds (``held_gpus``) is not wiped: it is out of use
 anyway until the holder is gone, and its next grant waits for a wipe.
+
+Then the GPU's **state** goes back to the baseline (``gpu.baseline``):
+compute mode, persistence, accounting and application clocks are put back
+where a job changed them (``gpu.state``, recorded), and its **health** is
+checked: volatile uncorrectable ECC errors, retired pages or remapped rows
+pending a reset, and Xid events in the kernel log since the job's grant.
+Anything wrong, and any setting that cannot be put back, is a critical
+``gpu.unhealthy`` event and drains the node with a reason naming the GPU
+and the check. (Without a snapshot at the grant, any volatile uncorrectable
+ECC count counts; it resets only with the driver.)
 """
 
 from __future__ import annotations
@@ -145,6 +155,74 @@ class Hygiene(AgentCore):
             problems += self.wipe([minor], job_id=self.dirty_gpus[minor][0], mode="wipe",
                                   context=context or f"dirty before job {job_id}'s grant")
         return problems
+
+
+    def check_state(self, minors: Collection[int], *, job_id: str, since_us: int) -> list[str]:
+        """Put the GPUs' settings back and check their health after a job;
+        returns a problem per check that failed (the node is drained)."""
+        from ztgpu.gpu.device_state import short_bus, xids_since
+
+        base = self.config.gpu.baseline
+        gpus = [self.by_minor[m] for m in sorted(set(minors))
+                if m in self.by_minor and m not in self.held_gpus]
+        problems: list[str] = []
+        xids: dict[str, list[int]] = {}
+        if base.health and gpus:
+            try:
+                xids = xids_since({short_bus(g.pci_bus_id) for g in gpus}, since_us, base.kmsg)
+            except OSError as exc:
+                log.warning("cannot read the kernel log %s for Xid events: %s", base.kmsg, exc)
+        for gpu in gpus:
+            found = self._gpu_state_problems(gpu, job_id, xids.get(short_bus(gpu.pci_bus_id)))
+            for check, detail in found:
+                what = f"GPU {gpu.index} (minor {gpu.minor}, {gpu.uuid}): {check}: {detail}"
+                problems.append(what)
+                self.spool.append("gpu.unhealthy", job_id=job_id, gpus=gpu_fields([gpu]),
+                                  check=check, outcome="drain", reason=what[:500])
+                log.critical("%s", what)
+        if problems:
+            self._drain("; ".join(problems))
+        return problems
+
+    def _gpu_state_problems(self, gpu: GpuInfo, job_id: str,
+                            xids: list[int] | None) -> list[tuple[str, str]]:
+        base = self.config.gpu.baseline
+        try:
+            state = self.backend.device_state(gpu)
+        except GpuError as exc:
+            return [("state", f"cannot be read: {exc}")]
+        found: list[tuple[str, str]] = []
+        wanted: list[tuple[str, object, object]] = [
+            ("compute_mode", state.compute_mode, base.compute_mode),
+            ("persistence", state.persistence, base.persistence),
+            ("accounting", state.accounting, base.accounting)]
+        if base.reset_app_clocks and state.default_app_clocks is not None:
+            wanted.append(("app_clocks", state.app_clocks, state.default_app_clocks))
+        for setting, now, want in wanted:
+            if want is None or now is None or now == want:
+                continue
+            try:
+                self.backend.restore(gpu, setting, want)
+            except GpuError as exc:
+                found.append((setting, f"is {now}, should be {want}, and cannot be put back: "
+                                       f"{exc}"))
+                continue
+            self.spool.append("gpu.state", job_id=job_id, gpus=gpu_fields([gpu]),
+                              setting=setting, was=str(now), now=str(want), outcome="restored")
+        if not base.health:
+            return found
+        if state.ecc_uncorrected:
+            found.append(("ecc", f"{state.ecc_uncorrected} volatile uncorrectable ECC errors"))
+        if state.retired_pages_pending:
+            found.append(("retired_pages", "page retirement pending: the GPU needs a reset"))
+        if state.remapped_rows_pending:
+            found.append(("remapped_rows", "row remapping pending: the GPU needs a reset"))
+        if state.remap_failure:
+            found.append(("remapped_rows", "a row remapping failed: the GPU needs service"))
+        if xids:
+            found.append(("xid", f"Xid {', '.join(map(str, xids))} in the kernel log during "
+                                 f"job {job_id}"))
+        return found
 
 
 def _figures(report: Any) -> dict[str, Any]:

@@ -260,6 +260,8 @@ class Lifecycle(AgentCore):
         # Nobody holds them now: wipe their memory before anyone else gets them.
         dirty = self.wipe(record.minors, job_id=record.job_id,
                           mode=self.wipe_mode(live.partition), context="release")
+        unhealthy = self.check_state(record.minors, job_id=record.job_id,
+                                     since_us=live.granted_us)
         with self.lock:
             problems = self._undo_grant(live)
             self.revoked_jobs.discard(record.job_id)
@@ -267,10 +269,11 @@ class Lifecycle(AgentCore):
             self.spool.append("job.release", job_id=record.job_id, uid=record.uid,
                               user=record.user, gpus=gpu_fields(held),
                               outcome="failed" if problems else "held" if stuck
-                              else "dirty" if dirty else "released",
-                              reason="; ".join([r for r in (why, *problems, *stuck, *dirty)
-                                                if r])[:500])
-        return problems + stuck + dirty
+                              else "dirty" if dirty else "unhealthy" if unhealthy
+                              else "released",
+                              reason="; ".join([r for r in (why, *problems, *stuck, *dirty,
+                                                            *unhealthy) if r])[:500])
+        return problems + stuck + dirty + unhealthy
 
     def _undo_grant(self, live: LiveJob) -> list[str]:
         """Restore rest state for the job's GPUs and forget it; returns problems."""
