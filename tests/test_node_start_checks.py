@@ -113,3 +113,43 @@ def test_an_unreadable_gres_conf_stops_grants_rather_than_guessing():
             assert reason.startswith("cannot check Slurm's GPU order") and "line 1" in reason
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---- GPU memory wipes ------------------------------------------------------
+
+def test_wipes_on_without_a_usable_cuda_driver_stop_every_grant(tmp_path_factory):
+    """With wipe.mode on, a node whose libcuda cannot be loaded (or shows
+    fewer GPUs than the inventory) could never clean a GPU: it grants none."""
+    from ztgpu.testing import stand_in_cuda
+
+    library = stand_in_cuda.build(tmp_path_factory.mktemp("stand-in"))
+    for libcuda, gpus, problem in (("/nonexistent/libcuda.so.1", "4", "cannot load"),
+                                   (str(library), "2", "shows no device at PCI")):
+        base = Path(tempfile.mkdtemp(prefix="ztgpu-wipe-"))
+        try:
+            with pytest.MonkeyPatch.context() as env:
+                env.setenv("ZTGPU_STANDIN_GPUS", gpus)
+                with standalone_agent(base, gpus=4, wipe={"mode": "wipe",
+                                                          "libcuda": libcuda}) as agent:
+                    res = agent.run_hook("prolog", job_env("72", gpus="0"))
+                    assert res.returncode == 1, res
+                    unsafe = agent.events("node.unsafe")[-1]
+                    assert unsafe["check"] == "wipe" and problem in unsafe["reason"], unsafe
+                    assert agent.events("job.refused", "72")[-1]["outcome"] == "node_unsafe"
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+    # With the stand-in showing all four GPUs, the same agent grants.
+    base = Path(tempfile.mkdtemp(prefix="ztgpu-wipe-"))
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ZTGPU_STANDIN_GPUS", "4")
+            env.setenv("ZTGPU_STANDIN_MEM_MIB", "32")
+            env.setenv("ZTGPU_STANDIN_CTX_MIB", "4")
+            with standalone_agent(base, gpus=4, wipe={"mode": "wipe",
+                                                      "libcuda": str(library)}) as agent:
+                assert agent.run_hook("prolog", job_env("73", gpus="1")).returncode == 0
+                assert agent.run_hook("epilog", job_env("73", gpus="1")).returncode == 0
+                wipe = agent.events("gpu.wipe", "73")
+                assert [w["outcome"] for w in wipe] == ["clean"], wipe
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

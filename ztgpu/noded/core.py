@@ -437,6 +437,10 @@ class AgentCore:
         """Wipe dirty GPUs before a grant (``ztgpu.noded.hygiene``)."""
         raise NotImplementedError
 
+    def wipe_problem(self) -> str | None:
+        """Why GPUs could not be wiped here, at start (``ztgpu.noded.hygiene``)."""
+        raise NotImplementedError
+
     def check_state(self, minors: Collection[int], *, job_id: str, since_us: int) -> list[str]:
         """GPU settings back to baseline, health checked (``ztgpu.noded.hygiene``)."""
         raise NotImplementedError

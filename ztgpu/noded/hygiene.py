@@ -75,6 +75,28 @@ class Hygiene(AgentCore):
                 self._driver = Driver(path)
             return self._driver
 
+    def wipe_problem(self) -> str | None:
+        """At start: with wipes on, the CUDA driver must load and show every
+        GPU of the inventory (else no GPU could ever be cleaned)."""
+        cfg = self.config.wipe
+        if cfg.mode == "off" and all(m == "off" for m in cfg.partitions.values()):
+            return None
+        from ztgpu.gpu.cuda import normalise_bus_id
+
+        try:
+            buses = self._cuda().devices()
+        except GpuError as exc:
+            return (f"GPU memory wipes are on (wipe.mode: {cfg.mode}) but the CUDA driver "
+                    f"cannot be used: {exc}; install the NVIDIA driver's libcuda, point "
+                    f"wipe.libcuda at it, or set wipe.mode: off")
+        missing = [g for g in self.inventory if normalise_bus_id(g.pci_bus_id) not in buses]
+        if missing:
+            return (f"the CUDA driver shows no device at PCI "
+                    f"{', '.join(g.pci_bus_id for g in missing)} (GPU "
+                    f"{', '.join(str(g.index) for g in missing)}): those GPUs could not be "
+                    f"wiped (CUDA_VISIBLE_DEVICES in the agent's environment?)")
+        return None
+
     def wipe(self, minors: Collection[int], *, job_id: str, mode: str,
              context: str) -> list[str]:
         """Wipe (or verify) the GPUs of *minors*; returns a problem per GPU

@@ -159,7 +159,8 @@ class Reconcile(AgentCore):
         problems = []
         for check, problem in (("cgroups", checks.cgroup_problem(self.layer)),
                                ("driver_params", self._driver_problem()),
-                               ("gres_order", self._gres_problem())):
+                               ("gres_order", self._gres_problem()),
+                               ("wipe", self.wipe_problem())):
             if problem:
                 log.critical("%s", problem)
                 self.spool.append("node.unsafe", check=check, outcome="refusing_grants",
