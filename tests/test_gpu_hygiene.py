@@ -95,6 +95,8 @@ def test_after_a_job_each_of_its_gpus_is_wiped_and_verified_with_the_figures(sui
         assert wipe["covered_bytes"] == 54 << 20 and wipe["unreachable_bytes"] == 10 << 20
         assert wipe["mismatched_words"] == 0 and len(str(wipe["digest"])) == 64
         assert wipe["context"] == "release"
+        # What an auditor reads in the trail's reason column.
+        assert str(wipe["reason"]).startswith("wipe: 0.05 GiB covered, 10 MiB not reachable")
     release = suite.wait_event("job.release", job)
     assert release["outcome"] == "released"
     # The wipe came before the GPUs were free again.

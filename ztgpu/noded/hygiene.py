@@ -117,8 +117,13 @@ class Hygiene(AgentCore):
             if report is not None and report.ok:
                 self.state.delete_dirty(gpu.minor)
                 self.dirty_gpus.pop(gpu.minor, None)
+                summary = (f"{mode}: {report.covered_bytes / 2**30:.2f} GiB covered, "
+                           f"{report.unreachable_bytes >> 20} MiB not reachable, no word left "
+                           f"unclean, {report.total_s * 1000:.0f} ms; digest "
+                           f"{report.digest[:16]}")
                 self.spool.append("gpu.wipe", job_id=job_id, gpus=gpu_fields([gpu]), mode=mode,
-                                  context=context, outcome="clean", **_figures(report))
+                                  context=context, outcome="clean", reason=summary,
+                                  **_figures(report))
                 continue
             reason = self._wipe_reason(gpu, mode, report)
             problems.append(reason)
