@@ -4,8 +4,9 @@ Brings up real munged/slurmctld/slurmd from a private directory, installs the
 suite into its slurm.conf, runs two users' GPU jobs side by side and shows,
 from inside each job and from the agent's own probe, which GPUs open and
 which are refused; shows that a user with no job gets nothing; prints the
-recorded audit events and verifies their hash chain; then removes
-everything it made. GPUs are simulated device nodes (major 195), so the demo
+recorded audit events and verifies their hash chain; wipes each GPU's
+memory after its job (through a stand-in libcuda built from C when no GPU
+is here); then removes everything it made. GPUs are simulated device nodes (major 195), so the demo
 never touches the machine's real /dev or /etc/slurm.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ztgpu.testing import gpu_probe
+from ztgpu.testing import gpu_probe, stand_in_cuda
 from ztgpu.testing.collector_process import AuditSite, audit_site
 from ztgpu.testing.slurm_cluster import ClusterSpec, wait_for
 from ztgpu.testing.suite_cluster import SuiteCluster, suite_cluster
@@ -114,10 +115,19 @@ def run_demo(keep: bool = False) -> int:
     return _summary(failures)
 
 
+def _stand_in_wipe(where: Path) -> dict[str, Any]:
+    """The agent's ``wipe`` section for simulated GPUs: the stand-in libcuda
+    (host memory; 4 GPUs of 256 MiB at the simulated GPUs' PCI buses)."""
+    os.environ.update({"ZTGPU_STANDIN_GPUS": "4", "ZTGPU_STANDIN_MEM_MIB": "256",
+                       "ZTGPU_STANDIN_CTX_MIB": "24"})
+    return {"mode": "wipe", "libcuda": str(stand_in_cuda.build(where))}
+
+
 def _run_cluster(spec: ClusterSpec, check: Callable[[bool, str], None], failures: list[str],
                  keep: bool, site: AuditSite) -> int:
     collector, auditor = site.collector, site.auditor_args
-    with suite_cluster(spec, **site.node_config) as suite:
+    wipe = _stand_in_wipe(Path(site.collector.base).parent / "stand-in")
+    with suite_cluster(spec, wipe=wipe, **site.node_config) as suite:
         c = suite.cluster
         gpu_probe.install_probe(c.work_dir)
 
@@ -194,11 +204,19 @@ def _run_cluster(spec: ClusterSpec, check: Callable[[bool, str], None], failures
              f"{drift['outcome']}")
         check(drift["outcome"] == "restored", "the change was recorded and undone")
 
-        _section(6, "Jobs end: GPUs go back to root")
+        _section(6, "Jobs end: each GPU's memory is wiped, then it goes back to root")
         for job in (alice, bob):
             (c.work_dir / f"end-{job}").touch()
             state = c.wait_job(job, ["COMPLETED", "FAILED", "CANCELLED"], timeout=60)
             _say(f"  job {job}: {state['JobState']}")
+        for job in (alice, bob):
+            suite.wait_event("job.release", job, timeout=60)
+            for wipe_event in suite.events("gpu.wipe", job):
+                _say(f"  gpu.wipe nvidia{wipe_event['gpus'][0]['minor']} (job {job}): "
+                     f"{wipe_event['reason']}")
+            wiped = {w["gpus"][0]["minor"] for w in suite.events("gpu.wipe", job)}
+            check(wiped == mine[job], f"every GPU of job {job} was wiped and verified "
+                  f"(stand-in libcuda: host memory, no GPU here)")
         _ls(suite)
         check(all(os.lstat(c.gpu_path(m)).st_uid == 0 for m in range(4)),
               "no GPU belongs to anyone once the jobs are gone")
@@ -222,8 +240,9 @@ def _run_cluster(spec: ClusterSpec, check: Callable[[bool, str], None], failures
         trail = _ztgpu(suite, "audit", "trail", "--job", alice, *auditor)
         for line in trail.splitlines():
             _say(f"    {line[:WIDTH + 40]}")
-        check("job.grant" in trail and "job.release" in trail,
-              f"the collector holds job {alice}'s grant and release")
+        check("job.grant" in trail and "job.release" in trail and "gpu.wipe" in trail,
+              f"the collector holds job {alice}'s grant, the wipes of its GPUs and its "
+              f"release")
         _say("  $ ztgpu audit verify")
         central = _ztgpu(suite, "audit", "verify", *auditor)
         for line in central.splitlines():
@@ -325,6 +344,7 @@ def _summary(failures: list[str]) -> int:
     _say("  * two independent locks: device-file ownership and a devices cgroup, and the")
     _say("    agent proved the cgroup alone holds by probing from inside each job;")
     _say("  * a user with no job opened nothing; a reset device mode was caught and undone;")
+    _say("  * each GPU's memory was wiped and verified after its job, with the evidence;")
     _say("  * every grant, probe, drift and release was recorded in a verified hash chain,")
     _say("    forwarded over mutual TLS to a collector, and verified there by an auditor;")
     _say("  * a GPU job without MFA waited with a readable reason until its user logged in,")
