@@ -154,7 +154,12 @@ class Driver:
             self.call("cuDeviceGet", ctypes.byref(dev), ordinal)
             bus = ctypes.create_string_buffer(64)
             self.call("cuDeviceGetPCIBusId", bus, len(bus), dev)
-            found[normalise_bus_id(bus.value.decode())] = dev.value
+            key = normalise_bus_id(bus.value.decode())
+            if key in found:  # MIG instances share their GPU's bus id
+                raise GpuError(f"CUDA devices {found[key]} and {dev.value} are both at PCI "
+                               f"{key} (MIG instances?): wiping MIG instances one by one is "
+                               f"not supported yet")
+            found[key] = dev.value
         return found
 
 
