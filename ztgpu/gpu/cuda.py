@@ -148,7 +148,7 @@ class Driver:
         """CUDA ordinal of each device, by normalised PCI bus id."""
         count = _int()
         self.call("cuDeviceGetCount", ctypes.byref(count))
-        found = {}
+        found: dict[str, int] = {}
         for ordinal in range(count.value):
             dev = _int()
             self.call("cuDeviceGet", ctypes.byref(dev), ordinal)
