@@ -35,7 +35,7 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def driver(library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
            ) -> Iterator[cuda.Driver]:
-    for name in ("FAULT", "LEFTOVERS", "GPUS", "MEM_MIB"):
+    for name in ("FAULT", "LEFTOVERS", "GPUS", "MEM_MIB", "MIG"):
         monkeypatch.delenv(f"ZTGPU_STANDIN_{name}", raising=False)
     yield cuda.Driver(str(stand_in_cuda.fresh_copy(library, tmp_path)))
 
@@ -132,10 +132,13 @@ def test_driver_errors_are_named_and_a_library_that_is_not_cuda_is_refused(
         cuda.wipe_gpus(None, {}, "off")  # type: ignore[arg-type]
 
 
-def test_devices_are_matched_by_pci_bus_id_not_by_order(driver):
+def test_devices_are_matched_by_pci_bus_id_not_by_order(driver, monkeypatch):
     assert driver.devices() == {"0000:17:00.0": 0, "0000:27:00.0": 1}
     assert cuda.normalise_bus_id("00000000:3B:00.0") == "0000:3b:00.0"
     assert cuda.normalise_bus_id("0000:3b:00.0") == "0000:3b:00.0"
+    monkeypatch.setenv("ZTGPU_STANDIN_MIG", "1")  # two CUDA devices on one GPU
+    with pytest.raises(GpuError, match="MIG instances"):
+        driver.devices()
 
 
 def _code_lines(ptx: str) -> list[str]:

@@ -158,7 +158,10 @@ CUresult cuDeviceGetPCIBusId(char *bus, int len, CUdevice dev) {
     if (dev < 0 || dev >= gpus()) return INVALID_DEVICE;
     if (bus == NULL || len <= 0) return INVALID_VALUE;
     /* The buses the test harness's simulated GPUs declare. */
-    snprintf(bus, (size_t)len, "0000:%02X:00.0", 0x17 + dev * 0x10);
+    /* ZTGPU_STANDIN_MIG=1: every device on the first GPU's bus, as MIG
+     * instances of one GPU are. */
+    int slot = env_long("ZTGPU_STANDIN_MIG", 0) ? 0 : dev;
+    snprintf(bus, (size_t)len, "0000:%02X:00.0", 0x17 + slot * 0x10);
     return SUCCESS;
 }
 
