@@ -437,9 +437,10 @@ static int parse_options(int argc, const char **argv, struct options *o, char *e
                 snprintf(err, cap, "mfa='%.100s': 'off' or 'jit'", value);
                 return -1;
             }
-        } else if (KEY("config")) { /* the auth phase's: checked, not used here */
+        } else if (KEY("config") || KEY("state_dir")) { /* the auth phase's: checked only */
             if (value[0] != '/') {
-                snprintf(err, cap, "config='%.200s' is not an absolute path", value);
+                snprintf(err, cap, "%.*s='%.200s' is not an absolute path", (int)klen, word,
+                         value);
                 return -1;
             }
         } else if (KEY("log")) {
@@ -465,7 +466,7 @@ static int parse_options(int argc, const char **argv, struct options *o, char *e
             }
             if (!matched) {
                 snprintf(err, cap, "unknown option '%.*s' (known: socket, timeout, "
-                         "break_glass, log, mode, mfa, config, action_no_agent, action_no_job, "
+                         "break_glass, log, mode, mfa, config, state_dir, action_no_agent, action_no_job, "
                          "action_adopt_failure, action_error, action_no_authd)", (int)(klen > 100 ? 100 : klen),
                          word);
                 return -1;

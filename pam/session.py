@@ -38,6 +38,11 @@ Options (``key=value`` words after the module on the stack line):
 ``config=PATH``
     The ztgpu configuration the auth phase reads (authd's URL, the site CA);
     default: the one ``ztgpu`` finds.
+``state_dir=PATH``
+    Login nodes: the root-only directory (0700) where the auth phase leaves
+    the MFA session's key for the session phase (default
+    ``/run/ztgpu/pam``); only a random ticket naming the file travels in the
+    PAM environment.
 ``action_no_authd=deny|allow``
     Login nodes: what to do when authd cannot be reached for the TOTP check
     (``allow`` lets the login in without an MFA session).
@@ -55,9 +60,13 @@ if TYPE_CHECKING:
 
 DEFAULT_SOCKET = "/run/ztgpu/noded.sock"
 ACTION_NAMES = ("no_agent", "no_job", "adopt_failure", "error", "no_authd")
-#: PAM environment name carrying the auth phase's MFA session to the
-#: session phase (inside sshd only: removed before the shell starts).
-MFA_ENV = "ZTGPU_MFA_SESSION"
+#: PAM environment name carrying, from the auth phase to the session phase,
+#: the ticket that names the file holding the MFA session's key (removed
+#: before the shell starts; useless without root on the node if it leaked).
+MFA_ENV = "ZTGPU_MFA_TICKET"
+DEFAULT_STATE_DIR = "/run/ztgpu/pam"
+#: A key the session phase did not collect is deleted after this long.
+TICKET_TTL_S = 300
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-$")
 
 
@@ -77,6 +86,7 @@ class Options:
         self.mode = "compute"
         self.mfa = "off"
         self.config: str | None = None
+        self.state_dir = DEFAULT_STATE_DIR
 
 
 def break_glass_of(argv: list[str]) -> frozenset[str]:
@@ -135,7 +145,7 @@ def parse_options(argv: list[str]) -> Options:
             if value not in ("deny", "allow"):
                 raise OptionError(f"{key}={value!r}: the action is 'deny' or 'allow'")
             opts.actions[key[len("action_"):]] = value
-        elif key in ("log", "config"):
+        elif key in ("log", "config", "state_dir"):
             if not value.startswith("/"):
                 raise OptionError(f"{key}={value!r} is not an absolute path")
             setattr(opts, key, value)
@@ -149,7 +159,7 @@ def parse_options(argv: list[str]) -> Options:
             opts.mfa = value
         else:
             known = ", ".join(["socket", "timeout", "break_glass", "log", "mode", "mfa",
-                               "config", *(f"action_{a}" for a in ACTION_NAMES)])
+                               "config", "state_dir", *(f"action_{a}" for a in ACTION_NAMES)])
             raise OptionError(f"unknown option {key!r} (known: {known})")
     if opts.mode == "login" and opts.mfa != "off":
         raise OptionError("mfa=jit is for compute nodes, not mode=login")
@@ -383,7 +393,8 @@ def authenticate(argv: list[str], user: str, rhost: str, service: str,
             return Outcome(True)
         session_id, key = reply.get("session_id"), reply.get("session_key")
         if isinstance(session_id, str) and isinstance(key, str) and key:
-            put_env(MFA_ENV, f"{session_id}:{key}:{reply.get('expires')}")
+            ticket = _leave_key(opts, f"{session_id}:{key}:{reply.get('expires')}")
+            put_env(MFA_ENV, ticket)
         log_line(opts, f"{who}: TOTP accepted; MFA session until {reply.get('expires')}")
         return Outcome(True, f"ztgpu: MFA session open until {reply.get('expires')}")
     return guarded("auth", argv, user, rhost, service, work)
@@ -402,6 +413,62 @@ def _totp_failed(opts: Options, who: str, user: str, rhost: str, service: str,
     return Outcome(False, "ztgpu: the TOTP code was not accepted")
 
 
+def _state_dir(opts: Options) -> str:
+    """The key directory: made root's 0700 if missing; refused if anyone
+    else could write or read it."""
+    import os
+    import stat
+
+    os.makedirs(opts.state_dir, mode=0o700, exist_ok=True)
+    st = os.lstat(opts.state_dir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        raise OSError(f"{opts.state_dir} must be a directory of root's with mode 0700")
+    return opts.state_dir
+
+
+def _leave_key(opts: Options, value: str) -> str:
+    """Keep *value* for the session phase in a root-only file; returns its ticket."""
+    import os
+    import secrets
+    import time
+
+    where = _state_dir(opts)
+    for name in os.listdir(where):  # keys no session phase collected
+        path = os.path.join(where, name)
+        try:
+            if time.time() - os.lstat(path).st_mtime > TICKET_TTL_S:
+                os.unlink(path)
+        except OSError:
+            continue
+    ticket = secrets.token_hex(16)
+    fd = os.open(os.path.join(where, ticket),
+                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+    return ticket
+
+
+def _collect_key(opts: Options, ticket: str) -> str | None:
+    """The key the auth phase left under *ticket* (the file is removed)."""
+    import os
+
+    if len(ticket) != 32 or not all(c in "0123456789abcdef" for c in ticket):
+        return None
+    path = os.path.join(_state_dir(opts), ticket)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        value = os.read(fd, 4096).decode("ascii", "replace")
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return value or None
+
+
 def keep_mfa_session(opts: Options, who: str, user: str, get_env: Any,
                      put_env: Any) -> Outcome:
     """Login nodes' session phase: the auth phase's binding key goes into the
@@ -412,13 +479,15 @@ def keep_mfa_session(opts: Options, who: str, user: str, get_env: Any,
 
     from ztgpu.trust import session_keyring
 
-    value = get_env(MFA_ENV)
+    ticket = get_env(MFA_ENV)
+    if ticket:
+        put_env(MFA_ENV, None)
+    value = _collect_key(opts, str(ticket)) if ticket else None
     if not value:
         log_line(opts, f"{who}: no MFA session from the auth phase (the user can run "
                  f"`ztgpu login`)")
         return Outcome(True)
-    put_env(MFA_ENV, None)
-    session_id, key, expires = str(value).split(":", 2)
+    session_id, key, expires = value.split(":", 2)
     entry = pwd.getpwnam(user)
     try:
         until = datetime.fromisoformat(expires.replace("Z", "+00:00"))

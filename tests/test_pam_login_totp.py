@@ -36,7 +36,8 @@ def site() -> Iterator[tuple[MfaCluster, PrivateSshd]]:
         sshd.authorize("ztalice", "root")
         res = made.suite.ztgpu("install", "--pam", sshd.service, "--pam-dir", "/etc/pam.d",
                                "--pam-mfa", "login", f"--pam-option=config={made.login_config}",
-                               f"--pam-option=log={sshd.base / 'pam.log'}")
+                               f"--pam-option=log={sshd.base / 'pam.log'}",
+                               f"--pam-option=state_dir={sshd.base / 'pam-state'}")
         assert "AuthenticationMethods publickey,keyboard-interactive" in res.stderr, res.stderr
         sshd.start()
         yield made, sshd
@@ -61,7 +62,8 @@ def test_the_ssh_login_with_its_totp_code_opens_that_logins_mfa_session(site):
                                  (sshd.base / "pam.log").read_text()[-2000:])
     assert "ztgpu TOTP code" in (sshd.base / "askpass.log").read_text()
     lines = res.stdout.strip().splitlines()
-    assert lines[0] == "0", res.stdout  # the key never reaches the shell's environment
+    assert lines[0] == "0", res.stdout  # not even the ticket reaches the shell's environment
+    assert not list((sshd.base / "pam-state").iterdir())  # the key was collected
     job = lines[-1]
     assert re.fullmatch(r"[0-9]+", job), res.stdout
     c.wait_job(job, ["RUNNING"], timeout=90)
