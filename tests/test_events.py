@@ -103,7 +103,8 @@ def test_the_documented_codes_and_required_fields() -> None:
         "auth.login", "auth.locked", "auth.decision", "auth.grant", "auth.released",
         "auth.revoked", "auth.jit", "auth.keys_rotated", "auth.policy_loaded", "auth.refused",
         "auth.start", "auth.stop", "auth.bound",
-        "ssh.login", "ssh.denied", "ssh.session", "ssh.escaped",
+        "ssh.login", "ssh.denied", "ssh.session", "ssh.escaped", "ssh.mfa",
+        "gpu.wipe", "gpu.wipe_failed", "gpu.state", "gpu.unhealthy",
     }  # fmt: skip
     assert REGISTRY["ssh.escaped"].severity is Severity.CRITICAL
     assert REGISTRY["ssh.denied"].required == {
