@@ -83,6 +83,9 @@ class Lifecycle(AgentCore):
             raise Fault(reason)
         with self.lock:
             held = self._check_held([g.minor for g in gpus])
+            # A GPU that was held (so not wiped above) and is free now: wipe it
+            # before it is granted (a no-op when nothing is dirty).
+            held = held or self.check_dirty([g.minor for g in gpus], job_id=job_id)
             if held:
                 reason = "; ".join(held)
                 self.spool.append("job.refused", job_id=job_id, uid=uid, user=user,
