@@ -53,7 +53,9 @@ MODULE_KINDS = ("compiled", "python", "exec")
 PAM_HEADER = Path("/usr/include/security/pam_modules.h")
 #: Hardening as Debian builds its own PAM modules, and no warning let through.
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-Wformat=2", "-Wshadow", "-fPIC",
-          "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2", "-fcf-protection")
+          "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2")
+#: Control-flow protection where gcc has it (x86; aarch64 uses -mbranch-protection).
+ARCH_CFLAGS = {"x86_64": ("-fcf-protection",), "aarch64": ("-mbranch-protection=standard",)}
 LDFLAGS = ("-shared", "-Wl,-z,relro,-z,now", "-Wl,-z,noexecstack")
 _SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -112,7 +114,10 @@ def build_compiled(dest: Path, *, dry_run: bool) -> bool:
                           f"libpam0g-dev, or use --pam-module python (pam_python)")
     with tempfile.TemporaryDirectory(prefix="ztgpu-pam-") as tmp:
         built = Path(tmp) / COMPILED
-        res = subprocess.run([gcc, *CFLAGS, *LDFLAGS, "-o", str(built), str(source_path()),
+        import platform
+
+        arch = ARCH_CFLAGS.get(platform.machine(), ())
+        res = subprocess.run([gcc, *CFLAGS, *arch, *LDFLAGS, "-o", str(built), str(source_path()),
                               "-lpam"], capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise ConfigError(f"compiling {source_path()} failed:\n{res.stderr[-2000:]}")
