@@ -692,7 +692,10 @@ def test_a_burst_of_bogus_logins_is_bounded_and_grants_still_succeed(
         assert len(granted) >= 5, "grants did not keep going during the flood"
         events = _authd_events(made, "auth.refused")
         assert 1 <= len(events) <= 12, len(events)  # recorded, at a bounded rate
-        assert any("too many logins" in e["reason"] for e in events)
+        # Which refusal is recorded first depends on the machine's load: the
+        # per-address limit (429) or the bound on pending logins (503).
+        assert any("too many logins" in e["reason"] or "is busy with" in e["reason"]
+                   for e in events), [e["reason"] for e in events]
     finally:
         made.close()
 
