@@ -103,9 +103,11 @@ def build_compiled(dest: Path, *, dry_run: bool) -> bool:
     whether it changed. gcc's output is the same for the same source and
     flags, so an unchanged module is not replaced. Raises ConfigError when
     the compiler or the PAM headers are missing."""
+    import platform
     import shutil
-    import stat
     import subprocess
+
+    from ztgpu.slurm.hooks_install import write_root_file
 
     gcc = shutil.which("gcc")
     if gcc is None or not PAM_HEADER.exists():
@@ -114,30 +116,13 @@ def build_compiled(dest: Path, *, dry_run: bool) -> bool:
                           f"libpam0g-dev, or use --pam-module python (pam_python)")
     with tempfile.TemporaryDirectory(prefix="ztgpu-pam-") as tmp:
         built = Path(tmp) / COMPILED
-        import platform
-
         arch = ARCH_CFLAGS.get(platform.machine(), ())
         res = subprocess.run([gcc, *CFLAGS, *arch, *LDFLAGS, "-o", str(built), str(source_path()),
                               "-lpam"], capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise ConfigError(f"compiling {source_path()} failed:\n{res.stderr[-2000:]}")
         data = built.read_bytes()
-    try:
-        st = os.lstat(dest)
-        changed = (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
-                   or stat.S_IMODE(st.st_mode) != 0o644 or dest.read_bytes() != data)
-    except FileNotFoundError:
-        changed = True
-    if changed and not dry_run:
-        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        fd, tmp_path = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, dest)
-    return changed
+    return write_root_file(dest, data, dry_run=dry_run, mode=0o644)
 
 
 def module_path(config: Config, kind: str) -> Path:

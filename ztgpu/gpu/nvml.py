@@ -12,8 +12,10 @@ costs nothing on nodes (or in hooks) that never use NVML.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
@@ -160,17 +162,26 @@ class NvmlBackend:
 
         return read_params()
 
+    @contextlib.contextmanager
+    def _device(self, gpu: GpuInfo) -> Iterator[tuple[ModuleType, Any]]:
+        """NVML and *gpu*'s handle, with the backend's lock held.
+
+        Raises:
+            GpuError: the backend is closed, or NVML cannot find the GPU.
+        """
+        with self._lock:
+            if self._closed or not self._initialised:
+                raise GpuError("the NVML backend is closed")
+            nvml = self._pynvml()
+            yield nvml, self._call(nvml, "nvmlDeviceGetHandleByUUID", gpu.uuid)
+
     def gpu_pids(self, gpu: GpuInfo) -> set[int]:
         """Pids with a compute or graphics context on *gpu*, as NVML lists them.
 
         Raises:
             GpuError: NVML failed or overran its deadline, or the backend is closed.
         """
-        with self._lock:
-            if self._closed or not self._initialised:
-                raise GpuError("the NVML backend is closed")
-            nvml = self._pynvml()
-            handle = self._call(nvml, "nvmlDeviceGetHandleByUUID", gpu.uuid)
+        with self._device(gpu) as (nvml, handle):
             pids: set[int] = set()
             for call in ("nvmlDeviceGetComputeRunningProcesses",
                          "nvmlDeviceGetGraphicsRunningProcesses"):
@@ -195,11 +206,7 @@ class NvmlBackend:
         Raises:
             GpuError: NVML failed or overran its deadline, or the backend is closed.
         """
-        with self._lock:
-            if self._closed or not self._initialised:
-                raise GpuError("the NVML backend is closed")
-            nvml = self._pynvml()
-            handle = self._call(nvml, "nvmlDeviceGetHandleByUUID", gpu.uuid)
+        with self._device(gpu) as (nvml, handle):
             mode = self._maybe(nvml, "nvmlDeviceGetComputeMode", handle)
             clocks = [self._maybe(nvml, call, handle, kind)
                       for call in ("nvmlDeviceGetApplicationsClock",
@@ -229,11 +236,7 @@ class NvmlBackend:
         Raises:
             GpuError: NVML refused or failed.
         """
-        with self._lock:
-            if self._closed or not self._initialised:
-                raise GpuError("the NVML backend is closed")
-            nvml = self._pynvml()
-            handle = self._call(nvml, "nvmlDeviceGetHandleByUUID", gpu.uuid)
+        with self._device(gpu) as (nvml, handle):
             if setting == "compute_mode":
                 self._call(nvml, "nvmlDeviceSetComputeMode", handle,
                            COMPUTE_MODES.index(str(value)))

@@ -127,20 +127,22 @@ def write_gate(config: Config, slurm_conf: Path | None, *,
     return path, write_root_file(path, render_gate(config, slurm_conf), dry_run=dry_run)
 
 
-def write_root_file(path: Path, text: str, *, dry_run: bool, mode: int = 0o755) -> bool:
+def write_root_file(path: Path, text: str | bytes, *, dry_run: bool, mode: int = 0o755) -> bool:
     """Make ``path`` a root-owned file (0755 unless *mode* says otherwise)
-    holding ``text``; returns whether it changed."""
+    holding ``text`` (or bytes, e.g. a compiled module); returns whether it
+    changed."""
+    data = text.encode() if isinstance(text, str) else text
     try:
         st = os.lstat(path)
-        changed = (path.read_text() != text or stat.S_IMODE(st.st_mode) != mode
-                   or st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode))
+        changed = (not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != mode
+                   or st.st_uid != os.geteuid() or path.read_bytes() != data)
     except FileNotFoundError:
         changed = True
     if changed and not dry_run:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
