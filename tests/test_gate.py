@@ -737,7 +737,6 @@ def gated(pki: SitePki) -> Iterator[GateCluster]:
 @pytest.fixture
 def on_cluster(gated: GateCluster) -> Iterator[GateCluster]:
     """Each test starts and ends with an empty queue, a running stub denying everyone."""
-    from ztgpu.testing.slurm_cluster import wait_for
 
     if gated.stub.server is None:
         gated.stub.start()
@@ -746,9 +745,7 @@ def on_cluster(gated: GateCluster) -> Iterator[GateCluster]:
         gated.stub.denials.clear()
     yield gated
     c = gated.cluster
-    for user in c.spec.users:
-        c.slurm(["scancel", "-u", user], check=False)
-    wait_for(lambda: not c.slurm(["squeue", "-h"], check=False).strip(), 60, "empty queue")
+    c.cancel_all()
     if "drain" in c.node_state():
         c.resume_node()
 

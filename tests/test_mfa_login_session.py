@@ -36,14 +36,6 @@ def site() -> Iterator[tuple[MfaCluster, PrivateSshd]]:
         yield made, sshd
 
 
-def shell(made: MfaCluster, *commands: str) -> str:
-    """One login's command line: the cluster's Slurm and the users' ztgpu config."""
-    ztgpu = Path(sys.executable).with_name("ztgpu")
-    env = (f"export SLURM_CONF={made.suite.cluster.slurm_conf} "
-           f"ZTGPU_CONFIG={made.login_config} PATH={ztgpu.parent}:$PATH; ")
-    return env + "; ".join(commands)
-
-
 def sbatch(made: MfaCluster) -> str:
     out = made.suite.cluster.work_dir
     return (f"sbatch --parsable --gres=gpu:1 -o {out}/%j.out --wrap "
@@ -54,7 +46,7 @@ def test_a_second_login_without_totp_cannot_ride_the_first_logins_mfa(site):
     made, sshd = site
     c = made.suite.cluster
     code = made.code("ztalice")
-    a = sshd.ssh("ztalice", shell(made, f"echo {code} | ztgpu login --code-stdin",
+    a = sshd.ssh("ztalice", made.login_shell(f"echo {code} | ztgpu login --code-stdin",
                                   sbatch(made)))
     assert a.returncode == 0, (a.stdout, a.stderr)
     assert "bound to it" in a.stdout, a.stdout
@@ -68,19 +60,19 @@ def test_a_second_login_without_totp_cannot_ride_the_first_logins_mfa(site):
     # srun/salloc: Slurm runs the cli_filter's post-submit step only once the
     # allocation has started, after the gate, so an interactive allocation
     # cannot be bound in time and is refused (fail closed; the README says so).
-    srun = sshd.ssh("ztalice", shell(made, "srun --gres=gpu:1 echo ran-on-gpu"))
+    srun = sshd.ssh("ztalice", made.login_shell("srun --gres=gpu:1 echo ran-on-gpu"))
     assert "ran-on-gpu" not in srun.stdout, (srun.stdout, srun.stderr)
     assert "not submitted from a login session that passed MFA" in srun.stderr, srun.stderr
 
     # Login B: the same user and key, no code. Its job waits, with the reason.
-    b = sshd.ssh("ztalice", shell(made, sbatch(made)))
+    b = sshd.ssh("ztalice", made.login_shell(sbatch(made)))
     assert b.returncode == 0, (b.stdout, b.stderr)
     job_b = b.stdout.strip().splitlines()[-1]
     wait_for(lambda: held_reason(c, job_b)[0] == "JobHeldAdmin", 30, "job B held")
     assert "not submitted from a login session that passed MFA" in held_reason(c, job_b)[1]
     assert c.job_state(job_a)["JobState"] == "RUNNING"
     # B can neither bind its job nor read A's key from its own keyring.
-    bind = sshd.ssh("ztalice", shell(made, f"ztgpu job bind {job_b}"))
+    bind = sshd.ssh("ztalice", made.login_shell(f"ztgpu job bind {job_b}"))
     assert bind.returncode != 0 and "no MFA session key" in bind.stderr, bind
     assert "ztgpu:session" not in sshd.ssh("ztalice", "cat /proc/keys").stdout
     refused = [e for e in made.authd.events("auth.bound") if e.get("job_id") == job_b]
@@ -88,7 +80,7 @@ def test_a_second_login_without_totp_cannot_ride_the_first_logins_mfa(site):
     assert not [e for e in made.suite.events("job.grant") if e.get("job_id") == job_b]
 
     # B does MFA itself and binds the job it submitted: it starts.
-    b2 = sshd.ssh("ztalice", shell(made, f"echo {made.code('ztalice')} | ztgpu login "
+    b2 = sshd.ssh("ztalice", made.login_shell(f"echo {made.code('ztalice')} | ztgpu login "
                                          f"--code-stdin", f"ztgpu job bind {job_b}"))
     assert b2.returncode == 0 and "released" in b2.stdout, (b2.stdout, b2.stderr)
     c.wait_job(job_b, ["RUNNING"], timeout=90)
@@ -106,8 +98,8 @@ def test_a_binding_proof_without_the_logins_key_is_refused_and_recorded(site):
               "sid = k.read().split(b':')[0]; k.forget(); "
               "k.store(sid + b':' + base64.b64encode(os.urandom(32)), 600)\"")
     python = Path(sys.executable)
-    res = sshd.ssh("ztalice", shell(
-        made, f"echo {made.code('ztalice')} | ztgpu login --code-stdin",
+    res = sshd.ssh("ztalice", made.login_shell(
+        f"echo {made.code('ztalice')} | ztgpu login --code-stdin",
         tamper.replace("python3", str(python)), f"ztgpu job bind {job}"))
     assert res.returncode != 0 and "does not match this login session" in res.stderr, res
     refused = [e for e in made.authd.events("auth.bound") if e.get("job_id") == job]

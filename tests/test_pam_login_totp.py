@@ -14,9 +14,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import needs_slurm
@@ -43,20 +41,13 @@ def site() -> Iterator[tuple[MfaCluster, PrivateSshd]]:
         yield made, sshd
 
 
-def shell(made: MfaCluster, *commands: str) -> str:
-    ztgpu = Path(sys.executable).with_name("ztgpu")
-    env = (f"export SLURM_CONF={made.suite.cluster.slurm_conf} "
-           f"ZTGPU_CONFIG={made.login_config} PATH={ztgpu.parent}:$PATH; ")
-    return env + "; ".join(commands)
-
-
 def test_the_ssh_login_with_its_totp_code_opens_that_logins_mfa_session(site):
     made, sshd = site
     c = made.suite.cluster
     out = c.work_dir
     submit = (f"sbatch --parsable --gres=gpu:1 -o {out}/%j.out --wrap "
               f"{shlex.quote('sleep 60')}")
-    res = sshd.ssh_with_code("ztalice", shell(made, "env | grep -c ZTGPU_MFA || true", submit),
+    res = sshd.ssh_with_code("ztalice", made.login_shell("env | grep -c ZTGPU_MFA || true", submit),
                              made.code("ztalice"))
     assert res.returncode == 0, (res.stdout, res.stderr, sshd.log()[-2000:],
                                  (sshd.base / "pam.log").read_text()[-2000:])

@@ -63,13 +63,7 @@ def install_pam(suite: SuiteCluster, daemon: PrivateSshd, *options: str,
 @pytest.fixture(autouse=True)
 def _no_jobs_left(suite: SuiteCluster) -> Iterator[None]:
     yield
-    c = suite.cluster
-    for user in c.spec.users:
-        c.slurm(["scancel", "-u", user], check=False)
-    wait_for(lambda: not c.slurm(["squeue", "-h"], check=False).strip(), 60, "empty queue")
-    if "drain" in c.node_state():
-        c.resume_node()
-    wait_for(lambda: c.node_state() == "idle", 60, "idle node")
+    suite.cluster.clean_slate()
     if not suite.alive():
         suite.start_agent()
 

@@ -46,13 +46,7 @@ def suite(request: pytest.FixtureRequest) -> Iterator[SuiteCluster]:
 def _no_jobs_left(suite: SuiteCluster) -> Iterator[None]:
     """Each test starts and ends with an empty queue and an idle node."""
     yield
-    c = suite.cluster
-    for user in c.spec.users:
-        c.slurm(["scancel", "-u", user], check=False)
-    wait_for(lambda: not c.slurm(["squeue", "-h"], check=False).strip(), 60, "empty queue")
-    if "drain" in c.node_state():
-        c.resume_node()
-    wait_for(lambda: c.node_state() == "idle", 60, "idle node")
+    suite.cluster.clean_slate()
 
 
 def go(suite: SuiteCluster, job_id: str) -> None:

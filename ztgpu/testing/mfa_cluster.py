@@ -49,6 +49,14 @@ class MfaCluster:
     def secrets(self) -> dict[str, bytes]:
         return self.codes.secrets
 
+    def login_shell(self, *commands: str) -> str:
+        """A command line for an ssh login to the "login node": the cluster's
+        Slurm and the users' ztgpu config, then *commands*."""
+        ztgpu = Path(sys.executable).with_name("ztgpu")
+        env = (f"export SLURM_CONF={self.suite.cluster.slurm_conf} "
+               f"ZTGPU_CONFIG={self.login_config} PATH={ztgpu.parent}:$PATH; ")
+        return env + "; ".join(commands)
+
     def code(self, user: str) -> str:
         """A TOTP code for ``user`` that has not been used yet (never waits)."""
         return self.codes.code(user)

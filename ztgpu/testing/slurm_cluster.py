@@ -321,6 +321,20 @@ class SlurmTestCluster:
     def resume_node(self) -> None:
         self.slurm(["scontrol", "update", f"NodeName={self.node}", "State=RESUME"], check=False)
 
+    def cancel_all(self, timeout: float = 60) -> None:
+        """Cancel every test user's jobs and wait for an empty queue."""
+        for user in self.spec.users:
+            self.slurm(["scancel", "-u", user], check=False)
+        wait_for(lambda: not self.slurm(["squeue", "-h"], check=False).strip(), timeout,
+                 "empty queue")
+
+    def clean_slate(self) -> None:
+        """Between tests: no job left, the node resumed if drained, and idle."""
+        self.cancel_all()
+        if "drain" in self.node_state():
+            self.resume_node()
+        wait_for(lambda: self.node_state() == "idle", 60, "idle node")
+
     # ---- teardown -----------------------------------------------------
     def _stop_proc(self, name: str, timeout: float = 15) -> None:
         proc = self.procs.pop(name, None)
