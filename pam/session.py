@@ -295,7 +295,6 @@ def login_as(user: str, code: str, config_path: str | None, timeout: float) -> d
         status = 70
         try:
             os.close(read_end)
-            os.setgroups([])
             os.initgroups(user, entry.pw_gid)
             os.setgid(entry.pw_gid)
             os.setuid(entry.pw_uid)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_slurm
 
+from ztgpu.gpu.device_state import boot_clock_us
 from ztgpu.testing import stand_in_cuda
 from ztgpu.testing.slurm_cluster import ClusterSpec, wait_for
 from ztgpu.testing.suite_cluster import SuiteCluster, suite_cluster
@@ -66,9 +67,7 @@ def restart_with(suite: SuiteCluster, sig: int = signal.SIGTERM, **env: str) -> 
 def _healthy_after(suite: SuiteCluster) -> Iterator[None]:
     yield
     c = suite.cluster
-    for user in c.spec.users:
-        c.slurm(["scancel", "-u", user], check=False)
-    wait_for(lambda: not c.slurm(["squeue", "-h"], check=False).strip(), 60, "empty queue")
+    c.cancel_all()
     restart_with(suite)
     if "drain" in c.node_state():
         suite.ztgpu("node", "recover", check=False)
@@ -193,7 +192,6 @@ def _bus(suite: SuiteCluster, uuid: str) -> str:
 
 def test_a_gpu_setting_the_job_changed_is_put_back_and_an_xid_drains_the_node(suite):
     import json
-    import time
 
     state = Path(suite.config["gpu"]["simulated_state"])
     kmsg = Path(suite.config["gpu"]["baseline"]["kmsg"])
@@ -201,7 +199,7 @@ def test_a_gpu_setting_the_job_changed_is_put_back_and_an_xid_drains_the_node(su
                 "default_app_clocks": [2619, 1980], "ecc_uncorrected": 0,
                 "remapped_rows_pending": False}
     state.write_text(json.dumps({g["uuid"]: baseline for g in suite.config["gpu"]["simulated"]}))
-    now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    now_us = boot_clock_us()
     try:
         c = suite.cluster
         job = c.sbatch("ztalice", "sleep 3", gpus=1)
@@ -227,7 +225,7 @@ def test_a_gpu_setting_the_job_changed_is_put_back_and_an_xid_drains_the_node(su
         job = c.sbatch("ztalice", "sleep 3", gpus=1)
         uuid = str(suite.wait_event("job.grant", job, timeout=60)["gpus"][0]["uuid"])
         short = _bus(suite, uuid).lower()[4:-2]
-        stamp = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        stamp = boot_clock_us()
         with kmsg.open("a") as log:
             log.write(f"4,101,{stamp},-;NVRM: Xid (PCI:{short}): 79, pid=4242, GPU has "
                       f"fallen off the bus.\n")

@@ -32,6 +32,7 @@ from ztgpu.cgroups.device_files import FileState, apply_state
 from ztgpu.config import Config
 from ztgpu.errors import CgroupError, DeviceError, GpuError, SlurmError
 from ztgpu.gpu.backend import GpuBackend, GpuInfo, slurm_order
+from ztgpu.gpu.device_state import boot_clock_us
 from ztgpu.gpu.devices import gpu_device_path
 from ztgpu.noded import cgroup_layer, checks, holders, job_cgroups
 from ztgpu.noded.backlog import SpoolGuard
@@ -73,8 +74,7 @@ class LiveJob:
     partition: str | None = None
     #: When the grant was made, on the kernel log's clock (µs since boot):
     #: Xid events from then on are the job's.
-    granted_us: int = field(default_factory=lambda: time.clock_gettime_ns(
-        time.CLOCK_MONOTONIC) // 1000)
+    granted_us: int = field(default_factory=boot_clock_us)
 
 
 def boot_id() -> str:

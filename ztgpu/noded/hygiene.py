@@ -109,14 +109,16 @@ class Hygiene(AgentCore):
             return []
         for gpu in gpus:
             self.state.put_dirty(gpu.minor, job_id, f"used by job {job_id}; {context}")
-            self.dirty_gpus[gpu.minor] = (job_id, context)
+            with self.lock:
+                self.dirty_gpus[gpu.minor] = (job_id, context)
         problems = []
         reports = self._run_wipes(gpus, mode)
         for gpu in gpus:
             report = reports.get(gpu.uuid)
             if report is not None and report.ok:
                 self.state.delete_dirty(gpu.minor)
-                self.dirty_gpus.pop(gpu.minor, None)
+                with self.lock:
+                    self.dirty_gpus.pop(gpu.minor, None)
                 summary = (f"{mode}: {report.covered_bytes / 2**30:.2f} GiB covered, "
                            f"{report.unreachable_bytes >> 20} MiB not reachable, no word left "
                            f"unclean, {report.total_s * 1000:.0f} ms; digest "

@@ -73,18 +73,11 @@ class Lifecycle(AgentCore):
         record = JobRecord(job_id=job_id, uid=uid, gid=gid, user=user,
                            minors=tuple(g.minor for g in gpus),
                            granted_at=self.clock().isoformat())
-        # A GPU an earlier job's data may still be on is wiped first (outside
-        # the lock: it takes a while, and nothing else grants this GPU now).
-        dirty = self.check_dirty([g.minor for g in gpus], job_id=job_id)
-        if dirty:
-            reason = "; ".join(dirty)
-            self.spool.append("job.refused", job_id=job_id, uid=uid, user=user,
-                              outcome="node_unsafe", reason=reason[:500])
-            raise Fault(reason)
         with self.lock:
             held = self._check_held([g.minor for g in gpus])
-            # A GPU that was held (so not wiped above) and is free now: wipe it
-            # before it is granted (a no-op when nothing is dirty).
+            # A GPU an earlier job's data may still be on (a wipe that failed or
+            # never finished, or was skipped while a stuck holder kept it) is
+            # wiped now, before it is granted; a no-op when nothing is dirty.
             held = held or self.check_dirty([g.minor for g in gpus], job_id=job_id)
             if held:
                 reason = "; ".join(held)
