@@ -244,3 +244,59 @@ def test_a_gpu_setting_the_job_changed_is_put_back_and_an_xid_drains_the_node(su
         gpus = suite.config["gpu"]["simulated"]
         state.write_text(json.dumps({g["uuid"]: baseline for g in gpus}))
         kmsg.write_text("")
+
+
+def test_what_the_grant_learned_outlives_an_agent_crash_during_the_job(suite):
+    """The partition's wipe mode, the grant's place in the kernel log and its
+    ECC counts are kept in the state: a release after a restart still wipes
+    as the partition says, and counts only the job's Xid and ECC errors."""
+    import json
+
+    import yaml
+
+    state = Path(suite.config["gpu"]["simulated_state"])
+    kmsg = Path(suite.config["gpu"]["baseline"]["kmsg"])
+    gpus = suite.config["gpu"]["simulated"]
+    # Two uncorrectable errors on every GPU from before: not this job's.
+    state.write_text(json.dumps({g["uuid"]: {"ecc_uncorrected": 2} for g in gpus}))
+    suite.stop_agent()
+    original = suite.config_path.read_text()
+    config = yaml.safe_load(original)
+    config["wipe"]["partitions"] = {"gpu": "verify"}
+    suite.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        suite.start_agent()
+        c = suite.cluster
+        job = c.sbatch("ztalice", "sleep 6", gpus=1)
+        uuid = str(suite.wait_event("job.grant", job, timeout=60)["gpus"][0]["uuid"])
+        suite.wait_event("isolation.verified", job)  # its step runs (its TaskProlog ran)
+        short = _bus(suite, uuid).lower()[4:-2]
+        kmsg.write_text(f"4,7,{boot_clock_us()},-;NVRM: Xid (PCI:{short}): 48, pid=77, "
+                        f"DBE (double bit error)\n")
+        state.write_text(json.dumps({g["uuid"]: {"ecc_uncorrected": 3 if g["uuid"] == uuid
+                                                 else 2} for g in gpus}))
+        suite.stop_agent(signal.SIGKILL)
+        suite.start_agent()  # the job still runs: its grant is restored
+        end = c.wait_job(job, ["COMPLETED", "FAILED", "CANCELLED"], timeout=60)
+        assert end["JobState"] == "COMPLETED"
+        assert suite.wait_event("job.release", job, timeout=60)["outcome"] == "unhealthy"
+        wipe = suite.wait_event("gpu.wipe", job)
+        assert wipe["mode"] == "verify" and wipe["passes"] == "verify-0x0", wipe
+        checks = {e["check"]: str(e["reason"]) for e in suite.events("gpu.unhealthy", job)}
+        assert set(checks) == {"xid", "ecc"}, checks
+        assert "Xid 48" in checks["xid"]
+        assert f"1 volatile uncorrectable ECC errors during job {job} (3 since the driver " \
+               f"loaded)" in checks["ecc"], checks["ecc"]
+        # Errors from before a grant drain nothing: a job on all four is healthy.
+        suite.ztgpu("node", "recover", check=False)
+        wait_for(lambda: c.node_state() == "idle", 60, "idle node")
+        other = c.sbatch("ztalice", "sleep 1", gpus=4)
+        suite.wait_event("job.grant", other, timeout=60)
+        c.wait_job(other, ["COMPLETED"], timeout=60)
+        assert suite.wait_event("job.release", other, timeout=60)["outcome"] == "released"
+    finally:
+        suite.stop_agent()
+        suite.config_path.write_text(original)
+        state.write_text(json.dumps({g["uuid"]: {} for g in gpus}))
+        kmsg.write_text("")
+        suite.start_agent()

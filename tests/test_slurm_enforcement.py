@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import needs_slurm
@@ -65,6 +66,19 @@ def running_verified(suite: SuiteCluster, user: str, script: str) -> tuple[str, 
     suite.cluster.wait_job(job, ["RUNNING"])
     suite.wait_event("isolation.verified", job)
     return job, int(suite.wait_event("job.grant", job)["gpus"][0]["minor"])
+
+
+def cancel_outcome(suite: SuiteCluster, job: str) -> str:
+    """How the agent's cancel of *job* ended. Under load Slurm may still list
+    the job as completing right after the scancel: the agent then records a
+    "failed ... retrying" first and the end on its next look."""
+    def ends() -> list[dict[str, Any]]:
+        return [e for e in suite.events("job.action", job)
+                if e["outcome"] != "failed" or "gave up" in e["reason"]]
+
+    wait_for(lambda: bool(ends()), 60, f"the end of job {job}'s cancel")
+    assert len(ends()) == 1, suite.events("job.action", job)
+    return str(ends()[0]["outcome"])
 
 
 def owner(path: Path) -> tuple[int, int, int]:
@@ -266,8 +280,7 @@ def test_isolation_violation_is_critical_and_ends_the_job(suite):
     assert f"minor {other}" in violated["reason"]
     state = c.wait_job(job, ["CANCELLED"], timeout=30)
     assert "ztgpu" in state.get("AdminComment", ""), state
-    action = suite.wait_event("job.action", job)
-    assert action["outcome"] == "cancelled"
+    assert cancel_outcome(suite, job) == "cancelled"
     # The node stays in service: a job decision never drains it.
     wait_for(lambda: c.node_state() == "idle", 30, "node idle")
     suite.wait_event("job.release", job)
@@ -478,8 +491,7 @@ def test_ending_the_array_task_that_shares_the_arrays_id_spares_the_other_tasks(
     mine = int(suite.wait_event("job.grant", array)["gpus"][0]["minor"])
     _open_cgroups_for(array, (mine + 2) % 4)
     assert any(not r["ok"] for r in suite.call("verify", job_id=array))
-    action = suite.wait_event("job.action", array)
-    assert action["outcome"] == "cancelled", action
+    assert cancel_outcome(suite, array) == "cancelled"
     wait_for(lambda: same not in tasks(), 30, f"task {same} to end")
     others = tasks()
     assert len(others) == 2 and all(state == "RUNNING" for _, state in others.values()), others

@@ -27,6 +27,13 @@ GPU: the wiper sets ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` semantics itself by
 matching each device's PCI bus id (``cuDeviceGetPCIBusId``) with the
 inventory's, never by index.
 
+**MIG.** A GPU in MIG mode is wiped instance by instance: a CUDA process
+sees one MIG device at most, so :func:`wipe_instances` runs this module as
+a child process per instance (``CUDA_VISIBLE_DEVICES=MIG-<uuid>``), all at
+once, and merges their reports into the GPU's. Memory outside every GPU
+instance cannot be allocated by anyone, the wiper included; what it covers
+is the instances' memory.
+
 The tests run all of this against ``ztgpu/testing/stand_in_libcuda.c``, a
 libcuda of host memory with the same entry points (tests/test_cuda_wipe.py);
 tests/gpu/ runs it on a real GPU.
@@ -36,6 +43,10 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -188,6 +199,8 @@ class WipeReport:
     total_s: float = 0.0
     error: str | None = None
     passes: list[str] = field(default_factory=list)
+    #: MIG devices wiped one by one (their UUIDs); empty for a whole GPU.
+    instances: list[str] = field(default_factory=list)
 
     @property
     def unreachable_bytes(self) -> int:
@@ -206,6 +219,8 @@ class WipeReport:
         """The audit event's figures."""
         fields = asdict(self)
         fields.pop("passes")
+        if not self.instances:
+            fields.pop("instances")
         fields.update(unreachable_bytes=self.unreachable_bytes, ok=self.ok,
                       fill_gbps=round(self.gbps(self.fill_s), 2),
                       verify_gbps=round(self.gbps(self.verify_s), 2),
@@ -386,3 +401,107 @@ def wipe_gpus(driver: Driver, targets: dict[str, int], mode: str) -> dict[str, W
     for thread in threads:
         thread.join()
     return reports
+
+
+#: How long one MIG instance's wipe may take in its child process.
+INSTANCE_TIMEOUT_S = 600.0
+
+
+def wipe_instances(libcuda: str, instances: list[str], mode: str, gpu: str,
+                   timeout_s: float = INSTANCE_TIMEOUT_S) -> WipeReport:
+    """Wipe (or verify) every MIG device of one GPU, one child process each,
+    all at once; the GPU's report merges theirs. Never raises."""
+    if mode not in MODES or mode == "off":
+        raise ValueError(f"mode must be 'verify' or 'wipe', not {mode!r}")
+    reports: dict[str, WipeReport] = {}
+
+    def run(instance: str) -> None:
+        reports[instance] = _wipe_in_child(libcuda, instance, mode, timeout_s)
+
+    threads = [threading.Thread(target=run, args=(uuid,), name=f"ztgpu-wipe-{uuid}")
+               for uuid in instances]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return merge_reports(gpu, mode, [reports[uuid] for uuid in instances])
+
+
+def _wipe_in_child(libcuda: str, instance: str, mode: str, timeout_s: float) -> WipeReport:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": instance}
+    argv = [sys.executable, "-I", "-m", "ztgpu.gpu.cuda", "--libcuda", libcuda, "--mode", mode,
+            "--name", instance]
+    try:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return WipeReport(gpu=instance, mode=mode,
+                          error=f"the wipe did not finish within {timeout_s:.0f} s")
+    except OSError as exc:
+        return WipeReport(gpu=instance, mode=mode, error=f"cannot start the wiper: {exc}")
+    try:
+        data = json.loads(done.stdout.strip().splitlines()[-1])
+        known = {f for f in WipeReport.__dataclass_fields__}
+        return WipeReport(**{k: v for k, v in data.items() if k in known})
+    except (ValueError, IndexError, TypeError):
+        why = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return WipeReport(gpu=instance, mode=mode,
+                          error=f"the wiper exited with {done.returncode}: {why}")
+
+
+def merge_reports(gpu: str, mode: str, parts: list[WipeReport]) -> WipeReport:
+    """One GPU's report from its instances' (sizes summed, times the longest,
+    the digest over theirs; the first error or mismatch named by instance)."""
+    merged = WipeReport(gpu=gpu, mode=mode, instances=[p.gpu for p in parts])
+    evidence = hashlib.sha256()
+    errors = []
+    for part in parts:
+        merged.total_bytes += part.total_bytes
+        merged.free_reported_bytes += part.free_reported_bytes
+        merged.covered_bytes += part.covered_bytes
+        merged.chunks += part.chunks
+        merged.mismatched_words += part.mismatched_words
+        if part.first_mismatch_offset is not None and merged.first_mismatch_offset is None:
+            merged.first_mismatch_offset = part.first_mismatch_offset
+            errors.append(f"{part.gpu}: {part.mismatched_words} words did not read back "
+                          f"(first at byte {part.first_mismatch_offset} of the instance)")
+        for name in ("fill_s", "verify_s", "zero_s", "total_s"):
+            setattr(merged, name, max(getattr(merged, name), getattr(part, name)))
+        merged.passes = merged.passes or list(part.passes)
+        if part.error:
+            errors.append(f"{part.gpu}: {part.error}")
+        evidence.update(f"{part.gpu}:{part.digest};".encode())
+    if not parts:
+        errors.append("the GPU is in MIG mode with no MIG device: nothing could be wiped")
+    if any(p.error for p in parts) or not parts:
+        merged.error = "; ".join(errors)[:1000]
+    merged.digest = evidence.hexdigest()
+    return merged
+
+
+def _main(argv: list[str]) -> int:
+    """The child process of :func:`wipe_instances`: wipe the one device
+    CUDA_VISIBLE_DEVICES shows and print the report as JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ztgpu.gpu.cuda")
+    parser.add_argument("--libcuda", default=LIBCUDA)
+    parser.add_argument("--mode", choices=("verify", "wipe"), required=True)
+    parser.add_argument("--name", default="")
+    args = parser.parse_args(argv)
+    try:
+        driver = Driver(args.libcuda)
+        count = len(driver.devices())
+        if count != 1:
+            raise GpuError(f"the CUDA driver shows {count} devices for "
+                           f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}, "
+                           f"not one")
+        report = wipe_one(driver, 0, args.mode, args.name)
+    except GpuError as exc:
+        report = WipeReport(gpu=args.name, mode=args.mode, error=str(exc))
+    print(json.dumps(asdict(report)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -32,7 +32,6 @@ from ztgpu.cgroups.device_files import FileState, apply_state
 from ztgpu.config import Config
 from ztgpu.errors import CgroupError, DeviceError, GpuError, SlurmError
 from ztgpu.gpu.backend import GpuBackend, GpuInfo, slurm_order
-from ztgpu.gpu.device_state import boot_clock_us
 from ztgpu.gpu.devices import gpu_device_path
 from ztgpu.noded import cgroup_layer, checks, holders, job_cgroups
 from ztgpu.noded.backlog import SpoolGuard
@@ -70,11 +69,6 @@ class LiveJob:
     violated: bool = False
     #: v2: step cgroups where our program could not be attached (recorded once).
     unconfinable: set[Path] = field(default_factory=set)
-    #: The job's Slurm partition, as its Prolog said (not kept across restarts).
-    partition: str | None = None
-    #: When the grant was made, on the kernel log's clock (µs since boot):
-    #: Xid events from then on are the job's.
-    granted_us: int = field(default_factory=boot_clock_us)
 
 
 def boot_id() -> str:
@@ -441,8 +435,12 @@ class AgentCore:
         """Why GPUs could not be wiped here, at start (``ztgpu.noded.hygiene``)."""
         raise NotImplementedError
 
-    def check_state(self, minors: Collection[int], *, job_id: str, since_us: int) -> list[str]:
+    def check_state(self, job: JobRecord) -> list[str]:
         """GPU settings back to baseline, health checked (``ztgpu.noded.hygiene``)."""
+        raise NotImplementedError
+
+    def ecc_counts(self, gpus: Collection[GpuInfo]) -> tuple[tuple[int, int], ...]:
+        """The GPUs' ECC counts at a grant (``ztgpu.noded.hygiene``)."""
         raise NotImplementedError
 
     def verify(self, job_id: str | None = None, *, due_only: bool = False

@@ -27,8 +27,9 @@ checked: volatile uncorrectable ECC errors, retired pages or remapped rows
 pending a reset, and Xid events in the kernel log since the job's grant.
 Anything wrong, and any setting that cannot be put back, is a critical
 ``gpu.unhealthy`` event and drains the node with a reason naming the GPU
-and the check. (Without a snapshot at the grant, any volatile uncorrectable
-ECC count counts; it resets only with the driver.)
+and the check. ECC counts are read at the grant too (kept in the state):
+only errors during the job count, or any, where there is no count from the
+grant (it could not be read).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 from ztgpu.errors import GpuError
 from ztgpu.gpu.backend import GpuInfo
 from ztgpu.noded.core import AgentCore, gpu_fields
+from ztgpu.noded.state import JobRecord
 
 log = logging.getLogger("ztgpu.noded")
 
@@ -186,35 +188,56 @@ class Hygiene(AgentCore):
         return problems
 
 
-    def check_state(self, minors: Collection[int], *, job_id: str, since_us: int) -> list[str]:
-        """Put the GPUs' settings back and check their health after a job;
-        returns a problem per check that failed (the node is drained)."""
+    def ecc_counts(self, gpus: Collection[GpuInfo]) -> tuple[tuple[int, int], ...]:
+        """Volatile uncorrectable ECC counts of *gpus* (minor, count) at a
+        grant, those that can be read: the release counts only what is new."""
+        if not self.config.gpu.baseline.health:
+            return ()
+        counts = []
+        for gpu in gpus:
+            try:
+                count = self.backend.device_state(gpu).ecc_uncorrected
+            except GpuError as exc:
+                log.warning("cannot read the ECC count of GPU %s at the grant: %s",
+                            gpu.index, exc)
+                continue
+            if count is not None:
+                counts.append((gpu.minor, count))
+        return tuple(counts)
+
+    def check_state(self, job: JobRecord) -> list[str]:
+        """Put the settings of *job*'s GPUs back and check their health after
+        it; returns a problem per check that failed (the node is drained)."""
         from ztgpu.gpu.device_state import short_bus, xids_since
 
         base = self.config.gpu.baseline
-        gpus = [self.by_minor[m] for m in sorted(set(minors))
+        gpus = [self.by_minor[m] for m in sorted(set(job.minors))
                 if m in self.by_minor and m not in self.held_gpus]
         problems: list[str] = []
         xids: dict[str, list[int]] = {}
         if base.health and gpus:
             try:
-                xids = xids_since({short_bus(g.pci_bus_id) for g in gpus}, since_us, base.kmsg)
+                xids = xids_since({short_bus(g.pci_bus_id) for g in gpus}, job.granted_us,
+                                  base.kmsg)
             except OSError as exc:
                 log.warning("cannot read the kernel log %s for Xid events: %s", base.kmsg, exc)
+        at_grant = dict(job.ecc_at_grant)
         for gpu in gpus:
-            found = self._gpu_state_problems(gpu, job_id, xids.get(short_bus(gpu.pci_bus_id)))
+            found = self._gpu_state_problems(gpu, job.job_id,
+                                             xids.get(short_bus(gpu.pci_bus_id)),
+                                             at_grant.get(gpu.minor))
             for check, detail in found:
                 what = f"GPU {gpu.index} (minor {gpu.minor}, {gpu.uuid}): {check}: {detail}"
                 problems.append(what)
-                self.spool.append("gpu.unhealthy", job_id=job_id, gpus=gpu_fields([gpu]),
+                self.spool.append("gpu.unhealthy", job_id=job.job_id, gpus=gpu_fields([gpu]),
                                   check=check, outcome="drain", reason=what[:500])
                 log.critical("%s", what)
         if problems:
             self._drain("; ".join(problems))
         return problems
 
-    def _gpu_state_problems(self, gpu: GpuInfo, job_id: str,
-                            xids: list[int] | None) -> list[tuple[str, str]]:
+    def _gpu_state_problems(self, gpu: GpuInfo, job_id: str, xids: list[int] | None,
+                            ecc_at_grant: int | None) -> list[tuple[str, str]]:
         base = self.config.gpu.baseline
         try:
             state = self.backend.device_state(gpu)
@@ -240,8 +263,13 @@ class Hygiene(AgentCore):
                               setting=setting, was=str(now), now=str(want), outcome="restored")
         if not base.health:
             return found
-        if state.ecc_uncorrected:
-            found.append(("ecc", f"{state.ecc_uncorrected} volatile uncorrectable ECC errors"))
+        if state.ecc_uncorrected and ecc_at_grant is None:
+            found.append(("ecc", f"{state.ecc_uncorrected} volatile uncorrectable ECC errors "
+                                 f"since the driver loaded (no count at the grant)"))
+        elif state.ecc_uncorrected and state.ecc_uncorrected > (ecc_at_grant or 0):
+            found.append(("ecc", f"{state.ecc_uncorrected - (ecc_at_grant or 0)} volatile "
+                                 f"uncorrectable ECC errors during job {job_id} "
+                                 f"({state.ecc_uncorrected} since the driver loaded)"))
         if state.retired_pages_pending:
             found.append(("retired_pages", "page retirement pending: the GPU needs a reset"))
         if state.remapped_rows_pending:

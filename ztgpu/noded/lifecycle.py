@@ -15,6 +15,7 @@ from ztgpu.cgroups.device_allowlist import CharDevice
 from ztgpu.cgroups.device_files import apply_state
 from ztgpu.errors import CgroupError, DeviceError, Fault, InputRejected
 from ztgpu.gpu.backend import GpuInfo
+from ztgpu.gpu.device_state import boot_clock_us
 from ztgpu.noded.core import AgentCore, LiveJob, gpu_fields, log, parse_time
 from ztgpu.noded.grant_check import GrantRefused
 from ztgpu.noded.state import JobRecord
@@ -72,7 +73,9 @@ class Lifecycle(AgentCore):
             raise Fault(reason)
         record = JobRecord(job_id=job_id, uid=uid, gid=gid, user=user,
                            minors=tuple(g.minor for g in gpus),
-                           granted_at=self.clock().isoformat())
+                           granted_at=self.clock().isoformat(),
+                           partition=parse_word(job.get("partition")),
+                           granted_us=boot_clock_us(), ecc_at_grant=self.ecc_counts(gpus))
         with self.lock:
             held = self._check_held([g.minor for g in gpus])
             # A GPU an earlier job's data may still be on (a wipe that failed or
@@ -100,7 +103,7 @@ class Lifecycle(AgentCore):
                     self._refuse("prolog", reason, job)
                     raise InputRejected(reason)
             self.state.put(record)
-            live = LiveJob(record=record, partition=parse_word(job.get("partition")))
+            live = LiveJob(record=record)
             self.jobs[job_id] = live
             try:
                 for gpu in gpus:
@@ -255,9 +258,8 @@ class Lifecycle(AgentCore):
         stuck = self._take_back(record.minors, context="release", job=record)
         # Nobody holds them now: wipe their memory before anyone else gets them.
         dirty = self.wipe(record.minors, job_id=record.job_id,
-                          mode=self.wipe_mode(live.partition), context="release")
-        unhealthy = self.check_state(record.minors, job_id=record.job_id,
-                                     since_us=live.granted_us)
+                          mode=self.wipe_mode(record.partition), context="release")
+        unhealthy = self.check_state(record)
         with self.lock:
             problems = self._undo_grant(live)
             self.revoked_jobs.discard(record.job_id)

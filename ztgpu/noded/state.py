@@ -13,6 +13,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ztgpu.errors import Fault
 
@@ -26,6 +27,14 @@ class JobRecord:
     #: Minor numbers of the GPUs granted to the job.
     minors: tuple[int, ...]
     granted_at: str
+    #: The job's Slurm partition, as its Prolog said (its wipe mode).
+    partition: str | None = None
+    #: When the grant was made, on the kernel log's clock (µs since boot):
+    #: Xid events from then on are the job's (grants do not outlive a boot).
+    granted_us: int = 0
+    #: Volatile uncorrectable ECC errors of each GPU (by minor) at the grant,
+    #: where they could be read: only errors after it are the job's.
+    ecc_at_grant: tuple[tuple[int, int], ...] = ()
 
 
 class StateStore:
@@ -46,6 +55,11 @@ class StateStore:
                 " gid INTEGER NOT NULL, user TEXT NOT NULL, minors TEXT NOT NULL,"
                 " granted_at TEXT NOT NULL)")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            # What else the agent learned at a grant (partition, clock, ECC
+            # counts), as JSON: a table of its own, so that state written by
+            # an earlier version still opens.
+            self._db.execute("CREATE TABLE IF NOT EXISTS job_meta (job_id TEXT PRIMARY KEY,"
+                             " meta TEXT NOT NULL)")
             # Jobs whose user's access was revoked: they stay without GPUs after a
             # restart of the agent until their Epilog (or a reboot) ends them.
             self._db.execute("CREATE TABLE IF NOT EXISTS revoked (job_id TEXT PRIMARY KEY,"
@@ -68,6 +82,11 @@ class StateStore:
                     "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
                     (job.job_id, job.uid, job.gid, job.user, json.dumps(list(job.minors)),
                      job.granted_at))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO job_meta VALUES (?, ?)",
+                    (job.job_id, json.dumps({"partition": job.partition,
+                                             "granted_us": job.granted_us,
+                                             "ecc_at_grant": list(job.ecc_at_grant)})))
             except sqlite3.Error as exc:
                 raise Fault(f"cannot record job {job.job_id} in agent state: {exc}") from exc
 
@@ -130,15 +149,18 @@ class StateStore:
             try:
                 self._db.execute("DELETE FROM revoked WHERE job_id = ?", (job_id,))
                 self._db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+                self._db.execute("DELETE FROM job_meta WHERE job_id = ?", (job_id,))
             except sqlite3.Error as exc:
                 raise Fault(f"cannot remove job {job_id} from agent state: {exc}") from exc
 
     def all(self) -> dict[str, JobRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT job_id, uid, gid, user, minors, granted_at FROM jobs").fetchall()
+                "SELECT jobs.job_id, uid, gid, user, minors, granted_at, meta FROM jobs"
+                " LEFT JOIN job_meta ON job_meta.job_id = jobs.job_id").fetchall()
         return {row[0]: JobRecord(job_id=row[0], uid=row[1], gid=row[2], user=row[3],
-                                  minors=tuple(json.loads(row[4])), granted_at=row[5])
+                                  minors=tuple(json.loads(row[4])), granted_at=row[5],
+                                  **_meta(row[6]))
                 for row in rows}
 
     def boot_changed(self, boot_id: str) -> bool:
@@ -158,3 +180,20 @@ class StateStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _meta(text: str | None) -> dict[str, Any]:
+    """A job's extra fields from their JSON (defaults where absent or unreadable)."""
+    try:
+        meta = json.loads(text) if text else {}
+    except ValueError:
+        meta = {}
+    if not isinstance(meta, dict):
+        meta = {}
+    partition, granted_us, ecc = (meta.get("partition"), meta.get("granted_us"),
+                                  meta.get("ecc_at_grant"))
+    pairs = tuple((int(p[0]), int(p[1])) for p in ecc if isinstance(p, list) and len(p) == 2
+                  and all(isinstance(v, int) for v in p)) if isinstance(ecc, list) else ()
+    return {"partition": partition if isinstance(partition, str) else None,
+            "granted_us": granted_us if isinstance(granted_us, int) else 0,
+            "ecc_at_grant": pairs}
