@@ -37,6 +37,7 @@ def driver(library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
            ) -> Iterator[cuda.Driver]:
     for name in ("FAULT", "LEFTOVERS", "GPUS", "MEM_MIB", "MIG"):
         monkeypatch.delenv(f"ZTGPU_STANDIN_{name}", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     yield cuda.Driver(str(stand_in_cuda.fresh_copy(library, tmp_path)))
 
 
@@ -136,9 +137,58 @@ def test_devices_are_matched_by_pci_bus_id_not_by_order(driver, monkeypatch):
     assert driver.devices() == {"0000:17:00.0": 0, "0000:27:00.0": 1}
     assert cuda.normalise_bus_id("00000000:3B:00.0") == "0000:3b:00.0"
     assert cuda.normalise_bus_id("0000:3b:00.0") == "0000:3b:00.0"
-    monkeypatch.setenv("ZTGPU_STANDIN_MIG", "1")  # two CUDA devices on one GPU
-    with pytest.raises(GpuError, match="MIG instances"):
-        driver.devices()
+
+
+
+MIG = "MIG-0a0a0a0a-0000-4000-8000-00000000000{}"
+
+
+def test_a_gpu_in_mig_mode_is_wiped_instance_by_instance(library, tmp_path, monkeypatch):
+    path = str(stand_in_cuda.fresh_copy(library, tmp_path))
+    for name in ("FAULT", "LEFTOVERS", "GPUS", "MEM_MIB"):
+        monkeypatch.delenv(f"ZTGPU_STANDIN_{name}", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    instances = [MIG.format(k) for k in range(3)]
+    monkeypatch.setenv("ZTGPU_STANDIN_MIG", ",".join(f"{m}@0" for m in instances))
+    # As with the real driver, a process sees one MIG device of a MIG GPU.
+    assert cuda.Driver(path).devices() == {"0000:17:00.0": 0, "0000:27:00.0": 1}
+    report = cuda.wipe_instances(path, instances, "wipe", "GPU-a")
+    assert report.ok, report
+    assert report.instances == instances and report.as_event()["instances"] == instances
+    # Each instance has 84 MiB (a third of 256, in whole pages), of which
+    # its wiper's context takes 24 and the result buffer 2.
+    assert report.total_bytes == 3 * 84 * MIB and report.covered_bytes == 3 * 58 * MIB
+    assert report.passes == ["pattern", f"verify-{cuda.PATTERN:#x}", "zero", "verify-0x0"]
+    assert re.fullmatch(r"[0-9a-f]{64}", report.digest)
+    assert "instances" not in cuda.wipe_gpus(cuda.Driver(path), {"GPU-b": 1},
+                                             "wipe")["GPU-b"].as_event()
+
+
+def test_one_mig_device_that_fails_fails_its_gpu_and_is_named(library, tmp_path, monkeypatch):
+    path = str(stand_in_cuda.fresh_copy(library, tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    instances = [MIG.format(k) for k in range(2)]
+    monkeypatch.setenv("ZTGPU_STANDIN_MIG", ",".join(f"{m}@0" for m in instances))
+    monkeypatch.setenv("ZTGPU_STANDIN_FAULT", f"stuck@{instances[1]}")
+    report = cuda.wipe_instances(path, instances, "wipe", "GPU-a")
+    assert not report.ok and report.error is None
+    assert report.mismatched_words == 2  # the stuck word, seen by both passes
+    monkeypatch.setenv("ZTGPU_STANDIN_FAULT", f"alloc@{instances[0]}")
+    report = cuda.wipe_instances(path, instances, "wipe", "GPU-a")
+    assert not report.ok
+    assert report.error == f"{instances[0]}: no GPU memory could be allocated", report.error
+    # A MIG device the driver does not know, and no MIG device at all.
+    unknown = cuda.wipe_instances(path, [MIG.format(9)], "wipe", "GPU-a")
+    assert unknown.error is not None and "shows 0 devices" in unknown.error, unknown.error
+    assert "no MIG device" in str(cuda.wipe_instances(path, [], "wipe", "GPU-a").error)
+
+
+def test_several_mig_devices_in_one_process_are_refused(library, tmp_path, monkeypatch):
+    instances = [MIG.format(k) for k in range(2)]
+    monkeypatch.setenv("ZTGPU_STANDIN_MIG", ",".join(f"{m}@0" for m in instances))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(instances))
+    with pytest.raises(GpuError, match="MIG devices"):
+        cuda.Driver(str(stand_in_cuda.fresh_copy(library, tmp_path))).devices()
 
 
 def _code_lines(ptx: str) -> list[str]:

@@ -525,3 +525,59 @@ def test_real_nvml_minors_match_device_files() -> None:
         assert (os.major(rdev), os.minor(rdev)) == (major.major, gpu.minor), gpu
         assert gpu.uuid.startswith(("GPU-", "MIG-"))
         assert gpu.memory_mib > 0
+
+
+def test_nvml_device_state_reads_settings_health_and_mig_devices(
+        fake_nvml: FakeNvml, nvml_backend: NvmlBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = nvml_backend.inventory()[0]
+    mod = sys.modules["pynvml"]
+    migs = {0: FakeDevice(minor=0, uuid=b"MIG-aaaaaaaa-0000-4000-8000-000000000000",
+                          bus_id="", name="", memory_bytes=0),
+            2: FakeDevice(minor=0, uuid="MIG-bbbbbbbb-0000-4000-8000-000000000000",
+                          bus_id="", name="", memory_bytes=0)}
+
+    def not_supported(*_: Any) -> Any:
+        raise FakeNVMLError("Not Supported")
+
+    def mig_handle(_: Any, index: int) -> FakeDevice:
+        if index not in migs:
+            raise FakeNVMLError("Not Found")  # an empty MIG slot
+        return migs[index]
+
+    calls = {
+        "nvmlDeviceGetHandleByUUID": lambda uuid: next(
+            d for d in fake_nvml.devices if d.uuid in (uuid, uuid.encode())),
+        "nvmlDeviceGetComputeMode": lambda _: 3,
+        "nvmlDeviceGetApplicationsClock": lambda _, kind: {1: 1980, 2: 2619}[kind],
+        "nvmlDeviceGetDefaultApplicationsClock": lambda _, kind: {1: 1980, 2: 2619}[kind],
+        "nvmlDeviceGetTotalEccErrors": lambda _, error, counter: 4,
+        "nvmlDeviceGetRetiredPagesPendingStatus": not_supported,
+        "nvmlDeviceGetRemappedRows": lambda _: (0, 1, 1, 0),
+        "nvmlDeviceGetPersistenceMode": lambda _: 1,
+        "nvmlDeviceGetAccountingMode": lambda _: 0,
+        "nvmlDeviceGetMigMode": lambda _: [1, 1],
+        "nvmlDeviceGetMaxMigDeviceCount": lambda _: 4,
+        "nvmlDeviceGetMigDeviceHandleByIndex": mig_handle,
+    }
+    for name, fn in calls.items():
+        monkeypatch.setattr(mod, name, fn, raising=False)
+    state = nvml_backend.device_state(gpu)
+    assert state.compute_mode == "exclusive_process"
+    assert (state.app_clocks, state.default_app_clocks) == ((2619, 1980), (2619, 1980))
+    assert state.ecc_uncorrected == 4 and state.retired_pages_pending is None
+    assert (state.remapped_rows_pending, state.remap_failure) == (True, False)
+    assert (state.persistence, state.accounting) == (True, False)
+    assert state.mig_devices == ("MIG-aaaaaaaa-0000-4000-8000-000000000000",
+                                 "MIG-bbbbbbbb-0000-4000-8000-000000000000")
+    monkeypatch.setattr(mod, "nvmlDeviceGetMigMode", lambda _: [0, 0])
+    assert nvml_backend.device_state(gpu).mig_devices == ()
+    monkeypatch.setattr(mod, "nvmlDeviceGetMigMode", not_supported)  # a GPU without MIG
+    assert nvml_backend.device_state(gpu).mig_devices is None
+
+    def broken(*_: Any) -> Any:
+        raise FakeNVMLError("Unknown Error")
+
+    monkeypatch.setattr(mod, "nvmlDeviceGetMigMode", lambda _: [1, 0])
+    monkeypatch.setattr(mod, "nvmlDeviceGetMigDeviceHandleByIndex", broken)
+    with pytest.raises(GpuError, match="nvmlDeviceGetMigDeviceHandleByIndex failed"):
+        nvml_backend.device_state(gpu)

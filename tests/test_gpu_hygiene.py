@@ -31,6 +31,9 @@ pytestmark = [needs_slurm, pytest.mark.slurm]
 STAND_IN = {"ZTGPU_STANDIN_GPUS": "4", "ZTGPU_STANDIN_MEM_MIB": "64",
             "ZTGPU_STANDIN_CTX_MIB": "8"}
 
+#: The stand-in's settings a test may change (cleared at each agent restart).
+RESET = ("ZTGPU_STANDIN_FAULT", "ZTGPU_STANDIN_LEFTOVERS", "ZTGPU_STANDIN_MIG")
+
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuiteCluster]:
@@ -38,8 +41,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuiteCluster]:
     where = tmp_path_factory.mktemp("gpu-state")
     state, kmsg = where / "state.json", where / "kmsg"
     kmsg.write_text("")
-    saved = {k: os.environ.get(k) for k in [*STAND_IN, "ZTGPU_STANDIN_FAULT",
-                                            "ZTGPU_STANDIN_LEFTOVERS"]}
+    saved = {k: os.environ.get(k) for k in [*STAND_IN, *RESET]}
     os.environ.update(STAND_IN)
     try:
         with suite_cluster(ClusterSpec(), wipe={"mode": "wipe", "libcuda": str(library)},
@@ -57,7 +59,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuiteCluster]:
 def restart_with(suite: SuiteCluster, sig: int = signal.SIGTERM, **env: str) -> None:
     """Restart the agent with the stand-in's faults/leftovers set as given."""
     suite.stop_agent(sig)
-    for key in ("ZTGPU_STANDIN_FAULT", "ZTGPU_STANDIN_LEFTOVERS"):
+    for key in RESET:
         os.environ.pop(key, None)
     os.environ.update(env)
     suite.start_agent()
@@ -300,3 +302,46 @@ def test_what_the_grant_learned_outlives_an_agent_crash_during_the_job(suite):
         state.write_text(json.dumps({g["uuid"]: {} for g in gpus}))
         kmsg.write_text("")
         suite.start_agent()
+
+
+def test_a_gpu_in_mig_mode_is_wiped_device_by_device_and_a_failure_names_the_device(suite):
+    """NVML (here the simulated state) lists the GPU's MIG devices; the stand-in
+    gives each its share of the GPU's memory, one per process."""
+    import json
+
+    state = Path(suite.config["gpu"]["simulated_state"])
+    gpu = suite.config["gpu"]["simulated"][0]
+    mig = [f"MIG-5e5e5e5e-0000-4000-8000-00000000000{k}" for k in range(2)]
+    state.write_text(json.dumps({gpu["uuid"]: {"mig_devices": mig}}))
+    try:
+        restart_with(suite, ZTGPU_STANDIN_MIG=",".join(f"{m}@0" for m in mig))
+        job, _ = run_job(suite, gpus=4)
+        wipes = {w["gpus"][0]["uuid"]: w for w in suite.events("gpu.wipe", job)}
+        assert len(wipes) == 4, wipes
+        by_device = wipes[gpu["uuid"]]
+        assert by_device["instances"] == mig and by_device["ok"] is True
+        # 64 MiB split in two: 32 each, of which each wiper's context takes 8
+        # and its result buffer 2.
+        assert by_device["covered_bytes"] == 2 * 22 << 20, by_device
+        assert str(by_device["reason"]).startswith("wipe of 2 MIG devices: 0.04 GiB covered")
+        assert all("instances" not in w for u, w in wipes.items() if u != gpu["uuid"])
+
+        restart_with(suite, ZTGPU_STANDIN_MIG=",".join(f"{m}@0" for m in mig),
+                     ZTGPU_STANDIN_FAULT=f"alloc@{mig[1]}")
+        job, _ = run_job(suite, gpus=4)
+        failed = suite.wait_event("gpu.wipe_failed", job)
+        assert failed["gpus"][0]["uuid"] == gpu["uuid"]  # type: ignore[index]
+        assert f"{mig[1]}: no GPU memory could be allocated" in str(failed["reason"])
+        assert suite.wait_event("job.release", job)["outcome"] == "dirty"
+
+        # Whether a GPU is in MIG mode cannot be told: no wipe of it is trusted.
+        state.write_text(json.dumps({}))  # MIG off again: recover wipes it whole
+        restart_with(suite)
+        assert suite.ztgpu("node", "recover", check=False).returncode == 0
+        wait_for(lambda: suite.cluster.node_state() == "idle", 60, "idle node")
+        state.write_text("{not json")
+        job, _ = run_job(suite, gpus=1)
+        failed = suite.wait_event("gpu.wipe_failed", job)
+        assert "cannot tell whether it is in MIG mode" in str(failed["reason"]), failed
+    finally:
+        state.write_text(json.dumps({}))

@@ -168,8 +168,9 @@ class Driver:
             key = normalise_bus_id(bus.value.decode())
             if key in found:  # MIG instances share their GPU's bus id
                 raise GpuError(f"CUDA devices {found[key]} and {dev.value} are both at PCI "
-                               f"{key} (MIG instances?): wiping MIG instances one by one is "
-                               f"not supported yet")
+                               f"{key}: several MIG devices of one GPU in one process "
+                               f"(CUDA_VISIBLE_DEVICES?); each is wiped in a process of "
+                               f"its own")
             found[key] = dev.value
         return found
 

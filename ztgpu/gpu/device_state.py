@@ -39,6 +39,9 @@ class DeviceState:
     retired_pages_pending: bool | None = None
     remapped_rows_pending: bool | None = None
     remap_failure: bool | None = None
+    #: UUIDs of the GPU's MIG devices when it is in MIG mode (() when it is
+    #: not): each is wiped on its own.
+    mig_devices: tuple[str, ...] | None = None
 
 
 def short_bus(bus_id: str) -> str:

@@ -27,6 +27,7 @@ from ztgpu.gpu.device_state import COMPUTE_MODES, DeviceState
 # NVML's enum values (nvml.h): clock types, ECC counter kinds.
 _CLOCK_SM, _CLOCK_MEM = 1, 2
 _ERROR_UNCORRECTED, _VOLATILE_ECC = 1, 0
+_MIG_ENABLED = 1
 
 _MIB = 1024 * 1024
 # nvidiactl owns minor 255 under the NVIDIA major, so a GPU's minor is below it.
@@ -218,6 +219,7 @@ class NvmlBackend:
             remapped = self._maybe(nvml, "nvmlDeviceGetRemappedRows", handle)
             persistence = self._maybe(nvml, "nvmlDeviceGetPersistenceMode", handle)
             accounting = self._maybe(nvml, "nvmlDeviceGetAccountingMode", handle)
+            mig = self._mig_devices(nvml, handle)
         return DeviceState(
             compute_mode=COMPUTE_MODES[mode] if isinstance(mode, int) and 0 <= mode < 4
             else None,
@@ -228,7 +230,30 @@ class NvmlBackend:
             ecc_uncorrected=None if ecc is None else int(ecc),
             retired_pages_pending=None if retired is None else bool(retired),
             remapped_rows_pending=None if remapped is None else bool(remapped[2]),
-            remap_failure=None if remapped is None else bool(remapped[3]))
+            remap_failure=None if remapped is None else bool(remapped[3]),
+            mig_devices=mig)
+
+    def _mig_devices(self, nvml: ModuleType, handle: Any) -> tuple[str, ...] | None:
+        """The UUIDs of the GPU's MIG devices (() when MIG is off, None where
+        the GPU has no MIG)."""
+        modes = self._maybe(nvml, "nvmlDeviceGetMigMode", handle)
+        if modes is None:
+            return None
+        if _number(modes[0], "nvmlDeviceGetMigMode") != _MIG_ENABLED:
+            return ()
+        count = _number(self._call(nvml, "nvmlDeviceGetMaxMigDeviceCount", handle),
+                        "nvmlDeviceGetMaxMigDeviceCount")
+        found = []
+        for index in range(count):
+            try:
+                mig = self._call(nvml, "nvmlDeviceGetMigDeviceHandleByIndex", handle, index)
+            except GpuError as exc:
+                if "Not Found" in str(exc) or "not found" in str(exc):
+                    continue  # no MIG device in that slot
+                raise
+            found.append(_text(self._call(nvml, "nvmlDeviceGetUUID", mig),
+                               "nvmlDeviceGetUUID"))
+        return tuple(found)
 
     def restore(self, gpu: GpuInfo, setting: str, value: object) -> None:
         """Put *setting* of *gpu* back (``app_clocks``: to the defaults).

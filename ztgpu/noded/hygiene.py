@@ -17,6 +17,11 @@ driver (:mod:`ztgpu.gpu.cuda`; ``wipe.mode``, per partition in
   GPU stays out of every grant and the node is drained with a reason naming
   the GPU.
 
+A GPU in MIG mode (its backend lists MIG devices) is wiped MIG device by
+MIG device, each in a child process limited to it
+(:func:`ztgpu.gpu.cuda.wipe_instances`); one whose MIG mode cannot be read
+is not wiped at all (a wipe of one CUDA device could miss the others).
+
 A GPU a process still holds (``held_gpus``) is not wiped: it is out of use
 anyway until the holder is gone, and its next grant waits for a wipe.
 
@@ -121,7 +126,8 @@ class Hygiene(AgentCore):
                 self.state.delete_dirty(gpu.minor)
                 with self.lock:
                     self.dirty_gpus.pop(gpu.minor, None)
-                summary = (f"{mode}: {report.covered_bytes / 2**30:.2f} GiB covered, "
+                parts = f" of {len(report.instances)} MIG devices" if report.instances else ""
+                summary = (f"{mode}{parts}: {report.covered_bytes / 2**30:.2f} GiB covered, "
                            f"{report.unreachable_bytes >> 20} MiB not reachable, no word left "
                            f"unclean, {report.total_s * 1000:.0f} ms; digest "
                            f"{report.digest[:16]}")
@@ -140,25 +146,58 @@ class Hygiene(AgentCore):
         return problems
 
     def _run_wipes(self, gpus: list[GpuInfo], mode: str) -> dict[str, Any]:
-        from ztgpu.gpu.cuda import WipeReport, normalise_bus_id, wipe_gpus
+        """A report per GPU (by UUID): whole GPUs in this process, one thread
+        each; a GPU in MIG mode instance by instance, in child processes; all
+        at once."""
+        from ztgpu.gpu.cuda import WipeReport, normalise_bus_id, wipe_gpus, wipe_instances
 
-        try:
-            driver = self._cuda()
-            ordinals = driver.devices()
-        except GpuError as exc:
-            return {gpu.uuid: WipeReport(gpu=gpu.uuid, mode=mode, error=str(exc))
-                    for gpu in gpus}
-        targets, missing = {}, {}
+        reports: dict[str, Any] = {}
+        whole: list[GpuInfo] = []
+        mig: dict[str, tuple[str, ...]] = {}
         for gpu in gpus:
-            ordinal = ordinals.get(normalise_bus_id(gpu.pci_bus_id))
-            if ordinal is None:
-                missing[gpu.uuid] = WipeReport(
-                    gpu=gpu.uuid, mode=mode,
-                    error=f"the CUDA driver shows no device at PCI {gpu.pci_bus_id}")
+            try:
+                instances = self.backend.device_state(gpu).mig_devices
+            except GpuError as exc:  # MIG or not is unknown: no wipe can be trusted
+                reports[gpu.uuid] = WipeReport(gpu=gpu.uuid, mode=mode,
+                                               error=f"cannot tell whether it is in MIG "
+                                                     f"mode: {exc}")
+                continue
+            if instances:
+                mig[gpu.uuid] = instances
             else:
-                targets[gpu.uuid] = ordinal
-        reports: dict[str, Any] = wipe_gpus(driver, targets, mode) if targets else {}
-        reports.update(missing)
+                whole.append(gpu)
+
+        def by_instance(uuid: str, instances: tuple[str, ...]) -> None:
+            reports[uuid] = wipe_instances(self.config.wipe.libcuda, list(instances), mode,
+                                           uuid)
+
+        threads = [threading.Thread(target=by_instance, args=item, name=f"wipe-{item[0]}")
+                   for item in mig.items()]
+        for thread in threads:
+            thread.start()
+        try:
+            if whole:
+                try:
+                    driver = self._cuda()
+                    ordinals = driver.devices()
+                except GpuError as exc:
+                    reports.update({gpu.uuid: WipeReport(gpu=gpu.uuid, mode=mode, error=str(exc))
+                                    for gpu in whole})
+                else:
+                    targets = {}
+                    for gpu in whole:
+                        ordinal = ordinals.get(normalise_bus_id(gpu.pci_bus_id))
+                        if ordinal is None:
+                            reports[gpu.uuid] = WipeReport(
+                                gpu=gpu.uuid, mode=mode,
+                                error=f"the CUDA driver shows no device at PCI {gpu.pci_bus_id}")
+                        else:
+                            targets[gpu.uuid] = ordinal
+                    if targets:
+                        reports.update(wipe_gpus(driver, targets, mode))
+        finally:
+            for thread in threads:
+                thread.join()
         return reports
 
     def _wipe_reason(self, gpu: GpuInfo, mode: str, report: Any) -> str:

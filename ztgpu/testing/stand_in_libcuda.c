@@ -16,12 +16,18 @@
  *     (entry ztgpu_verify) runs here as C with the same semantics.
  *
  * GPUs: ZTGPU_STANDIN_GPUS (default 2) of ZTGPU_STANDIN_MEM_MIB (default
- * 256) each. Faults (ZTGPU_STANDIN_FAULT, comma-separated, each optionally
+ * 256) each, at the PCI buses the test harness's simulated GPUs declare.
+ * MIG: ZTGPU_STANDIN_MIG="MIG-uuid@gpu,..." puts those GPUs in MIG mode with
+ * the instances listed (each with an equal share of its GPU's memory). As
+ * with the real driver, a process sees one MIG device of a MIG GPU: the
+ * first, or the one CUDA_VISIBLE_DEVICES names (a list of MIG UUIDs and
+ * ordinals; several MIG devices then all sit at their GPU's bus). Faults (ZTGPU_STANDIN_FAULT, comma-separated, each optionally
  * "name@ordinal" to hit one GPU): init (no device), alloc (nothing can be
  * allocated), stuck (one word of the first allocation keeps its old value
  * whatever is written: a wipe that fails verification), launch (kernels
  * fail), slow (memset sleeps 50 ms per call), hang (memset never returns:
- * an agent that dies in the middle of a wipe).
+ * an agent that dies in the middle of a wipe); "name@MIG-uuid" hits the
+ * process that CUDA_VISIBLE_DEVICES limits to that MIG device.
  */
 
 #define _GNU_SOURCE
@@ -85,12 +91,87 @@ static long env_long(const char *name, long fallback) {
     return v && *v ? strtol(v, NULL, 10) : fallback;
 }
 
-static int gpus(void) {
+static int physical_gpus(void) {
     long n = env_long("ZTGPU_STANDIN_GPUS", 2);
     return n < 0 ? 0 : n > MAX_GPUS ? MAX_GPUS : (int)n;
 }
 
-static size_t total_mem(void) { return (size_t)env_long("ZTGPU_STANDIN_MEM_MIB", 256) << 20; }
+static size_t gpu_mem(void) { return (size_t)env_long("ZTGPU_STANDIN_MEM_MIB", 256) << 20; }
+
+/* The devices this process sees (set by cuInit): their GPU and memory. */
+static int visible;
+static int visible_gpu[MAX_GPUS];
+static size_t visible_mem[MAX_GPUS];
+
+/* The MIG instances of `gpu` in ZTGPU_STANDIN_MIG: how many, and the
+ * position of `uuid` among them (-1 if not one of them; uuid may be NULL). */
+static int mig_instances(int gpu, const char *uuid, size_t uuid_len, int *position) {
+    const char *spec = getenv("ZTGPU_STANDIN_MIG");
+    int count = 0;
+    *position = -1;
+    if (spec == NULL) return 0;
+    for (const char *p = spec; *p;) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        const char *at = memchr(p, '@', len);
+        if (at != NULL && atoi(at + 1) == gpu) {
+            if (uuid != NULL && (size_t)(at - p) == uuid_len && strncmp(p, uuid, uuid_len) == 0)
+                *position = count;
+            count++;
+        }
+        if (!end) break;
+        p = end + 1;
+    }
+    return count;
+}
+
+static void see(int gpu, int instances) {
+    if (visible >= MAX_GPUS) return;
+    visible_gpu[visible] = gpu;
+    visible_mem[visible] = instances ? gpu_mem() / (size_t)instances / PAGE * PAGE : gpu_mem();
+    visible++;
+}
+
+/* CUDA_VISIBLE_DEVICES token `tok` (MIG UUID or ordinal) as a device. */
+static void see_token(const char *tok, size_t len) {
+    char buf[32];
+    int position;
+    if (len > 4 && strncmp(tok, "MIG-", 4) == 0) {
+        for (int gpu = 0; gpu < physical_gpus(); gpu++) {
+            int n = mig_instances(gpu, tok, len, &position);
+            if (position >= 0) { see(gpu, n); return; }
+        }
+        return; /* an unknown MIG device: not visible */
+    }
+    if (len == 0 || len >= sizeof buf) return;
+    memcpy(buf, tok, len);
+    buf[len] = 0;
+    int gpu = atoi(buf);
+    if (gpu >= 0 && gpu < physical_gpus())
+        see(gpu, mig_instances(gpu, NULL, 0, &position));
+}
+
+static void enumerate(void) {
+    const char *list = getenv("CUDA_VISIBLE_DEVICES");
+    int position;
+    visible = 0;
+    if (list == NULL) {
+        for (int gpu = 0; gpu < physical_gpus(); gpu++)
+            see(gpu, mig_instances(gpu, NULL, 0, &position));
+        return;
+    }
+    for (const char *p = list; *p;) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        see_token(p, len);
+        if (!end) break;
+        p = end + 1;
+    }
+}
+
+static int gpus(void) { return visible; }
+
+static size_t total_mem_of(int dev) { return visible_mem[dev]; }
 static size_t ctx_mem(void) { return (size_t)env_long("ZTGPU_STANDIN_CTX_MIB", 24) << 20; }
 static size_t overstate(void) { return (size_t)env_long("ZTGPU_STANDIN_OVERSTATE_MIB", 35) << 20; }
 
@@ -104,7 +185,11 @@ static int fault(const char *name, int gpu) {
         size_t len = end ? (size_t)(end - p) : strlen(p);
         if (len >= n && strncmp(p, name, n) == 0) {
             if (len == n) return 1;
-            if (p[n] == '@' && gpu >= 0 && atoi(p + n + 1) == gpu) return 1;
+            if (p[n] == '@' && gpu >= 0 && p[n + 1] != 'M' && atoi(p + n + 1) == gpu) return 1;
+            /* name@MIG-uuid: in the process that wipes that MIG device */
+            const char *only = getenv("CUDA_VISIBLE_DEVICES");
+            if (p[n] == '@' && only != NULL && strlen(only) == len - n - 1 &&
+                strncmp(p + n + 1, only, len - n - 1) == 0) return 1;
         }
         if (!end) break;
         p = end + 1;
@@ -115,6 +200,7 @@ static int fault(const char *name, int gpu) {
 CUresult cuInit(unsigned int flags) {
     if (flags != 0) return INVALID_VALUE;
     if (fault("init", -1)) return NO_DEVICE;
+    enumerate();
     initialised = 1;
     return SUCCESS;
 }
@@ -150,18 +236,16 @@ CUresult cuDeviceGetName(char *name, int len, CUdevice dev) {
 CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
     if (dev < 0 || dev >= gpus()) return INVALID_DEVICE;
     if (bytes == NULL) return INVALID_VALUE;
-    *bytes = total_mem();
+    *bytes = total_mem_of(dev);
     return SUCCESS;
 }
 
 CUresult cuDeviceGetPCIBusId(char *bus, int len, CUdevice dev) {
     if (dev < 0 || dev >= gpus()) return INVALID_DEVICE;
     if (bus == NULL || len <= 0) return INVALID_VALUE;
-    /* The buses the test harness's simulated GPUs declare. */
-    /* ZTGPU_STANDIN_MIG=1: every device on the first GPU's bus, as MIG
-     * instances of one GPU are. */
-    int slot = env_long("ZTGPU_STANDIN_MIG", 0) ? 0 : dev;
-    snprintf(bus, (size_t)len, "0000:%02X:00.0", 0x17 + slot * 0x10);
+    /* The buses the test harness's simulated GPUs declare; MIG devices sit
+     * at their GPU's. */
+    snprintf(bus, (size_t)len, "0000:%02X:00.0", 0x17 + visible_gpu[dev] * 0x10);
     return SUCCESS;
 }
 
@@ -178,7 +262,7 @@ CUresult cuCtxCreate_v2(CUcontext *ctx, unsigned int flags, CUdevice dev) {
     if (ctx == NULL) return INVALID_VALUE;
     if (dev < 0 || dev >= gpus()) return INVALID_DEVICE;
     pthread_mutex_lock(&lock);
-    if (used[dev] + ctx_mem() > total_mem()) {
+    if (used[dev] + ctx_mem() > total_mem_of(dev)) {
         pthread_mutex_unlock(&lock);
         return OUT_OF_MEMORY;
     }
@@ -218,10 +302,10 @@ CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
     if (current == NULL) return INVALID_CONTEXT;
     if (free_bytes == NULL || total == NULL) return INVALID_VALUE;
     pthread_mutex_lock(&lock);
-    size_t left = total_mem() - used[current->gpu];
+    size_t left = total_mem_of(current->gpu) - used[current->gpu];
     pthread_mutex_unlock(&lock);
     *free_bytes = left + overstate();
-    *total = total_mem();
+    *total = total_mem_of(current->gpu);
     return SUCCESS;
 }
 
@@ -235,7 +319,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t size) {
     int slot = -1;
     for (int i = 0; i < MAX_ALLOCS; i++)
         if (allocs[i].ptr == 0) { slot = i; break; }
-    if (slot < 0 || used[gpu] + pages > total_mem()) {
+    if (slot < 0 || used[gpu] + pages > total_mem_of(gpu)) {
         pthread_mutex_unlock(&lock);
         return OUT_OF_MEMORY;
     }
