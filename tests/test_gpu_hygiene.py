@@ -345,3 +345,42 @@ def test_a_gpu_in_mig_mode_is_wiped_device_by_device_and_a_failure_names_the_dev
         assert "cannot tell whether it is in MIG mode" in str(failed["reason"]), failed
     finally:
         state.write_text(json.dumps({}))
+
+
+def test_the_audit_trail_of_a_job_at_the_collector_shows_its_wipes(suite):
+    """What an auditor runs: ``ztgpu audit trail --job J`` against the
+    collector the agent forwards to lists the wipe of each of the job's GPUs."""
+    import yaml
+
+    from ztgpu.testing.collector_process import audit_site
+
+    original = suite.config_path.read_text()
+    with audit_site(str(suite.config["node"]["name"])) as site:
+        config = yaml.safe_load(original)
+        config.update(site.node_config)
+        suite.stop_agent()
+        suite.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        try:
+            restart_with(suite)
+            job, _ = run_job(suite, gpus=2)
+            out = ""
+
+            def listed() -> bool:
+                nonlocal out
+                res = suite.ztgpu("audit", "trail", "--job", job, *site.auditor_args,
+                                  check=False)
+                out = res.stdout
+                return "job.release" in out
+
+            wait_for(listed, 60, f"job {job}'s release at the collector")
+            rows = [line for line in out.splitlines() if "gpu.wipe" in line]
+            assert len(rows) == 2, out
+            assert all("wipe: 0.05 GiB covered, 10 MiB not reachable" in r for r in rows), out
+            lines = out.splitlines()
+            grant = next(i for i, line in enumerate(lines) if "job.grant" in line)
+            release = next(i for i, line in enumerate(lines) if "job.release" in line)
+            assert all(grant < lines.index(r) < release for r in rows), out
+        finally:
+            suite.stop_agent()
+            suite.config_path.write_text(original)
+            suite.start_agent()
