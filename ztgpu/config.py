@@ -149,6 +149,10 @@ class GpuConfig(_Strict):
     #: at each check and written when a setting is restored. Unset: nothing
     #: to check.
     simulated_state: AbsPath | None = None
+    #: For the simulated backend: a JSON file of scripted telemetry by UUID
+    #: (``ztgpu.gpu.telemetry.ScriptedTelemetry``: a sample, or a list given
+    #: one per look). Unset: every simulated GPU is idle.
+    simulated_telemetry: AbsPath | None = None
     baseline: GpuBaselineConfig = GpuBaselineConfig()
 
     @model_validator(mode="after")
@@ -268,6 +272,75 @@ class WipeConfig(_Strict):
     partitions: dict[str, WipeMode] = Field(default_factory=dict)
     #: The CUDA driver library (tests point it at a stand-in of host memory).
     libcuda: str = "libcuda.so.1"
+
+
+Response = Literal["record", "alert", "end_process", "end_job", "drain"]
+_HOURS = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0-5][0-9])")
+
+
+class TelemetryResponses(_Strict):
+    """What the agent does when a telemetry rule fires (``ztgpu.noded.telemetry``),
+    besides the critical audit event it always records: ``record`` (only the
+    event), ``alert`` (also logged as critical and counted in
+    ``ztgpu_alerts_total``), ``end_process`` (SIGKILL the processes that
+    should not be there, never root's), ``end_job`` (cancel the job holding
+    the GPU), ``drain`` (drain the node)."""
+
+    #: A process on a GPU that is not in the cgroup of the job holding it.
+    foreign_process: Response = "end_process"
+    #: Processes or memory in use on a GPU that no job holds.
+    unallocated_use: Response = "end_process"
+    #: A GPU busy while no process of the job holding it is left.
+    busy_without_job: Response = "end_process"
+    #: Use outside ``telemetry.allowed_hours``.
+    off_hours: Response = "record"
+    #: An Xid event of the GPU in the kernel log.
+    xid: Response = "record"
+
+
+class TelemetryConfig(_Strict):
+    """GPU telemetry tied to jobs, and the allocation-aware rules on the node."""
+
+    enabled: bool = True
+    #: Seconds between two looks at every GPU.
+    interval_s: float = Field(default=5.0, ge=0.1, le=5)
+    #: A GPU counts as busy above this utilisation (percent) ...
+    busy_util_pct: float = Field(default=5.0, ge=0, le=100)
+    #: ... or with more memory in use than this (MiB; the driver's own
+    #: reservation on an idle GPU stays below it).
+    busy_memory_mib: int = Field(default=256, ge=0)
+    #: Local times of day GPU use is allowed, e.g. ["07:00-22:00"]; empty:
+    #: any time. Use outside them fires ``off_hours``.
+    allowed_hours: list[str] = Field(default_factory=list)
+    responses: TelemetryResponses = TelemetryResponses()
+    #: Processes of these uids are recorded but never ended (root's: the
+    #: driver's helpers, persistenced, DCGM).
+    spared_uids: list[int] = Field(default_factory=lambda: [0])
+    #: dcgm-exporter's ``--hpc-job-mapping-dir``: the agent keeps a file per
+    #: GPU (named by its NVML index) listing the job holding it. Unset: none.
+    dcgm_job_mapping_dir: AbsPath | None = None
+    #: Where ``/metrics`` is served (Prometheus text format), ``host:port``;
+    #: unset: not served. With ``tls.cert`` set it is HTTPS and asks for a
+    #: client certificate of the site CA.
+    metrics_listen: str | None = "127.0.0.1:9402"
+
+    @field_validator("allowed_hours")
+    @classmethod
+    def _check_hours(cls, value: list[str]) -> list[str]:
+        for window in value:
+            if not _HOURS.fullmatch(window):
+                raise ValueError(f"{window!r}: each window must be HH:MM-HH:MM (24 h)")
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port, e.g. 0.0.0.0:9402")
+        return value
 
 
 class SlurmConfig(_Strict):
@@ -497,6 +570,7 @@ class Config(_Strict):
     cgroups: CgroupsConfig = CgroupsConfig()
     isolation: IsolationConfig = IsolationConfig()
     wipe: WipeConfig = WipeConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     slurm: SlurmConfig = SlurmConfig()
     noded: NodedConfig = NodedConfig()
     tls: TlsConfig = TlsConfig()

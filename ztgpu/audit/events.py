@@ -131,6 +131,16 @@ EVENT_TYPES: tuple[EventType, ...] = (
     _t("node.unsafe", _CRIT, "check reason",
        "A start-up check failed: the agent grants no GPU on this node until it is fixed."),
     _t("hook.error", _WARN, "hook reason", "A Slurm hook or PAM client failed."),
+    _t("gpu.misuse", _CRIT, "gpus rule response outcome reason",
+       "Telemetry showed a GPU used against its allocation (a process outside the job "
+       "holding it, use of a GPU no job holds, a busy GPU whose job has no process left, "
+       "use outside the allowed hours); the evidence and the response taken."),
+    _t("gpu.xid", _CRIT, "gpus xids response outcome reason",
+       "An Xid event of a GPU appeared in the kernel log while the agent watched."),
+    _t("gpu.usage", _INFO, "job_id gpus samples outcome",
+       "What a job did with one GPU, summed over its run (samples, mean and peak "
+       "utilisation, peak memory, energy, busy time): what the collector's baselines "
+       "learn from."),
     _t("gpu.wipe", _INFO, "gpus mode outcome",
        "A GPU's memory was wiped and verified (or verified only) after a job: bytes "
        "covered and not reachable, per-pass times and bandwidths, a digest of the result."),

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from ztgpu.errors import GpuError
 from ztgpu.gpu.device_state import DeviceState
+from ztgpu.gpu.telemetry import GpuSample
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,14 @@ class GpuBackend(Protocol):
 
         Raises:
             GpuError: the parameters could not be read.
+        """
+        ...
+
+    def sample(self, gpu: GpuInfo) -> GpuSample:
+        """What the GPU is doing now (``ztgpu.gpu.telemetry``).
+
+        Raises:
+            GpuError: it could not be read.
         """
         ...
 

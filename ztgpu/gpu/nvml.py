@@ -23,6 +23,7 @@ from typing import Any
 from ztgpu.errors import GpuError
 from ztgpu.gpu.backend import GpuInfo, slurm_order
 from ztgpu.gpu.device_state import COMPUTE_MODES, DeviceState
+from ztgpu.gpu.telemetry import GpuSample
 
 # NVML's enum values (nvml.h): clock types, ECC counter kinds.
 _CLOCK_SM, _CLOCK_MEM = 1, 2
@@ -191,6 +192,32 @@ class NvmlBackend:
                     if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
                         pids.add(pid)
             return pids
+
+    def sample(self, gpu: GpuInfo) -> GpuSample:
+        """Utilisation, memory, power, SM clock and processes of *gpu* now.
+
+        Raises:
+            GpuError: NVML failed or overran its deadline, or the backend is closed.
+        """
+        with self._device(gpu) as (nvml, handle):
+            util = self._maybe(nvml, "nvmlDeviceGetUtilizationRates", handle)
+            memory = self._maybe(nvml, "nvmlDeviceGetMemoryInfo", handle)
+            power_mw = self._maybe(nvml, "nvmlDeviceGetPowerUsage", handle)
+            clock = self._maybe(nvml, "nvmlDeviceGetClockInfo", handle, _CLOCK_SM)
+            pids: set[int] = set()
+            for call in ("nvmlDeviceGetComputeRunningProcesses",
+                         "nvmlDeviceGetGraphicsRunningProcesses"):
+                for proc in self._maybe(nvml, call, handle) or ():
+                    pid = getattr(proc, "pid", None)
+                    if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+                        pids.add(pid)
+        return GpuSample(
+            util_pct=None if util is None else float(util.gpu),
+            memory_used_bytes=None if memory is None else int(memory.used),
+            memory_total_bytes=None if memory is None else int(memory.total),
+            power_w=None if power_mw is None else float(power_mw) / 1000.0,
+            sm_clock_mhz=None if clock is None else int(clock),
+            pids=tuple(sorted(pids)))
 
     def _maybe(self, nvml: ModuleType, call: str, *args: object) -> Any:
         """``_call``, with None where the GPU does not support the query."""

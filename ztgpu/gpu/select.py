@@ -17,7 +17,7 @@ log = logging.getLogger("ztgpu.gpu")
 
 def _simulated(config: GpuConfig) -> SimulatedBackend:
     backend = SimulatedBackend(config.simulated, config.simulated_driver_params,
-                               config.simulated_state)
+                               config.simulated_state, config.simulated_telemetry)
     log.warning("Using %d simulated GPUs from gpu.simulated: no real GPU device is "
                 "protected by this inventory.", len(config.simulated))
     return backend

@@ -17,6 +17,7 @@ from ztgpu.errors import GpuError
 from ztgpu.gpu.backend import GpuInfo, slurm_order
 from ztgpu.gpu.device_state import DeviceState
 from ztgpu.gpu.driver_params import read_params
+from ztgpu.gpu.telemetry import GpuSample, ScriptedTelemetry
 
 
 class SimulatedBackend:
@@ -26,7 +27,7 @@ class SimulatedBackend:
     simulated = True
 
     def __init__(self, gpus: Sequence[SimulatedGpu], driver_params: Path | None = None,
-                 state: Path | None = None) -> None:
+                 state: Path | None = None, telemetry: Path | None = None) -> None:
         """Take the declared GPUs as they are (the config schema has validated them).
 
         *driver_params* is a file standing in for ``/proc/driver/nvidia/params``
@@ -43,6 +44,7 @@ class SimulatedBackend:
         self._closed = False
         self._params = driver_params
         self._state = state
+        self._telemetry = ScriptedTelemetry(telemetry)
 
     def inventory(self) -> tuple[GpuInfo, ...]:
         """The declared GPUs, sorted by minor number.
@@ -66,6 +68,14 @@ class SimulatedBackend:
         """Nothing runs on a simulated GPU as far as a driver knows; the agent's
         /proc scan finds processes that hold its device file."""
         return set()
+
+    def sample(self, gpu: GpuInfo) -> GpuSample:
+        """The scripted sample of *gpu* (an idle GPU when none is scripted).
+
+        Raises:
+            GpuError: the scripted telemetry cannot be read or is malformed.
+        """
+        return self._telemetry.sample(gpu.uuid)
 
     def _read_states(self) -> dict[str, Any]:
         if self._state is None:

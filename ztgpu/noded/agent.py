@@ -30,6 +30,7 @@ from ztgpu.noded.lifecycle import Lifecycle
 from ztgpu.noded.probing import Probing
 from ztgpu.noded.reconcile import Reconcile
 from ztgpu.noded.ssh import SshAccess
+from ztgpu.noded.telemetry import Telemetry
 
 __all__ = ["Agent", "EventSink", "LiveJob"]
 
@@ -40,12 +41,13 @@ FAST_SWEEP_S = 0.02
 FAST_SWEEP_WINDOW_S = 15.0
 
 
-class Agent(Lifecycle, SshAccess, Hygiene, Confinement, Probing, Reconcile):
+class Agent(Lifecycle, SshAccess, Hygiene, Telemetry, Confinement, Probing, Reconcile):
     """State and enforcement for one node, with its background loop. Thread-safe.
 
     The parts: ``lifecycle`` (grants and releases), ``confinement``,
     ``probing``, ``reconcile`` (start and drift), ``ssh`` (PAM logins and
-    sessions), over ``core``'s state.
+    sessions), ``hygiene`` (wipes, device state), ``telemetry`` (sampling and
+    its rules), over ``core``'s state.
     """
 
     # ---- background loop ----------------------------------------------
@@ -54,6 +56,7 @@ class Agent(Lifecycle, SshAccess, Hygiene, Confinement, Probing, Reconcile):
         thread = threading.Thread(target=self._loop, name="ztgpu-sweep", daemon=True)
         thread.start()
         self._threads.append(thread)
+        self.run_telemetry()
 
     def _loop(self) -> None:
         iso = self.config.isolation

@@ -439,6 +439,10 @@ class AgentCore:
         """GPU settings back to baseline, health checked (``ztgpu.noded.hygiene``)."""
         raise NotImplementedError
 
+    def record_usage(self, job: JobRecord) -> None:
+        """The job's per-GPU usage summary, at its release (``ztgpu.noded.telemetry``)."""
+        raise NotImplementedError
+
     def ecc_counts(self, gpus: Collection[GpuInfo]) -> tuple[tuple[int, int], ...]:
         """The GPUs' ECC counts at a grant (``ztgpu.noded.hygiene``)."""
         raise NotImplementedError

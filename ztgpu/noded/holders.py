@@ -81,6 +81,12 @@ def start_time(pid: int, proc_root: Path = Path("/proc")) -> int | None:
     return int(fields[19]) if len(fields) > 19 else None
 
 
+def command_of(pid: int, proc_root: Path = Path("/proc")) -> str:
+    """The process's command line (at most 200 characters), ``[comm]`` for a
+    kernel thread, ``?`` once it has exited."""
+    return _command(proc_root / str(pid))
+
+
 def _command(pid_dir: Path) -> str:
     with contextlib.suppress(OSError):
         raw = (pid_dir / "cmdline").read_bytes()
@@ -295,3 +301,19 @@ def take_back(major: int, minors: Collection[int], *, nodes: Collection[tuple[in
     survivors = {(h.pid, h.start) for h in result.survivors}
     result.ended = [h for h in result.ended if (h.pid, h.start) not in survivors]
     return result
+
+
+def end_process(pid: int, start: int, timeout_s: float,
+                proc_root: Path = Path("/proc")) -> str:
+    """SIGKILL the process *pid* started at *start* (never another that
+    reused the pid) and wait up to *timeout_s*: ``ended``, ``gone`` (it had
+    exited) or ``survived``."""
+    holder = Holder(pid=pid, uid=-1, start=start, command="", minors=frozenset(), how=())
+    pidfd = _kill(holder, proc_root)
+    if pidfd is None:
+        return "gone"
+    pidfds = {pidfd: holder}
+    _wait(pidfds, time.monotonic() + timeout_s)
+    for fd in pidfds:
+        os.close(fd)
+    return "survived" if pidfds else "ended"

@@ -251,6 +251,8 @@ class Lifecycle(AgentCore):
         held = [self.by_minor[m] for m in record.minors if m in self.by_minor]
         with self.lock:
             self.releasing.add(record.job_id)
+        self.record_usage(record)
+        with self.lock:
             for gpu in held:  # rest now: the job's record no longer counts
                 with contextlib.suppress(DeviceError):  # retried, and reported, below
                     apply_state(self.device_path(gpu), self.major, gpu.minor,
