@@ -15,14 +15,16 @@ PIP := $(PY) -m pip
 # under /var/cache/ztgpu-tests/vm); bpftool to look at device programs by hand;
 # openssh-server, libpam-python, libpam-slurm-adopt and pamtester for the PAM
 # tests' private sshd (no system sshd is started or changed); gcc and
-# libpam0g-dev to build the compiled PAM module.
+# libpam0g-dev to build the compiled PAM module; prometheus (with promtool)
+# as the real Prometheus server the metrics tests start privately (they
+# never use or change the package's own service, which Debian enables).
 # Every program the harnesses start is listed, with its package, in
 # ztgpu/testing/prerequisites.py; tests/test_prerequisites.py fails when a
 # package it names is missing here.
 DEB_PACKAGES := slurm-wlm munge libslurm-dev python3 python3-venv python3-dev passwd util-linux \
 	postgresql rsyslog rsyslog-gnutls rsyslog-openssl openssl systemd \
 	debootstrap e2fsprogs mount qemu-utils qemu-system-x86 openssh-client bpftool \
-	openssh-server libpam-python libpam-slurm-adopt pamtester gcc libpam0g-dev
+	openssh-server libpam-python libpam-slurm-adopt pamtester gcc libpam0g-dev prometheus
 STAMP_DEB := $(VENV)/.deb-installed
 STAMP_PIP := $(VENV)/.pip-installed
 TYPECHECK_TREE := build/typecheck

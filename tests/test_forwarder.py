@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -52,10 +53,17 @@ class Pki:
     server_key: Path
     client_cert: Path
     client_key: Path
+    posing_cert: Path
+    posing_key: Path
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+def _name(cn: str, role: str | None = None) -> x509.Name:
+    """A subject; with *role*, as the site PKI names its holders (OU=role)."""
+    parts = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if role is not None:
+        parts = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ztgpu"),
+                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role), *parts]
+    return x509.Name(parts)
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -86,12 +94,12 @@ def make_pki(directory: Path) -> Pki:
         .sign(ca_key, hashes.SHA256())
     )
 
-    def leaf(cn: str, usage: x509.ObjectIdentifier,
-             sans: list[x509.GeneralName]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    def leaf(cn: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName],
+             role: str | None = None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()
-            .subject_name(_name(cn))
+            .subject_name(_name(cn, role))
             .issuer_name(ca.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -110,10 +118,18 @@ def make_pki(directory: Path) -> Pki:
 
     server, server_key = leaf("collector", ExtendedKeyUsageOID.SERVER_AUTH,
                               [x509.DNSName("localhost"),
-                               x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+                               x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+                              role="service")
     client, client_key = leaf(NODE, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    # A node's certificate for its /metrics, with the collector host's names.
+    posing, posing_key = leaf("gpu07", ExtendedKeyUsageOID.SERVER_AUTH,
+                              [x509.DNSName("localhost"),
+                               x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], role="node")
     pki = Pki(directory / "ca.crt", directory / "server.crt", directory / "server.key",
-              directory / "client.crt", directory / "client.key")
+              directory / "client.crt", directory / "client.key", directory / "posing.crt",
+              directory / "posing.key")
+    pki.posing_cert.write_bytes(posing.public_bytes(serialization.Encoding.PEM))
+    _write_key(pki.posing_key, posing_key)
     pki.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     pki.server_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
     pki.client_cert.write_bytes(client.public_bytes(serialization.Encoding.PEM))
@@ -694,3 +710,19 @@ def test_pruning_keeps_the_local_spool_bounded_after_acks(
     assert spool.verify().ok
     nxt = fill(spool, 1, start=300)[0]
     assert nxt["seq"] == 301 and nxt["prev"] == events[-1]["hash"]
+
+
+def test_a_server_with_a_certificate_of_another_role_gets_no_events(
+    pki: Pki, spool: Spool, forwarders: Callable[..., Forwarder]
+) -> None:
+    """A node's certificate chains to the site CA and may carry the host's
+    name (a node serves its /metrics), but only a service is a collector."""
+    fill(spool, 3)
+    posing = dataclasses.replace(pki, server_cert=pki.posing_cert, server_key=pki.posing_key)
+    collector = FakeCollector()
+    with serving(collector, posing) as server:
+        fwd = forwarders(spool, server.server_port)
+        fwd.start()
+        assert not fwd.flush(2)
+        assert collector.stored() == [] and spool.acked_seq() == 0
+        assert "presented a node certificate, not a service's" in str(fwd.status()["last_error"])

@@ -50,6 +50,7 @@ from ztgpu.audit.events import checkpoint_message, format_timestamp
 from ztgpu.audit.spool import Spool
 from ztgpu.config import Config
 from ztgpu.errors import ConfigError, SpoolError
+from ztgpu.net.https_client import ServiceConnection
 
 log = logging.getLogger("ztgpu.forwarder")
 
@@ -419,8 +420,8 @@ class Forwarder:
             self._conn.close()
             self._conn = None
         if self._conn is None:
-            self._conn = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self._timeout_s, context=context)
+            self._conn = ServiceConnection(self._host, self._port, timeout=self._timeout_s,
+                                           context=context)
             self._conn_context = context
         return self._conn
 

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 # ztgpu.trust.pki.ROLES; a test keeps them equal
-_ROLES = ("node", "service", "controller", "auditor")
+_ROLES = ("node", "service", "controller", "auditor", "monitor")
 
 
 def _positive(text: str) -> float:

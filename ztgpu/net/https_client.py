@@ -18,6 +18,32 @@ STALE = (http.client.RemoteDisconnected, ConnectionResetError, ConnectionAborted
          BrokenPipeError)
 
 
+class ServiceConnection(http.client.HTTPSConnection):
+    """An HTTPS connection that accepts only a ``service`` certificate.
+
+    The CA and the host name are checked by the SSL context; the role is
+    checked here, right after the handshake: other certificates of the site
+    CA may serve too (a node serves its /metrics), and none of them may pass
+    for authd or the collector.
+    """
+
+    def connect(self) -> None:
+        super().connect()
+        from ztgpu.trust.pki import PkiError, identity_from_der
+
+        assert isinstance(self.sock, ssl.SSLSocket)
+        der = self.sock.getpeercert(binary_form=True)
+        try:
+            role = identity_from_der(der).role if der else "none"
+        except PkiError as exc:
+            self.close()
+            raise ssl.SSLCertVerificationError(f"server certificate: {exc}") from None
+        if role != "service":
+            self.close()
+            raise ssl.SSLCertVerificationError(
+                f"{self.host} presented a {role} certificate, not a service's")
+
+
 class KeptAliveHttps:
     """Requests over one HTTPS connection, reopened when needed. Not thread-safe."""
 
@@ -39,9 +65,8 @@ class KeptAliveHttps:
         """
         while True:
             if self._conn is None:
-                self._conn = http.client.HTTPSConnection(self.host, self.port,
-                                                         context=self.context,
-                                                         timeout=self.timeout_s)
+                self._conn = ServiceConnection(self.host, self.port, context=self.context,
+                                               timeout=self.timeout_s)
                 self._used = False
             reused = self._used
             response: http.client.HTTPResponse | None = None

@@ -10,6 +10,7 @@ import pwd
 import signal
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from ztgpu.config import Config, load_config
@@ -121,8 +122,12 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     guard = SpoolGuard(spool, config.audit.spool_max_events, config.audit.spool_full_action)
     forwarder = start_forwarder(config, spool, role="node", name=config.node_name,
                                 on_progress=guard.check)
-    agent = Agent(config, backend, spool if forwarder is None else _WakingSink(spool, forwarder),
-                  state, slurm, major=major.major)
+    from ztgpu.noded.metrics import CountingSink, NodeMetrics
+
+    metrics = NodeMetrics()
+    sink = CountingSink(spool if forwarder is None else _WakingSink(spool, forwarder), metrics)
+    agent = Agent(config, backend, sink, state, slurm, major=major.major)
+    metrics.attach(agent, None if forwarder is None else spool.backlog)
     watcher = _start_grant_checks(config, agent)
     if forwarder is not None:
         # Without a collector nothing is ever acknowledged, so the bound
@@ -154,6 +159,19 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
         return agent.confine_task(peer.pid, peer.uid)
 
     def handle(op: str, req: dict[str, Any], peer: Peer) -> Any:
+        began, outcome = time.monotonic(), "error"
+        try:
+            result = dispatch(op, req, peer)
+            outcome = "ok"
+            return result
+        except (Denied, InputRejected):
+            outcome = "refused"
+            raise
+        finally:
+            known = op if op in KNOWN_OPS else "unknown"
+            metrics.requests.labels(known, outcome).observe(time.monotonic() - began)
+
+    def dispatch(op: str, req: dict[str, Any], peer: Peer) -> Any:
         if op == "ping":
             return {"pong": True}
         if op == "prolog":
@@ -214,6 +232,7 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     agent.run_background()
+    metrics_server = _serve_metrics(config, metrics)
     log.info("ztgpu-noded serving on %s (node %s, %d GPUs, backend %s)", config.paths.socket,
              config.node_name, len(agent.inventory), backend.name)
     if ready is not None:
@@ -226,6 +245,8 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
         for path in (config.paths.socket, config.paths.task_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        if metrics_server is not None:
+            metrics_server.stop()
         agent.stop(stop_reason[0])
         if watcher is not None:
             watcher.stop()
@@ -237,6 +258,40 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
         backend.close()
         log.info("ztgpu-noded stopped (%s)", stop_reason[0])
     return 0
+
+
+#: The socket's operations (a label of ``ztgpu_request_duration_seconds``;
+#: anything else counts as ``unknown``, so a client cannot grow the series).
+KNOWN_OPS = frozenset({"ping", "prolog", "epilog", "refused", "status", "verify", "drift",
+                       "ssh_account", "ssh_open", "ssh_close", "ssh_auth", "ssh_mfa",
+                       "recover"})
+
+
+def _serve_metrics(config: Config, metrics: Any) -> Any:
+    """Serve /metrics at ``telemetry.metrics_listen`` (HTTPS with a client
+    certificate when ``tls.cert`` is set); a port that cannot be had is
+    logged, never fatal: grants do not depend on it."""
+    listen = config.telemetry.metrics_listen
+    if listen is None:
+        return None
+    from ztgpu.net.metrics_http import MetricsServer, parse_listen
+
+    log = logging.getLogger("ztgpu.noded")
+    context = None
+    tls = config.tls
+    if tls.cert is not None and tls.key is not None:
+        from ztgpu.trust.pki import ReloadingContext, server_context
+
+        cert, key, ca = tls.cert, tls.key, tls.ca_cert
+        context = ReloadingContext(lambda: server_context(ca, cert, key), [cert, key, ca]).get
+    try:
+        server = MetricsServer(parse_listen(listen), metrics.render, context).start()
+    except OSError as exc:
+        log.error("cannot serve metrics on %s: %s", listen, exc)
+        return None
+    log.info("metrics on %s://%s:%d/metrics", "https" if context else "http",
+             parse_listen(listen)[0], server.port)
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:

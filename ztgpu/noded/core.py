@@ -439,6 +439,10 @@ class AgentCore:
         """GPU settings back to baseline, health checked (``ztgpu.noded.hygiene``)."""
         raise NotImplementedError
 
+    def write_job_mapping(self) -> None:
+        """dcgm-exporter's job files from the grants (``ztgpu.noded.telemetry``)."""
+        raise NotImplementedError
+
     def record_usage(self, job: JobRecord) -> None:
         """The job's per-GPU usage summary, at its release (``ztgpu.noded.telemetry``)."""
         raise NotImplementedError

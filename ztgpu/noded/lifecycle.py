@@ -122,6 +122,7 @@ class Lifecycle(AgentCore):
                 raise Fault(str(exc)) from exc
             self.spool.append("job.grant", job_id=job_id, uid=uid, user=user,
                               gpus=gpu_fields(gpus), outcome="granted", reason="", **grant)
+        self.write_job_mapping()
         return {"job_id": job_id, "gpus": gpu_fields(gpus)}
 
     def _check_grant(self, job: Any, job_id: str, uid: int, user: str,
@@ -273,6 +274,7 @@ class Lifecycle(AgentCore):
                               else "released",
                               reason="; ".join([r for r in (why, *problems, *stuck, *dirty,
                                                             *unhealthy) if r])[:500])
+        self.write_job_mapping()
         return problems + stuck + dirty + unhealthy
 
     def _undo_grant(self, live: LiveJob) -> list[str]:

@@ -65,6 +65,7 @@ class Reconcile(AgentCore):
         if recovered:
             self.spool.append("agent.recovered", jobs=sorted(recovered, key=int),
                               outcome="ok", reason="job grants reloaded from agent state")
+        self.write_job_mapping()
         if recovered:
             threading.Thread(target=self.release_ended, args=(sorted(recovered, key=int),),
                              name="release-ended", daemon=True).start()

@@ -37,6 +37,8 @@ baselines learn from, never the raw samples.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -353,6 +355,39 @@ class Telemetry(AgentCore):
         for directory in found.freezer:
             pids |= job_cgroups.cgroup_pids(directory)
         return pids
+
+    # ---- dcgm-exporter's job mapping -----------------------------------
+    def write_job_mapping(self) -> None:
+        """Rewrite ``telemetry.dcgm_job_mapping_dir`` from the grants: a file
+        per GPU a job holds, named by the GPU's NVML index, holding the job
+        id (dcgm-exporter's ``--hpc-job-mapping-dir`` reads them and adds an
+        ``hpc_job`` label); no file for a free GPU. Never fails a grant."""
+        directory = self.config.telemetry.dcgm_job_mapping_dir
+        if directory is None:
+            return
+        with self.lock:
+            held = {minor: live.record.job_id for live in self.jobs.values()
+                    for minor in live.record.minors}
+        try:
+            directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+            st = directory.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+                raise OSError(f"{directory} must be a directory owned by root and writable "
+                              f"by root alone")
+            for gpu in self.inventory:
+                path = directory / str(gpu.index)
+                job = held.get(gpu.minor)
+                if job is None:
+                    path.unlink(missing_ok=True)
+                    continue
+                tmp = directory / f".{gpu.index}.tmp"
+                tmp.unlink(missing_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                with os.fdopen(fd, "w") as out:
+                    out.write(f"{job}\n")
+                os.replace(tmp, path)  # replaces a link planted there, never follows it
+        except OSError as exc:
+            log.warning("cannot update the dcgm-exporter job mapping in %s: %s", directory, exc)
 
     # ---- summaries -----------------------------------------------------
     def record_usage(self, job: JobRecord) -> None:

@@ -209,6 +209,7 @@ def standalone_agent(base: Path, gpus: int = 4, openable: bool = False,
         "isolation": {"sweep_interval_s": 0.2, "drift_interval_s": 0.5},
         # No libcuda here: the tests that wipe point it at the stand-in.
         "wipe": {"mode": "off"},
+        "telemetry": {"metrics_listen": None},
         "slurm": {"user": "root", "bin_dir": "/nonexistent-slurm-bin",
                   "gres_conf": str(base / "gres.conf")},
     }

@@ -91,6 +91,9 @@ PREREQUISITES: dict[str, Prerequisite] = {p.name: p for p in [
                "tests' sanitizer builds", "gcc"),
     Prerequisite("pam_modules.h", "libpam0g-dev", "building the compiled PAM module",
                  pattern="/usr/include/security/pam_modules.h"),
+    *_programs("prometheus", "the private Prometheus server that scrapes the suite's "
+               "/metrics (ztgpu.testing.prometheus) and checks the shipped alerting rules",
+               "prometheus", "promtool"),
 ]}
 
 

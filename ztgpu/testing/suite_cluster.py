@@ -42,6 +42,8 @@ def agent_config(cluster: SlurmTestCluster, base: Path, **overrides: Any) -> dic
         "noded": {"log_level": "info"},
         # No libcuda here: the tests that wipe point it at the stand-in.
         "wipe": {"mode": "off"},
+        # One port per test that scrapes; not the default one for all.
+        "telemetry": {"metrics_listen": None},
     }
     for section, values in overrides.items():
         config.setdefault(section, {}).update(values)

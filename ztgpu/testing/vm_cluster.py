@@ -73,6 +73,7 @@ def agent_config() -> dict[str, Any]:
         "slurm": {"gres_conf": "/etc/slurm/gres.conf", "bin_dir": "/usr/bin"},
         "isolation": {"sweep_interval_s": 0.2},
         "wipe": {"mode": "off"},  # no libcuda in the VM
+        "telemetry": {"metrics_listen": None},
     }
 
 

@@ -39,7 +39,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ztgpu.errors import Fault
 from ztgpu.trust.private_files import create_exclusive, owner_ids
 
-ROLES: tuple[str, ...] = ("node", "service", "controller", "auditor")
+#: ``monitor``: a Prometheus server scraping the suite's ``/metrics``.
+ROLES: tuple[str, ...] = ("node", "service", "controller", "auditor", "monitor")
 
 CA_CERT_NAME = "ca.crt"
 CA_KEY_NAME = "ca.key"
@@ -52,8 +53,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 _EKU: dict[str, tuple[x509.ObjectIdentifier, ...]] = {
-    "node": (ExtendedKeyUsageOID.CLIENT_AUTH,),
+    # A node serves its /metrics too (clients of authd and the collector
+    # accept only a service certificate: ztgpu.net.https_client).
+    "node": (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH),
     "auditor": (ExtendedKeyUsageOID.CLIENT_AUTH,),
+    "monitor": (ExtendedKeyUsageOID.CLIENT_AUTH,),
     # Slurm's controller (the job gate): the only client of authd's gate.
     "controller": (ExtendedKeyUsageOID.CLIENT_AUTH,),
     "service": (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),

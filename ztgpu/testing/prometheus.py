@@ -1,0 +1,116 @@
+"""A private Prometheus server for the tests: its own config, data and port.
+
+Started from the Debian package's binary with a scrape config the test
+writes (``--web.listen-address`` on loopback, data in a temporary
+directory), queried over its HTTP API, stopped and removed afterwards. The
+system's Prometheus service, if any, is never touched.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import subprocess
+import tempfile
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ztgpu.testing.collector_process import free_port
+from ztgpu.testing.prerequisites import require
+from ztgpu.testing.slurm_cluster import ClusterError, wait_for
+
+
+class PrometheusServer:
+    """One Prometheus scraping *targets* every *interval_s*."""
+
+    def __init__(self, jobs: list[dict[str, Any]], interval_s: float = 1.0) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="ztgpu-prometheus-"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {"global": {"scrape_interval": f"{interval_s}s",
+                             "evaluation_interval": f"{interval_s}s"},
+                  "scrape_configs": jobs}
+        (self.base / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self.log = self.base / "prometheus.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PrometheusServer:
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [str(require("prometheus")), f"--config.file={self.base / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={self.base / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+                stdout=out, stderr=subprocess.STDOUT)
+        wait_for(self._ready, 60, f"Prometheus on port {self.port}\n{self.log_text()}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"prometheus exited with {self.proc.returncode}: "
+                               f"{self.log_text()}")
+        try:
+            return self._get("/-/ready")[0] == 200
+        except OSError:
+            return False
+
+    def _get(self, path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", path)
+            res = conn.getresponse()
+            return res.status, res.read()
+        finally:
+            conn.close()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+    def api(self, path: str, **query: str) -> Any:
+        _, raw = self._get(f"/api/v1/{path}?{urllib.parse.urlencode(query)}")
+        body = json.loads(raw)
+        if body.get("status") != "success":
+            raise RuntimeError(f"Prometheus {path}: {body}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        return list(self.api("query", query=expr)["result"])
+
+    def targets(self) -> list[dict[str, Any]]:
+        return list(self.api("targets")["activeTargets"])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> PrometheusServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def wait_for_series(server: PrometheusServer, expr: str, timeout: float = 60
+                    ) -> list[dict[str, Any]]:
+    """The result of *expr* once it is not empty."""
+    found: list[dict[str, Any]] = []
+
+    def seen() -> bool:
+        found[:] = server.query(expr)
+        return bool(found)
+
+    try:
+        wait_for(seen, timeout, f"Prometheus to have {expr}")
+    except ClusterError as exc:
+        raise AssertionError(f"{exc}; targets: {server.targets()}") from None
+    return found
