@@ -25,6 +25,8 @@ from conftest import needs_slurm
 
 from ztgpu.gpu.device_state import boot_clock_us
 from ztgpu.noded.telemetry import in_hours
+from ztgpu.testing.collector_process import free_port
+from ztgpu.testing.prometheus import PrometheusServer, wait_for_series
 from ztgpu.testing.slurm_cluster import ClusterSpec, wait_for
 from ztgpu.testing.suite_cluster import SuiteCluster, suite_cluster
 
@@ -38,7 +40,9 @@ GIB = 1 << 30
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuiteCluster]:
     where = tmp_path_factory.mktemp("telemetry")
     (where / "kmsg").write_text("")
-    with suite_cluster(ClusterSpec(), telemetry={"interval_s": INTERVAL_S},
+    telemetry = {"interval_s": INTERVAL_S, "metrics_listen": f"127.0.0.1:{free_port()}",
+                 "dcgm_job_mapping_dir": str(where / "dcgm-jobs")}
+    with suite_cluster(ClusterSpec(), telemetry=telemetry,
                        gpu={"simulated_telemetry": str(where / "telemetry.json"),
                             "baseline": {"kmsg": str(where / "kmsg")}}) as running:
         yield running
@@ -303,3 +307,89 @@ def test_allowed_hours_and_metrics_address_are_checked_in_the_config(tmp_path) -
     with pytest.raises(ConfigError, match="xid"):
         load_config(str(path))
     assert os.path.exists(path)
+
+
+def scrape(suite: SuiteCluster) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The agent's /metrics, parsed: samples by name."""
+    import http.client
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    host, port = suite.config["telemetry"]["metrics_listen"].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        res = conn.getresponse()
+        assert res.status == 200
+        text = res.read().decode()
+    finally:
+        conn.close()
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return found
+
+
+def value(metrics: dict[str, list[tuple[dict[str, str], float]]], name: str,
+          **labels: str) -> float | None:
+    for have, number in metrics.get(name, []):
+        if all(have.get(k) == v for k, v in labels.items()):
+            return number
+    return None
+
+
+def test_metrics_show_each_gpu_with_the_job_and_user_holding_it(suite):
+    job, minor = running_job(suite)
+    uuid = uuid_of(suite, minor)
+    script(suite, {uuid: {"util_pct": 75, "memory_used_bytes": 6 * GIB, "power_w": 420.5,
+                          "sm_clock_mhz": 1980, "memory_total_bytes": 141 * GIB}})
+    wait_for(lambda: value(scrape(suite), "ztgpu_gpu_utilization_ratio", uuid=uuid) == 0.75,
+             30, "the sample in /metrics")
+    metrics = scrape(suite)
+    labels = {"uuid": uuid, "hpc_job": job, "user": "ztalice", "minor": str(minor)}
+    assert value(metrics, "ztgpu_gpu_utilization_ratio", **labels) == 0.75
+    assert value(metrics, "ztgpu_gpu_memory_used_bytes", **labels) == 6 * GIB
+    assert value(metrics, "ztgpu_gpu_power_watts", **labels) == 420.5
+    assert value(metrics, "ztgpu_gpu_sm_clock_hertz", **labels) == 1980e6
+    assert value(metrics, "ztgpu_gpu_allocated", **labels) == 1
+    # The other GPUs are free: no job or user on their series.
+    free = [have for have, _ in metrics["ztgpu_gpu_allocated"] if have["uuid"] != uuid]
+    assert len(free) == 3 and all(h["hpc_job"] == "" and h["user"] == "" for h in free)
+    assert (value(metrics, "ztgpu_events_total", code="job.grant", severity="info") or 0) >= 1
+    assert (value(metrics, "ztgpu_request_duration_seconds_count", op="prolog",
+                  outcome="ok") or 0) >= 1
+    assert (value(metrics, "ztgpu_telemetry_rounds_total") or 0) >= 1
+    assert value(metrics, "ztgpu_jobs") == 1 and value(metrics, "ztgpu_node_unsafe") == 0
+    # dcgm-exporter's job mapping: a file named by the GPU's NVML index.
+    index = next(g["index"] for g in suite.config["gpu"]["simulated"] if g["uuid"] == uuid)
+    mapping = Path(suite.config["telemetry"]["dcgm_job_mapping_dir"])
+    assert sorted(p.name for p in mapping.iterdir()) == [str(index)]
+    assert (mapping / str(index)).read_text() == f"{job}\n"
+    suite.cluster.slurm(["scancel", job])
+    suite.wait_event("job.release", job, timeout=60)
+    assert list(mapping.iterdir()) == []
+    assert value(scrape(suite), "ztgpu_gpu_allocated", uuid=uuid, hpc_job="") == 0
+
+
+def test_a_real_prometheus_scrapes_the_agent_and_sees_a_misuse(suite):
+    listen = suite.config["telemetry"]["metrics_listen"]
+    with PrometheusServer([{"job_name": "ztgpu-noded",
+                            "static_configs": [{"targets": [listen]}]}]) as prometheus:
+        job, minor = running_job(suite)
+        uuid = uuid_of(suite, minor)
+        intruder = outside_process("ztbob")
+        try:
+            script(suite, {uuid: {"util_pct": 55, "pids": [intruder.pid]}})
+            found = wait_for_series(
+                prometheus, f'ztgpu_gpu_utilization_ratio{{hpc_job="{job}",user="ztalice"}}')
+            assert float(found[0]["value"][1]) == 0.55
+            assert found[0]["metric"]["job"] == "ztgpu-noded"  # the scrape job's own label
+            misuse_count = wait_for_series(
+                prometheus, 'ztgpu_events_total{code="gpu.misuse"} > 0')
+            assert misuse_count[0]["metric"]["severity"] == "critical"
+            up = prometheus.query('up{job="ztgpu-noded"}')
+            assert [float(u["value"][1]) for u in up] == [1.0]
+        finally:
+            intruder.kill()
+            intruder.wait()

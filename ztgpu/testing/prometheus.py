@@ -31,8 +31,8 @@ class PrometheusServer:
         self.base = Path(tempfile.mkdtemp(prefix="ztgpu-prometheus-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = {"global": {"scrape_interval": f"{interval_s}s",
-                             "evaluation_interval": f"{interval_s}s"},
+        every = f"{round(interval_s * 1000)}ms"  # Prometheus durations take no fractions
+        config = {"global": {"scrape_interval": every, "evaluation_interval": every},
                   "scrape_configs": jobs}
         (self.base / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         self.log = self.base / "prometheus.log"
