@@ -712,3 +712,25 @@ def test_logins_for_one_user_are_limited_and_recorded(site: Site) -> None:
     assert all(code != "rate_limited" for _, code in codes[:10]), codes
     limited = [e for e in _authd_events(site, "auth.login") if e["outcome"] == "rate_limited"]
     assert limited and limited[-1]["user"] == "nobody"
+
+
+def test_metrics_time_each_decision_count_its_events_and_need_a_monitor(site: Site) -> None:
+    from ztgpu.testing.prometheus import fetch_metrics, sample_value, samples
+
+    enroll_nobody(site)
+    gate = site.cert_client("controller", "slurmctld")
+    assert gate.request("POST", "/v1/gate", job())["allow"] is False  # no MFA session yet
+    status, text = fetch_metrics(site.authd.url, site.pki.context("monitor", "prometheus"))
+    assert status == 200, text
+    found = samples(text)
+    assert (sample_value(found, "ztgpu_http_request_duration_seconds_count", route="/v1/gate",
+                         method="POST", status="200") or 0) >= 1
+    assert (sample_value(found, "ztgpu_events_total", code="auth.enrolled") or 0) >= 1
+    # The gate's decision is an event too, and it is counted.
+    assert (sample_value(found, "ztgpu_events_total", code="auth.decision") or 0) >= 1, \
+        sorted({labels["code"] for labels, _ in found["ztgpu_events_total"]})
+    for role, name in (("node", "gpu01"), ("controller", "slurmctld")):
+        status, text = fetch_metrics(site.authd.url, site.pki.context(role, name))
+        assert status == 403 and "monitor or auditor" in text, (role, text)
+    status, text = fetch_metrics(site.authd.url, site.pki.context(None, None))
+    assert status == 403

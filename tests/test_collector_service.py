@@ -391,3 +391,22 @@ def test_a_refusal_is_recorded_before_it_is_answered(tmp_path: Path) -> None:
         assert len(broken) == 3, broken
     finally:
         collector.stop()
+
+
+def test_metrics_count_what_each_node_stored_and_need_a_monitor(
+    site: tuple[SitePki, CollectorProcess]
+) -> None:
+    from ztgpu.testing.prometheus import fetch_metrics, sample_value, samples
+
+    pki, collector = site
+    node = connect(site, "node", "gpu21")
+    status, _ = node.post("/v1/events", {"node": "gpu21", "events": make_events("gpu21", 1, 7)})
+    assert status == 200
+    status, text = fetch_metrics(collector.url, pki.context("monitor", "prometheus"))
+    assert status == 200, text
+    found = samples(text)
+    assert sample_value(found, "ztgpu_collector_ingested_events_total", node="gpu21") == 7
+    assert (sample_value(found, "ztgpu_http_request_duration_seconds_count",
+                         route="/v1/events", method="POST", status="200") or 0) >= 1
+    status, text = fetch_metrics(collector.url, pki.context("node", "gpu21"))
+    assert status == 403 and "may not use GET /metrics" in text

@@ -26,7 +26,13 @@ from conftest import needs_slurm
 from ztgpu.gpu.device_state import boot_clock_us
 from ztgpu.noded.telemetry import in_hours
 from ztgpu.testing.collector_process import free_port
-from ztgpu.testing.prometheus import PrometheusServer, wait_for_series
+from ztgpu.testing.prometheus import (
+    PrometheusServer,
+    fetch_metrics,
+    sample_value,
+    samples,
+    wait_for_series,
+)
 from ztgpu.testing.slurm_cluster import ClusterSpec, wait_for
 from ztgpu.testing.suite_cluster import SuiteCluster, suite_cluster
 
@@ -311,32 +317,9 @@ def test_allowed_hours_and_metrics_address_are_checked_in_the_config(tmp_path) -
 
 def scrape(suite: SuiteCluster) -> dict[str, list[tuple[dict[str, str], float]]]:
     """The agent's /metrics, parsed: samples by name."""
-    import http.client
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    host, port = suite.config["telemetry"]["metrics_listen"].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        res = conn.getresponse()
-        assert res.status == 200
-        text = res.read().decode()
-    finally:
-        conn.close()
-    found: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
-    return found
-
-
-def value(metrics: dict[str, list[tuple[dict[str, str], float]]], name: str,
-          **labels: str) -> float | None:
-    for have, number in metrics.get(name, []):
-        if all(have.get(k) == v for k, v in labels.items()):
-            return number
-    return None
+    status, text = fetch_metrics(f"http://{suite.config['telemetry']['metrics_listen']}")
+    assert status == 200, text
+    return samples(text)
 
 
 def test_metrics_show_each_gpu_with_the_job_and_user_holding_it(suite):
@@ -344,23 +327,25 @@ def test_metrics_show_each_gpu_with_the_job_and_user_holding_it(suite):
     uuid = uuid_of(suite, minor)
     script(suite, {uuid: {"util_pct": 75, "memory_used_bytes": 6 * GIB, "power_w": 420.5,
                           "sm_clock_mhz": 1980, "memory_total_bytes": 141 * GIB}})
-    wait_for(lambda: value(scrape(suite), "ztgpu_gpu_utilization_ratio", uuid=uuid) == 0.75,
+    wait_for(lambda: sample_value(scrape(suite), "ztgpu_gpu_utilization_ratio", uuid=uuid) == 0.75,
              30, "the sample in /metrics")
     metrics = scrape(suite)
     labels = {"uuid": uuid, "hpc_job": job, "user": "ztalice", "minor": str(minor)}
-    assert value(metrics, "ztgpu_gpu_utilization_ratio", **labels) == 0.75
-    assert value(metrics, "ztgpu_gpu_memory_used_bytes", **labels) == 6 * GIB
-    assert value(metrics, "ztgpu_gpu_power_watts", **labels) == 420.5
-    assert value(metrics, "ztgpu_gpu_sm_clock_hertz", **labels) == 1980e6
-    assert value(metrics, "ztgpu_gpu_allocated", **labels) == 1
+    assert sample_value(metrics, "ztgpu_gpu_utilization_ratio", **labels) == 0.75
+    assert sample_value(metrics, "ztgpu_gpu_memory_used_bytes", **labels) == 6 * GIB
+    assert sample_value(metrics, "ztgpu_gpu_power_watts", **labels) == 420.5
+    assert sample_value(metrics, "ztgpu_gpu_sm_clock_hertz", **labels) == 1980e6
+    assert sample_value(metrics, "ztgpu_gpu_allocated", **labels) == 1
     # The other GPUs are free: no job or user on their series.
     free = [have for have, _ in metrics["ztgpu_gpu_allocated"] if have["uuid"] != uuid]
     assert len(free) == 3 and all(h["hpc_job"] == "" and h["user"] == "" for h in free)
-    assert (value(metrics, "ztgpu_events_total", code="job.grant", severity="info") or 0) >= 1
-    assert (value(metrics, "ztgpu_request_duration_seconds_count", op="prolog",
-                  outcome="ok") or 0) >= 1
-    assert (value(metrics, "ztgpu_telemetry_rounds_total") or 0) >= 1
-    assert value(metrics, "ztgpu_jobs") == 1 and value(metrics, "ztgpu_node_unsafe") == 0
+    grants = sample_value(metrics, "ztgpu_events_total", code="job.grant", severity="info")
+    assert (grants or 0) >= 1
+    assert (sample_value(metrics, "ztgpu_request_duration_seconds_count", op="prolog",
+                         outcome="ok") or 0) >= 1
+    assert (sample_value(metrics, "ztgpu_telemetry_rounds_total") or 0) >= 1
+    assert sample_value(metrics, "ztgpu_jobs") == 1
+    assert sample_value(metrics, "ztgpu_node_unsafe") == 0
     # dcgm-exporter's job mapping: a file named by the GPU's NVML index.
     index = next(g["index"] for g in suite.config["gpu"]["simulated"] if g["uuid"] == uuid)
     mapping = Path(suite.config["telemetry"]["dcgm_job_mapping_dir"])
@@ -369,7 +354,7 @@ def test_metrics_show_each_gpu_with_the_job_and_user_holding_it(suite):
     suite.cluster.slurm(["scancel", job])
     suite.wait_event("job.release", job, timeout=60)
     assert list(mapping.iterdir()) == []
-    assert value(scrape(suite), "ztgpu_gpu_allocated", uuid=uuid, hpc_job="") == 0
+    assert sample_value(scrape(suite), "ztgpu_gpu_allocated", uuid=uuid, hpc_job="") == 0
 
 
 def test_a_real_prometheus_scrapes_the_agent_and_sees_a_misuse(suite):

@@ -14,12 +14,15 @@ from ztgpu.errors import ConfigError
 log = logging.getLogger("ztgpu.authd")
 
 
-def open_authority(config: Config, *, with_holder: bool = True) -> tuple[Any, Any, Any]:
-    """(authority, store, spool) for ``config``; the caller closes store and spool."""
+def open_authority(config: Config, *, with_holder: bool = True,
+                   metrics: Any = None) -> tuple[Any, Any, Any]:
+    """(authority, store, spool) for ``config``; the caller closes store and spool.
+    With *metrics* (``ztgpu.metrics.Metrics``) every event is counted."""
     from ztgpu.audit.spool import Spool
     from ztgpu.authd.authority import Authority
     from ztgpu.authd.holder import SlurmJobHolder
     from ztgpu.authd.store import AuthStore
+    from ztgpu.metrics import CountingSink
     from ztgpu.slurm.client import CliSlurmClient
     from ztgpu.sqldb import open_database
     from ztgpu.trust.kek import KeyRingFile
@@ -33,7 +36,8 @@ def open_authority(config: Config, *, with_holder: bool = True) -> tuple[Any, An
     holder = (SlurmJobHolder(CliSlurmClient(config.slurm.bin_dir, config.slurm.conf,
                                             config.slurm.command_timeout_s))
               if with_holder else None)
-    authority = Authority(store=store, keyring=keyring, config=ac, events=spool, holder=holder)
+    events: Any = spool if metrics is None else CountingSink(spool, metrics)
+    authority = Authority(store=store, keyring=keyring, config=ac, events=events, holder=holder)
     authority.policy()  # refuse to start with a bad policy file
     return authority, store, spool
 
@@ -71,9 +75,13 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
                           "(ztgpu pki issue --role service --name <host>)")
     context = ReloadingContext(lambda: server_context(ca_cert, cert, key, client_cert=False),
                                [cert, key, ca_cert])
-    authority, store, spool = open_authority(config)
+    from ztgpu.metrics import HttpMetrics
+
+    metrics = HttpMetrics()
+    authority, store, spool = open_authority(config, metrics=metrics)
     service = AuthService(authority, server_context=context.get,
-                          max_body_bytes=ac.max_body_bytes, gate_uids=gate_uids(ac))
+                          max_body_bytes=ac.max_body_bytes, gate_uids=gate_uids(ac),
+                          metrics=metrics)
     from ztgpu.audit.forwarder import start_forwarder
 
     # authd's decisions go to the collector like a node's events, under its

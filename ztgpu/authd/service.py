@@ -36,6 +36,7 @@ from aiohttp import web
 
 from ztgpu.authd.authority import AuthDenied, Authority, JobRequest
 from ztgpu.errors import InputRejected, ZtgpuError
+from ztgpu.metrics import HttpMetrics
 from ztgpu.net.ratelimit import RateWindow, RejectLimiter
 from ztgpu.net.tls_server import peer_address, peer_certificate, serve_tls
 from ztgpu.net.unix_server import peer_uid, serve_unix
@@ -106,8 +107,10 @@ class AuthService:
 
     def __init__(self, authority: Authority, *, server_context: Callable[[], ssl.SSLContext],
                  max_body_bytes: int, handshake_timeout_s: float = 10.0,
-                 gate_uids: frozenset[int] = frozenset()) -> None:
+                 gate_uids: frozenset[int] = frozenset(),
+                 metrics: HttpMetrics | None = None) -> None:
         self.authority = authority
+        self.metrics = metrics
         #: Who may ask the gate over the unix socket (kernel-proven uids).
         self.gate_uids = gate_uids
         self.max_body_bytes = max_body_bytes
@@ -121,8 +124,11 @@ class AuthService:
         self._login_by_address: RateWindow[str] = RateWindow(
             authority.config.login_per_address_per_min)
         self._limiter: RejectLimiter[str] = RejectLimiter(self._record_refusal)
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
+        timing = [metrics.middleware()] if metrics is not None else []
+        self.app = web.Application(client_max_size=max_body_bytes,
+                                   middlewares=[*timing, self._errors])
         self.app.add_routes([
+            web.get("/metrics", self.get_metrics),
             web.post("/v1/login", self.login),
             web.post("/v1/status", self.status),
             web.post("/v1/bind", self.bind),
@@ -136,6 +142,19 @@ class AuthService:
             web.post("/v1/admin/keys/rotate", self.rotate_keys),
             web.post("/v1/admin/jit", self.jit_grant),
         ])
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        """Prometheus metrics, for a ``monitor`` or ``auditor`` certificate."""
+        from ztgpu.metrics import METRIC_ROLES
+
+        identity = self._identity(request, None)
+        if identity is None or identity[0] not in METRIC_ROLES:
+            raise HttpRefusal(403, f"/metrics needs a {' or '.join(METRIC_ROLES)} certificate",
+                              "forbidden")
+        if self.metrics is None:
+            raise HttpRefusal(404, "metrics are off", "not_found")
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

@@ -19,6 +19,7 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
     from ztgpu.collector.sinks import start_sinks
     from ztgpu.collector.store import Store, open_store
     from ztgpu.config import load_config, read_secret_file
+    from ztgpu.metrics import HttpMetrics
     from ztgpu.net.tls_server import port_file_writer, run_until_stopped
     from ztgpu.trust.pki import ReloadingContext, load_cert, server_context
 
@@ -46,7 +47,7 @@ def serve(config_file: str | None, port_file: Path | None = None) -> int:
         writer=writer, reader=reader, ca_cert_der=ca_der, server_context=context.get,
         max_body_bytes=cc.max_body_bytes, max_batch_events=cc.max_batch_events,
         max_page_events=cc.max_page_events, store_args=store_args,
-        ingest_processes=cc.ingest_processes)
+        ingest_processes=cc.ingest_processes, metrics=HttpMetrics())
     writer.record("collector.start", version=__version__, store=cc.store)
 
     ready = port_file_writer(port_file)

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from ztgpu.audit.events import (
     checkpoint_message,
@@ -40,6 +41,7 @@ from ztgpu.audit.events import (
 )
 from ztgpu.collector.ingest import IngestPool, Rejected
 from ztgpu.collector.store import EventFilter, Store
+from ztgpu.metrics import HttpMetrics
 from ztgpu.net.ratelimit import RejectLimiter
 from ztgpu.net.tls_server import peer_address, peer_certificate, serve_tls
 
@@ -158,7 +160,8 @@ class CollectorService:
                  server_context: Callable[[], ssl.SSLContext], max_body_bytes: int,
                  max_batch_events: int, max_page_events: int,
                  store_args: dict[str, Any], ingest_processes: int = 0,
-                 handshake_timeout_s: float = 10.0) -> None:
+                 handshake_timeout_s: float = 10.0,
+                 metrics: HttpMetrics | None = None) -> None:
         from cryptography import x509
 
         self.writer = writer
@@ -177,9 +180,17 @@ class CollectorService:
         self._bad_seq: dict[str, int] = {}
         self._pending_records: set[asyncio.Future[Any]] = set()
         self.on_stored: Callable[[], None] | None = None
+        self.metrics = metrics
+        self.ingested: Counter | None = None
+        if metrics is not None:
+            self.ingested = Counter("ztgpu_collector_ingested_events",
+                                    "Events stored from each node or service.", ["node"],
+                                    registry=metrics.registry)
+        timing = [metrics.middleware()] if metrics is not None else []
         self.app = web.Application(client_max_size=max_body_bytes,
-                                   middlewares=[self._errors])
+                                   middlewares=[*timing, self._errors])
         self.app.add_routes([
+            web.get("/metrics", self.get_metrics),
             web.post("/v1/events", self.post_events),
             web.post("/v1/checkpoints", self.post_checkpoint),
             web.get("/v1/nodes", self.get_nodes),
@@ -187,6 +198,16 @@ class CollectorService:
             web.get("/v1/chain", self.get_chain),
             web.get("/v1/checkpoints", self.get_checkpoints),
         ])
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        """Prometheus metrics, for a ``monitor`` or ``auditor`` certificate."""
+        from ztgpu.metrics import METRIC_ROLES
+
+        self.peer(request, METRIC_ROLES)
+        if self.metrics is None:
+            raise Rejected(404, "metrics are off")
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     # -- plumbing ---------------------------------------------------------
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
@@ -306,6 +327,8 @@ class CollectorService:
         for expected, received in result.gaps:
             log.error("gap in node %s: expected seq %d, received %d", peer.name, expected,
                       received)
+        if result.accepted and self.ingested is not None:
+            self.ingested.labels(peer.name).inc(result.accepted)
         if result.accepted and self.on_stored is not None:
             self.on_stored()
         return web.json_response({"acked_seq": result.acked_seq, "accepted": result.accepted,

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-log = logging.getLogger("ztgpu.metrics")
+from ztgpu.metrics import METRIC_ROLES
 
-METRIC_ROLES = ("monitor", "auditor")
+log = logging.getLogger("ztgpu.metrics")
 
 
 class MetricsServer(ThreadingHTTPServer):

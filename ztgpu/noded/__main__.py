@@ -122,7 +122,8 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
     guard = SpoolGuard(spool, config.audit.spool_max_events, config.audit.spool_full_action)
     forwarder = start_forwarder(config, spool, role="node", name=config.node_name,
                                 on_progress=guard.check)
-    from ztgpu.noded.metrics import CountingSink, NodeMetrics
+    from ztgpu.metrics import CountingSink
+    from ztgpu.noded.metrics import NodeMetrics
 
     metrics = NodeMetrics()
     sink = CountingSink(spool if forwarder is None else _WakingSink(spool, forwarder), metrics)

@@ -18,66 +18,40 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ztgpu.errors import SpoolError
+from ztgpu.metrics import LATENCY_BUCKETS, Metrics
 
 _GPU_LABELS = ["gpu", "uuid", "minor", "hpc_job", "user"]
-#: Hook round trips: Prolog/Epilog/PAM budgets are milliseconds to seconds.
-REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 WIPE_BUCKETS = (0.05, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 
 
-class NodeMetrics:
+class NodeMetrics(Metrics):
     """The registry /metrics renders, and what the agent's code feeds it."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.events = Counter("ztgpu_events", "Audit events the agent recorded.",
-                              ["code", "severity"], registry=self.registry)
+        super().__init__()
         self.requests = Histogram("ztgpu_request_duration_seconds",
                                   "Time to answer a request on the agent's socket (hooks, PAM).",
-                                  ["op", "outcome"], buckets=REQUEST_BUCKETS,
+                                  ["op", "outcome"], buckets=LATENCY_BUCKETS,
                                   registry=self.registry)
         self.wipes = Histogram("ztgpu_gpu_wipe_duration_seconds",
                                "Time one GPU's memory wipe (or verify) took.", ["mode", "outcome"],
                                buckets=WIPE_BUCKETS, registry=self.registry)
+        self.observe_events(self._wipe)
 
     def attach(self, agent: Any, backlog: Callable[[], dict[str, Any]] | None) -> None:
         """Report *agent*'s state (and the forwarding *backlog*) at each scrape."""
         self.registry.register(_AgentState(agent, backlog))
 
-    def count(self, event: dict[str, Any]) -> None:
-        code = str(event.get("code", ""))
-        self.events.labels(code, str(event.get("severity", ""))).inc()
-        if code in ("gpu.wipe", "gpu.wipe_failed") and isinstance(event.get("total_s"),
-                                                                  int | float):
+    def _wipe(self, event: dict[str, Any]) -> None:
+        if event.get("code") in ("gpu.wipe", "gpu.wipe_failed") and isinstance(
+                event.get("total_s"), int | float):
             self.wipes.labels(str(event.get("mode", "")), str(event.get("outcome", ""))
                               ).observe(float(event["total_s"]))
-
-    def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-class CountingSink:
-    """The agent's event sink, counting each event it passes on."""
-
-    def __init__(self, inner: Any, metrics: NodeMetrics) -> None:
-        self.inner = inner
-        self.metrics = metrics
-
-    def append(self, code: str, **fields: Any) -> dict[str, Any]:
-        event: dict[str, Any] = self.inner.append(code, **fields)
-        self.metrics.count(event)
-        return event
 
 
 class _AgentState(Collector):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import ssl
 import subprocess
 import tempfile
 import urllib.parse
@@ -114,3 +115,40 @@ def wait_for_series(server: PrometheusServer, expr: str, timeout: float = 60
     except ClusterError as exc:
         raise AssertionError(f"{exc}; targets: {server.targets()}") from None
     return found
+
+
+def fetch_metrics(url: str, context: ssl.SSLContext | None = None, path: str = "/metrics"
+                  ) -> tuple[int, str]:
+    """GET *path* of a service at *url* (``https://host:port`` with *context*,
+    or ``http://host:port``): (status, body)."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "localhost", parts.port or 443
+    conn: http.client.HTTPConnection = (
+        http.client.HTTPSConnection(host, port, context=context, timeout=10)
+        if parts.scheme == "https" else http.client.HTTPConnection(host, port, timeout=10))
+    try:
+        conn.request("GET", path)
+        res = conn.getresponse()
+        return res.status, res.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """A /metrics body parsed with prometheus-client's parser: samples by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return found
+
+
+def sample_value(found: dict[str, list[tuple[dict[str, str], float]]], name: str,
+                 **labels: str) -> float | None:
+    """The first sample of *name* whose labels include *labels*."""
+    for have, number in found.get(name, []):
+        if all(have.get(k) == v for k, v in labels.items()):
+            return number
+    return None
