@@ -320,9 +320,15 @@ class TelemetryConfig(_Strict):
     #: GPU (named by its NVML index) listing the job holding it. Unset: none.
     dcgm_job_mapping_dir: AbsPath | None = None
     #: Where ``/metrics`` is served (Prometheus text format), ``host:port``;
-    #: unset: not served. With ``tls.cert`` set it is HTTPS and asks for a
-    #: client certificate of the site CA.
+    #: unset: not served. Plain HTTP unless ``metrics_cert`` is set: bind it
+    #: to loopback then (the metrics name jobs and users).
     metrics_listen: str | None = "127.0.0.1:9402"
+    #: HTTPS for /metrics: a ``service`` certificate for this host's name
+    #: (``ztgpu pki issue --role service --name <host>``; the node's own
+    #: certificate is for clients only) and its key; a client must present a
+    #: ``monitor`` or ``auditor`` certificate of the site CA (``tls.ca_cert``).
+    metrics_cert: AbsPath | None = None
+    metrics_key: AbsPath | None = None
 
     @field_validator("allowed_hours")
     @classmethod
@@ -331,6 +337,12 @@ class TelemetryConfig(_Strict):
             if not _HOURS.fullmatch(window):
                 raise ValueError(f"{window!r}: each window must be HH:MM-HH:MM (24 h)")
         return value
+
+    @model_validator(mode="after")
+    def _check_metrics_tls(self) -> TelemetryConfig:
+        if (self.metrics_cert is None) != (self.metrics_key is None):
+            raise ValueError("metrics_cert and metrics_key go together")
+        return self
 
     @field_validator("metrics_listen")
     @classmethod

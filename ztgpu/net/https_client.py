@@ -21,10 +21,10 @@ STALE = (http.client.RemoteDisconnected, ConnectionResetError, ConnectionAborted
 class ServiceConnection(http.client.HTTPSConnection):
     """An HTTPS connection that accepts only a ``service`` certificate.
 
-    The CA and the host name are checked by the SSL context; the role is
-    checked here, right after the handshake: other certificates of the site
-    CA may serve too (a node serves its /metrics), and none of them may pass
-    for authd or the collector.
+    The CA, the purpose (serverAuth) and the host name are checked by the
+    SSL context; the role is checked here too, right after the handshake,
+    so that no other certificate of the site CA ever passes for authd or
+    the collector, whatever its extended key usage.
     """
 
     def connect(self) -> None:

@@ -42,15 +42,19 @@ class MetricsServer(ThreadingHTTPServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(self.timeout_s)
-        if self.context is not None:
-            try:
-                request = self.context().wrap_socket(request, server_side=True)
-            except (OSError, ssl.SSLError) as exc:
-                log.info("metrics: TLS handshake from %s refused: %s", client_address[0], exc)
-                with contextlib.suppress(OSError):
-                    request.close()
-                return
-        super().finish_request(request, client_address)
+        if self.context is None:
+            super().finish_request(request, client_address)
+            return
+        try:
+            tls = self.context().wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.info("metrics: TLS handshake from %s refused: %s", client_address[0], exc)
+            return  # socketserver closes the connection
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            with contextlib.suppress(OSError):
+                tls.close()
 
     def start(self) -> MetricsServer:
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.5},

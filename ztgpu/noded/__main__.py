@@ -269,9 +269,9 @@ KNOWN_OPS = frozenset({"ping", "prolog", "epilog", "refused", "status", "verify"
 
 
 def _serve_metrics(config: Config, metrics: Any) -> Any:
-    """Serve /metrics at ``telemetry.metrics_listen`` (HTTPS with a client
-    certificate when ``tls.cert`` is set); a port that cannot be had is
-    logged, never fatal: grants do not depend on it."""
+    """Serve /metrics at ``telemetry.metrics_listen`` (HTTPS, asking for a
+    client certificate, with ``telemetry.metrics_cert``); a port that cannot
+    be had is logged, never fatal: grants do not depend on it."""
     listen = config.telemetry.metrics_listen
     if listen is None:
         return None
@@ -279,11 +279,11 @@ def _serve_metrics(config: Config, metrics: Any) -> Any:
 
     log = logging.getLogger("ztgpu.noded")
     context = None
-    tls = config.tls
-    if tls.cert is not None and tls.key is not None:
+    telemetry = config.telemetry
+    if telemetry.metrics_cert is not None and telemetry.metrics_key is not None:
         from ztgpu.trust.pki import ReloadingContext, server_context
 
-        cert, key, ca = tls.cert, tls.key, tls.ca_cert
+        cert, key, ca = telemetry.metrics_cert, telemetry.metrics_key, config.tls.ca_cert
         context = ReloadingContext(lambda: server_context(ca, cert, key), [cert, key, ca]).get
     try:
         server = MetricsServer(parse_listen(listen), metrics.render, context).start()

@@ -68,7 +68,7 @@ PREREQUISITES: dict[str, Prerequisite] = {p.name: p for p in [
                  "(ztgpu.testing.postgres)", pattern="/usr/lib/postgresql/*/bin/postgres"),
     Prerequisite("python3", "python3", "the demo's and the tests' job scripts "
                  "(run by Slurm with the system PATH)", pattern="/usr/bin/python3"),
-    *_programs("util-linux", "running commands as test users", "runuser"),
+    *_programs("util-linux", "running commands as test users", "runuser", "setpriv"),
     *_programs("passwd", "the test users of the private cluster",
                "useradd", "userdel", "usermod", "groupadd", "groupdel"),
     *_programs("systemd", "checking the shipped unit files", "systemd-analyze"),

@@ -53,9 +53,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 _EKU: dict[str, tuple[x509.ObjectIdentifier, ...]] = {
-    # A node serves its /metrics too (clients of authd and the collector
-    # accept only a service certificate: ztgpu.net.https_client).
-    "node": (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH),
+    "node": (ExtendedKeyUsageOID.CLIENT_AUTH,),
     "auditor": (ExtendedKeyUsageOID.CLIENT_AUTH,),
     "monitor": (ExtendedKeyUsageOID.CLIENT_AUTH,),
     # Slurm's controller (the job gate): the only client of authd's gate.
