@@ -96,6 +96,7 @@ bench: install
 	$(PY) bench/v2_node.py
 	$(PY) bench/pam_latency.py
 	$(PY) bench/gpu_wipe.py
+	$(PY) bench/anomaly.py
 
 # Mutation testing of the security-critical pure logic (slurm/env, trust/grants,
 # audit/events, policy, trust/totp), configured in pyproject.toml [tool.mutmut];
