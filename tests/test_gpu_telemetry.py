@@ -24,7 +24,7 @@ import yaml
 from conftest import needs_slurm
 
 from ztgpu.gpu.device_state import boot_clock_us
-from ztgpu.noded.telemetry import in_hours
+from ztgpu.hours import in_hours
 from ztgpu.testing.collector_process import free_port
 from ztgpu.testing.prometheus import (
     PrometheusServer,
@@ -378,3 +378,33 @@ def test_a_real_prometheus_scrapes_the_agent_and_sees_a_misuse(suite):
         finally:
             intruder.kill()
             intruder.wait()
+
+
+def test_ztgpu_drill_shows_each_breach_detected_answered_and_recorded(suite):
+    job, _ = running_job(suite)
+    res = suite.ztgpu("drill", check=False, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert "drill miner: a miner-like load" in out and "held by no job" in out
+    assert "drill foreign: another user's process on GPU" in out and f"of job {job}" in out
+    assert out.count("response: end_process -> ended") == 2, out
+    assert out.count("the process was ended") == 2
+    assert "rule=unallocated_use" in out and "rule=foreign_process" in out
+    assert "drill off_hours: skipped: telemetry.allowed_hours (any time) allows now" in out
+    assert "drills: 3 of 3 as expected" in out
+    # What the drills did is in the audit spool like any misuse.
+    rules = {e["rule"] for e in suite.events("gpu.misuse")}
+    assert {"unallocated_use", "foreign_process"} <= rules
+    # The scripted telemetry is as it was before the drills.
+    assert json.loads(Path(suite.config["gpu"]["simulated_telemetry"]).read_text()) == {}
+
+
+def test_ztgpu_drill_refuses_where_telemetry_is_not_scripted(suite, tmp_path):
+    config = yaml.safe_load(suite.config_path.read_text())
+    config["gpu"]["simulated_telemetry"] = None
+    other = tmp_path / "ztgpu.yaml"
+    other.write_text(yaml.safe_dump(config, sort_keys=False))
+    res = suite.ztgpu("--config", str(other), "drill", check=False)
+    assert res.returncode == 2 and "run only where the agent's GPUs are simulated" in res.stderr
+    res = suite.ztgpu("drill", "--user", "root", check=False)
+    assert res.returncode == 2 and "spared_uids" in res.stderr

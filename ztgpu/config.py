@@ -459,6 +459,29 @@ class SyslogConfig(_Strict):
 
 
 
+class AnomalyConfig(_Strict):
+    """Learned per-user baselines over the nodes' ``gpu.usage`` summaries
+    (``ztgpu.collector.anomaly``): robust z-scores (median and MAD)."""
+
+    enabled: bool = True
+    #: A figure is anomalous above this robust z-score (and its floor).
+    threshold: float = Field(default=6.0, ge=2, le=100)
+    #: Past summaries a baseline needs before it judges anything.
+    min_history: int = Field(default=10, ge=3, le=10_000)
+    #: The scale is never below this share of the median.
+    min_relative_scale: float = Field(default=0.1, ge=0, le=10)
+    #: Local times counted as peak; busy time outside them is off-peak.
+    peak_hours: list[str] = Field(default_factory=lambda: ["08:00-20:00"])
+
+    @field_validator("peak_hours")
+    @classmethod
+    def _check_hours(cls, value: list[str]) -> list[str]:
+        for window in value:
+            if not _HOURS.fullmatch(window):
+                raise ValueError(f"{window!r}: each window must be HH:MM-HH:MM (24 h)")
+        return value
+
+
 class CollectorConfig(_Strict):
     #: Name of this collector in its own audit events.
     name: ServiceName = "collector"
@@ -479,8 +502,7 @@ class CollectorConfig(_Strict):
     #: Also append every stored event to this file as JSON Lines.
     jsonl_path: AbsPath | None = None
     syslog: SyslogConfig = SyslogConfig()
-
-
+    anomaly: AnomalyConfig = AnomalyConfig()
 
     @model_validator(mode="after")
     def _check_store(self) -> CollectorConfig:

@@ -141,6 +141,9 @@ EVENT_TYPES: tuple[EventType, ...] = (
        "What a job did with one GPU, summed over its run (samples, mean and peak "
        "utilisation, peak memory, energy, busy time): what the collector's baselines "
        "learn from."),
+    _t("anomaly.usage", _WARN, "source_node job_id user figure value baseline score reason",
+       "The collector's learned baseline found a job's GPU use far from what is usual for "
+       "its user (or partition): the figure, the baseline and the robust z-score."),
     _t("gpu.wipe", _INFO, "gpus mode outcome",
        "A GPU's memory was wiped and verified (or verified only) after a job: bytes "
        "covered and not reachable, per-pass times and bandwidths, a digest of the result."),

@@ -127,7 +127,11 @@ def _run_cluster(spec: ClusterSpec, check: Callable[[bool, str], None], failures
                  keep: bool, site: AuditSite) -> int:
     collector, auditor = site.collector, site.auditor_args
     wipe = _stand_in_wipe(Path(site.collector.base).parent / "stand-in")
-    with suite_cluster(spec, wipe=wipe, **site.node_config) as suite:
+    # The simulated GPUs' telemetry, scripted by the breach drills (section 6).
+    telemetry = Path(site.collector.base).parent / "telemetry.json"
+    telemetry.write_text("{}")
+    with suite_cluster(spec, wipe=wipe, gpu={"simulated_telemetry": str(telemetry)},
+                       telemetry={"interval_s": 1.0}, **site.node_config) as suite:
         c = suite.cluster
         gpu_probe.install_probe(c.work_dir)
 
@@ -204,7 +208,16 @@ def _run_cluster(spec: ClusterSpec, check: Callable[[bool, str], None], failures
              f"{drift['outcome']}")
         check(drift["outcome"] == "restored", "the change was recorded and undone")
 
-        _section(6, "Jobs end: each GPU's memory is wiped, then it goes back to root")
+        _section(6, "Breach drills: what the agent sees on the GPUs, and what it does")
+        _say("  `ztgpu drill` starts a real process as `nobody` and scripts the simulated")
+        _say("  GPUs' telemetry so the agent sees it on a GPU (sampling every second here,")
+        _say("  every 5 s as shipped):")
+        res = suite.ztgpu("drill", check=False)
+        for line in res.stdout.splitlines():
+            _say(f"    {line[:WIDTH + 40]}")
+        check(res.returncode == 0, "each drilled breach was detected, answered and recorded")
+
+        _section(7, "Jobs end: each GPU's memory is wiped, then it goes back to root")
         for job in (alice, bob):
             (c.work_dir / f"end-{job}").touch()
             state = c.wait_job(job, ["COMPLETED", "FAILED", "CANCELLED"], timeout=60)
@@ -222,14 +235,14 @@ def _run_cluster(spec: ClusterSpec, check: Callable[[bool, str], None], failures
               "no GPU belongs to anyone once the jobs are gone")
         check(c.node_state() == "idle", "the node stayed in service (never drained)")
 
-        _section(7, "What the node recorded (hash-chained local audit spool)")
+        _section(8, "What the node recorded (hash-chained local audit spool)")
         for line in _ztgpu(suite, "audit", "tail", "--local", "-n", "40").splitlines():
             _say(f"  {line[:WIDTH + 60]}")
         verify = _ztgpu(suite, "audit", "verify", "--local").strip()
         _say(f"  ztgpu audit verify --local: {verify}")
         check(verify.startswith("OK"), "the audit chain verifies")
 
-        _section(8, "The auditor's view: the central collector (mutual TLS 1.3)")
+        _section(9, "The auditor's view: the central collector (mutual TLS 1.3)")
         _say(f"  ztgpu-collectord at {collector.url}; the node forwards its spool to it, and")
         _say("  only an auditor certificate may read it back.")
         wait_for(lambda: _backlog(suite) == 0, 60, "the node's spool to reach the collector")
@@ -262,7 +275,7 @@ def _run_mfa(check: Callable[[bool, str], None]) -> None:
 
     from ztgpu.testing.mfa_cluster import held_reason, mfa_cluster
 
-    _section(9, "MFA-backed job identity: a second cluster with ztgpu-authd")
+    _section(10, "MFA-backed job identity: a second cluster with ztgpu-authd")
     _say("  authd on the controller decides; the job gate (PrologSlurmctld) asks it before")
     _say("  a GPU job starts, and the node agent asks it for a signed grant per job.")
     with mfa_cluster(ClusterSpec(constrain_devices=True)) as site:
@@ -277,7 +290,7 @@ def _run_mfa(check: Callable[[bool, str], None]) -> None:
         _say(f"    {uri}")
         _say("  (the demo computes ztalice's codes from this secret, as her phone would)")
 
-        _section(10, "A GPU job without MFA waits in the queue; the node stays up")
+        _section(11, "A GPU job without MFA waits in the queue; the node stays up")
         job = c.sbatch("ztalice", "#!/bin/sh\nsleep 1\n", gpus=1)
         _say(f"  sbatch --gres=gpu:1 as ztalice -> job {job}")
         wait_for(lambda: held_reason(c, job)[0] == "JobHeldAdmin", 60, "the MFA hold")
@@ -289,7 +302,7 @@ def _run_mfa(check: Callable[[bool, str], None]) -> None:
         check("ztgpu login" in comment and c.node_state() == "idle",
               "the job is held with a reason its user can read; the node is not drained")
 
-        _section(11, "ztgpu login releases it")
+        _section(12, "ztgpu login releases it")
         res = site.login("ztalice")
         _say(f"  $ ztgpu login (as ztalice, code from the demo secret): {res.stdout.strip()}")
         state = c.wait_job(job, ["COMPLETED", "FAILED", "CANCELLED"], timeout=90)
@@ -298,7 +311,7 @@ def _run_mfa(check: Callable[[bool, str], None]) -> None:
              f"gave GPUs {[g['index'] for g in grant['gpus']]}")
         check(state["JobState"] == "COMPLETED", "after login the job ran, without an admin")
 
-        _section(12, "Revocation: a running job loses its GPU and ends")
+        _section(13, "Revocation: a running job loses its GPU and ends")
         gpu_probe.install_probe(c.work_dir)
         running = c.sbatch("ztalice", gpu_probe.job_script(c.work_dir, c.dev_dir, True), gpus=1)
         c.wait_job(running, ["RUNNING"], timeout=60)

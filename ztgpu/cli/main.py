@@ -429,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     nrecover.add_argument("--json", action="store_true")
     nrecover.set_defaults(func=_cmd_node_recover)
 
+    from ztgpu.cli import drill
+
+    drill.add_parser(sub)
+
     demo = sub.add_parser("demo", help="run the local demonstration cluster")
     demo.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
     demo.set_defaults(func=_cmd_demo)

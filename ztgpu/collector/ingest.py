@@ -30,7 +30,7 @@ log = logging.getLogger("ztgpu.collector")
 Refusal = tuple[int, str, str, int | None]
 
 #: Event categories that only a collector records.
-COLLECTOR_ONLY = ("collector.", "audit.")
+COLLECTOR_ONLY = ("collector.", "audit.", "anomaly.")
 
 
 class Rejected(Exception):

@@ -149,14 +149,46 @@ class Sinks:
             thread.stop()
 
 
+class AnomalySink(SinkThread):
+    """The learned baselines (``ztgpu.collector.anomaly``) as a sink: at start
+    it relearns everything up to its cursor (judging nothing twice), then
+    judges and learns what comes after, recording findings in the store."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        from ztgpu.collector.anomaly import AnomalyDestination, Settings
+
+        ac = config.collector.anomaly
+        settings = Settings(threshold=ac.threshold, min_history=ac.min_history,
+                            min_relative_scale=ac.min_relative_scale,
+                            peak_hours=tuple(ac.peak_hours))
+        self.anomaly = AnomalyDestination(settings, store.record)
+        super().__init__(store, self.anomaly)
+
+    def run(self) -> None:
+        cursor, done = self.store.get_cursor(self.cursor_name), 0
+        try:
+            while done < cursor:
+                batch = [(i, e) for i, e in self.store.after_id(done, _BATCH) if i <= cursor]
+                if not batch:
+                    break
+                self.anomaly.replay(event for _, event in batch)
+                done = batch[-1][0]
+        except ZtgpuError as exc:
+            log.error("anomaly: cannot relearn the baselines from the store: %s", exc)
+        super().run()
+
+
 def start_sinks(config: Config, make_store: Callable[[], Store]) -> Sinks:
-    """Start the sinks the config enables (none by default)."""
+    """Start the sinks the config enables (the SIEM exports: none by default;
+    the learned baselines: on by default)."""
     destinations: list[Destination] = []
     if config.collector.syslog.target is not None:
         destinations.append(SyslogDestination(config))
     if config.collector.jsonl_path is not None:
         destinations.append(JsonlDestination(config))
     threads = [SinkThread(make_store(), d) for d in destinations]
+    if config.collector.anomaly.enabled:
+        threads.append(AnomalySink(make_store(), config))
     for thread in threads:
         thread.start()
     return Sinks(threads)

@@ -41,12 +41,12 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from ztgpu.errors import GpuError
 from ztgpu.gpu.backend import GpuInfo
 from ztgpu.gpu.telemetry import GpuSample
+from ztgpu.hours import in_hours
 from ztgpu.noded import holders, job_cgroups
 from ztgpu.noded.core import AgentCore, LiveJob, gpu_fields
 from ztgpu.noded.state import JobRecord
@@ -123,21 +123,6 @@ class Finding:
     def key(self) -> tuple[Any, ...]:
         return (self.rule, self.gpu.minor, self.job.job_id if self.job else None,
                 tuple((p.pid, p.start) for p in self.procs))
-
-
-def in_hours(windows: list[str], now: datetime) -> bool:
-    """Whether *now* (local time) falls in one of the ``HH:MM-HH:MM`` windows;
-    a window whose end is before its start runs past midnight."""
-    if not windows:
-        return True
-    minute = now.hour * 60 + now.minute
-    for window in windows:
-        start_text, end_text = window.split("-")
-        start = int(start_text[:2]) * 60 + int(start_text[3:])
-        end = int(end_text[:2]) * 60 + int(end_text[3:])
-        if (start <= minute < end) if start <= end else (minute >= start or minute < end):
-            return True
-    return False
 
 
 class Telemetry(AgentCore):
