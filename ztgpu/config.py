@@ -465,7 +465,7 @@ class AnomalyConfig(_Strict):
 
     enabled: bool = True
     #: A figure is anomalous above this robust z-score (and its floor).
-    threshold: float = Field(default=6.0, ge=2, le=100)
+    threshold: float = Field(default=5.0, ge=2, le=100)
     #: Past summaries a baseline needs before it judges anything.
     min_history: int = Field(default=10, ge=3, le=10_000)
     #: The scale is never below this share of the median.
