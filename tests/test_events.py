@@ -105,7 +105,7 @@ def test_the_documented_codes_and_required_fields() -> None:
         "auth.start", "auth.stop", "auth.bound",
         "ssh.login", "ssh.denied", "ssh.session", "ssh.escaped", "ssh.mfa",
         "gpu.wipe", "gpu.wipe_failed", "gpu.state", "gpu.unhealthy",
-        "gpu.misuse", "gpu.xid", "gpu.usage",
+        "gpu.misuse", "gpu.xid", "gpu.usage", "anomaly.usage",
     }  # fmt: skip
     assert REGISTRY["gpu.misuse"].severity is Severity.CRITICAL
     assert REGISTRY["gpu.misuse"].required == {"gpus", "rule", "response", "outcome", "reason"}

@@ -408,3 +408,56 @@ def test_ztgpu_drill_refuses_where_telemetry_is_not_scripted(suite, tmp_path):
     assert res.returncode == 2 and "run only where the agent's GPUs are simulated" in res.stderr
     res = suite.ztgpu("drill", "--user", "root", check=False)
     assert res.returncode == 2 and "spared_uids" in res.stderr
+
+
+def test_misuse_reaches_the_siem_exports_through_the_collector(suite, tmp_path):
+    """Node agent -> collector (mutual TLS) -> RFC 5424 over TLS to a real
+    rsyslog, and JSON Lines: a gpu.misuse arrives like every other event."""
+    from ztgpu.testing.collector_process import CollectorProcess, SitePki
+    from ztgpu.testing.rsyslog import RsyslogReceiver
+
+    pki = SitePki(tmp_path / "pki")
+    syslog_cert, syslog_key = pki.issue("service", "siem", dns_names=["localhost"],
+                                        ip_addresses=["127.0.0.1"])
+    export = tmp_path / "export.jsonl"
+    node_cert, node_key = pki.issue("node", str(suite.config["node"]["name"]))
+    original = suite.config_path.read_text()
+    with RsyslogReceiver(pki.ca_cert, syslog_cert, syslog_key) as receiver:
+        collector = CollectorProcess(tmp_path / "collector", pki, collector={
+            "jsonl_path": str(export),
+            "syslog": {"target": f"{receiver.address}:{receiver.port}",
+                       "server_name": "localhost"}})
+        collector.start()
+        config = yaml.safe_load(original)
+        config["audit"] = {"collector_url": collector.url}
+        config["tls"] = {"ca_cert": str(pki.ca_cert), "cert": str(node_cert),
+                         "key": str(node_key)}
+        suite.stop_agent()
+        suite.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        squatter = None
+        try:
+            suite.start_agent()
+            squatter = outside_process("ztbob")
+            start = head(suite)
+            script(suite, {uuid_of(suite, 1): {"util_pct": 99, "pids": [squatter.pid]}})
+            event = misuse(suite, "unallocated_use", start)
+            def delivered() -> list[str]:
+                return [line for line in receiver.messages()
+                        if " gpu.misuse " in line and f'hash="{event["hash"]}"' in line]
+
+            wait_for(lambda: bool(delivered()), 60, "the RFC 5424 message at rsyslog")
+            assert f'seq="{event["seq"]}"' in delivered()[0]
+            wait_for(lambda: export.exists() and "gpu.misuse" in export.read_text(), 60,
+                     "the JSON Lines export")
+            exported = [json.loads(line) for line in export.read_text().splitlines()]
+            [same] = [e for e in exported if e["code"] == "gpu.misuse"]
+            assert same["hash"] == event["hash"]
+            assert same["processes"][0]["pid"] == squatter.pid
+        finally:
+            if squatter is not None:
+                squatter.kill()
+                squatter.wait()
+            suite.stop_agent()
+            suite.config_path.write_text(original)
+            suite.start_agent()
+            collector.stop()
