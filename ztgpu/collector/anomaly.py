@@ -30,8 +30,9 @@ A robust z of 5 would flag about 3 in 10^7 values of a normal figure; real
 usage has heavier tails, which is what the floors and the relative scales
 absorb. The default was chosen on the generated labelled set of
 ``ztgpu.testing.usage_traces`` (seeds 1 to 10: precision 0.97, recall 0.96
-at 5; 0.99 and 0.90 at 6); ``bench/anomaly.py`` measures it on other seeds. A flagged summary is **not** learned, so a burst of misuse
-cannot make itself normal; everything else is. Baselines are rebuilt from
+at 5; 0.99 and 0.90 at 6); ``bench/anomaly.py`` measures it on other seeds.
+A flagged summary is **not** learned, so a burst of misuse cannot make
+itself normal; everything else is. Baselines are rebuilt from
 the store at start (the whole history is replayed, judging nothing already
 judged), so they survive restarts and need no state of their own.
 

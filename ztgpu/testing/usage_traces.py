@@ -43,7 +43,7 @@ class Trace:
 
 def generate(seed: int = 7, users: int = 40, train_jobs: int = 40, test_jobs: int = 20,
              misuse_users: float = 0.5) -> Trace:
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - a reproducible test set, not a secret
     train: list[dict[str, Any]] = []
     test: list[tuple[dict[str, Any], bool]] = []
     job = 1000
