@@ -9,7 +9,6 @@ tests/test_gpu_telemetry.py.
 
 from __future__ import annotations
 
-import http.client
 import socket
 import ssl
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 from ztgpu.net.metrics_http import MetricsServer
 from ztgpu.testing.collector_process import SitePki
 from ztgpu.testing.prerequisites import require
+from ztgpu.testing.prometheus import fetch_metrics
 from ztgpu.trust.pki import server_context
 
 RULES = Path(__file__).resolve().parent.parent / "configs" / "prometheus"
@@ -47,13 +47,8 @@ def server(pki: SitePki) -> Iterator[MetricsServer]:
 
 def get(server: MetricsServer, context: ssl.SSLContext, path: str = "/metrics"
         ) -> tuple[int, bytes]:
-    conn = http.client.HTTPSConnection("localhost", server.port, context=context, timeout=10)
-    try:
-        conn.request("GET", path)
-        res = conn.getresponse()
-        return res.status, res.read()
-    finally:
-        conn.close()
+    status, text = fetch_metrics(f"https://localhost:{server.port}", context, path)
+    return status, text.encode()
 
 
 def test_a_monitor_certificate_reads_the_metrics(server, pki):

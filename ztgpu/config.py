@@ -278,6 +278,14 @@ Response = Literal["record", "alert", "end_process", "end_job", "drain"]
 _HOURS = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0-5][0-9])")
 
 
+def _hour_windows(value: list[str]) -> list[str]:
+    """Local time-of-day windows, each ``HH:MM-HH:MM`` (``ztgpu.hours``)."""
+    for window in value:
+        if not _HOURS.fullmatch(window):
+            raise ValueError(f"{window!r}: each window must be HH:MM-HH:MM (24 h)")
+    return value
+
+
 class TelemetryResponses(_Strict):
     """What the agent does when a telemetry rule fires (``ztgpu.noded.telemetry``),
     besides the critical audit event it always records: ``record`` (only the
@@ -333,10 +341,7 @@ class TelemetryConfig(_Strict):
     @field_validator("allowed_hours")
     @classmethod
     def _check_hours(cls, value: list[str]) -> list[str]:
-        for window in value:
-            if not _HOURS.fullmatch(window):
-                raise ValueError(f"{window!r}: each window must be HH:MM-HH:MM (24 h)")
-        return value
+        return _hour_windows(value)
 
     @model_validator(mode="after")
     def _check_metrics_tls(self) -> TelemetryConfig:
@@ -476,10 +481,7 @@ class AnomalyConfig(_Strict):
     @field_validator("peak_hours")
     @classmethod
     def _check_hours(cls, value: list[str]) -> list[str]:
-        for window in value:
-            if not _HOURS.fullmatch(window):
-                raise ValueError(f"{window!r}: each window must be HH:MM-HH:MM (24 h)")
-        return value
+        return _hour_windows(value)
 
 
 class CollectorConfig(_Strict):

@@ -184,14 +184,20 @@ class NvmlBackend:
             GpuError: NVML failed or overran its deadline, or the backend is closed.
         """
         with self._device(gpu) as (nvml, handle):
-            pids: set[int] = set()
-            for call in ("nvmlDeviceGetComputeRunningProcesses",
-                         "nvmlDeviceGetGraphicsRunningProcesses"):
-                for proc in self._call(nvml, call, handle) or ():
-                    pid = getattr(proc, "pid", None)
-                    if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
-                        pids.add(pid)
-            return pids
+            return self._pids(nvml, handle, self._call)
+
+    @staticmethod
+    def _pids(nvml: ModuleType, handle: Any, call: Any) -> set[int]:
+        """Pids with a compute or graphics context, through *call* (``_call``
+        or ``_maybe``); the caller holds the lock."""
+        pids: set[int] = set()
+        for name in ("nvmlDeviceGetComputeRunningProcesses",
+                     "nvmlDeviceGetGraphicsRunningProcesses"):
+            for proc in call(nvml, name, handle) or ():
+                pid = getattr(proc, "pid", None)
+                if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+                    pids.add(pid)
+        return pids
 
     def sample(self, gpu: GpuInfo) -> GpuSample:
         """Utilisation, memory, power, SM clock and processes of *gpu* now.
@@ -204,13 +210,7 @@ class NvmlBackend:
             memory = self._maybe(nvml, "nvmlDeviceGetMemoryInfo", handle)
             power_mw = self._maybe(nvml, "nvmlDeviceGetPowerUsage", handle)
             clock = self._maybe(nvml, "nvmlDeviceGetClockInfo", handle, _CLOCK_SM)
-            pids: set[int] = set()
-            for call in ("nvmlDeviceGetComputeRunningProcesses",
-                         "nvmlDeviceGetGraphicsRunningProcesses"):
-                for proc in self._maybe(nvml, call, handle) or ():
-                    pid = getattr(proc, "pid", None)
-                    if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
-                        pids.add(pid)
+            pids = self._pids(nvml, handle, self._maybe)
         return GpuSample(
             util_pct=None if util is None else float(util.gpu),
             memory_used_bytes=None if memory is None else int(memory.used),
