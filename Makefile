@@ -79,7 +79,7 @@ reachable:
 	  fi; d=$$(dirname "$$d"); done
 
 test: install lint typecheck reachable
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=25 tests
 
 demo: install
 	$(VENV)/bin/ztgpu demo
