@@ -18,7 +18,8 @@ each of the 8 GPUs gets one case, drawn from
 
 Grants and processes are set up first (a job whose processes are gone has
 been so for longer than two sampling intervals, as on a node), then all 8
-GPUs' telemetry changes at once at ``t0``; the bench watches the agent's
+GPUs' telemetry changes at once at ``t0``, at a random phase of the agent's
+sampling; the bench watches the agent's
 spool for ``gpu.misuse`` events until every misuse case was seen or three
 intervals passed. Time to detect is the event's own timestamp minus ``t0``.
 A rule event on a normal case is a false positive; a misuse case without
@@ -44,7 +45,7 @@ Prints per-round and overall figures, never asserts. The last line is:
 
     anomaly rule_recall=A precision=P recall=R detect_p50_s=D detect_p99_s=E agent_cpu_pct=C
 
-Usage (root): python bench/anomaly.py [--rounds 6] [--seed 7] [--learn-seeds 11-30]
+Usage (root): python bench/anomaly.py [--rounds 10] [--seed 7] [--learn-seeds 11-30]
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def cpu_seconds(listen: str) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--learn-seeds", default="11-30")
     args = parser.parse_args()
@@ -207,6 +208,9 @@ def main() -> int:
             for number, kinds in enumerate(plan, 1):
                 cases = set_up(agent, number, kinds, rng)
                 time.sleep(2 * INTERVAL_S + 0.5)  # grants older than two samples
+                # At a random phase of the agent's sampling: misuse starts
+                # whenever it starts, not just after a look.
+                time.sleep(rng.uniform(0.0, INTERVAL_S))
                 head = _head(agent)
                 t0 = time.time()
                 _write(script, {uuids[c.gpu]: c.sample for c in cases})

@@ -28,12 +28,13 @@ DAY = datetime(2026, 11, 2, tzinfo=UTC).astimezone()  # a Monday, local time
 
 
 def usage(user: str, job: int, *, busy_h: float, start: datetime, util: float = 60.0,
-          kwh: float | None = None, partition: str = "gpu") -> dict[str, Any]:
+          kwh: float | None = None, partition: str = "gpu", account: str | None = None,
+          gpu: str = "GPU-0a0a0a0a-0000-4000-8000-000000000000") -> dict[str, Any]:
     """The fields of one gpu.usage summary (as the node agent records them)."""
     end = start + timedelta(hours=max(busy_h, 0.01))
     return {"job_id": str(job), "uid": 1000, "user": user, "partition": partition,
-            "gpus": [{"index": 0, "uuid": "GPU-0a0a0a0a-0000-4000-8000-000000000000",
-                      "minor": 0}],
+            "account": account, "node": "gpu01",
+            "gpus": [{"index": 0, "uuid": gpu, "minor": 0}],
             "outcome": "summarised", "samples": 100, "util_mean_pct": util,
             "util_max_pct": 100.0, "memory_max_bytes": 1 << 30,
             "energy_j": (kwh if kwh is not None else busy_h * 0.4) * 3.6e6,
@@ -88,15 +89,30 @@ def test_a_user_whose_jobs_are_all_alike_is_not_flagged_for_a_little_more() -> N
         "busy_hours", "energy_kwh"]
 
 
-def test_a_new_user_is_judged_against_the_partition_until_their_own_history_suffices(
-) -> None:
+def test_a_new_user_is_judged_against_their_account_the_gpu_or_the_partition() -> None:
+    """Below min_history a user is judged against the first baseline that has
+    it: their account's, the GPU's, their partition's; then their own."""
     detector = Detector(Settings())
     rng = random.Random(3)
-    for user in ("u1", "u2", "u3"):
-        for event in history(user, 10, rng, first_job=hash(user) % 1000 * 100):
+    for n, user in enumerate(("u1", "u2", "u3")):
+        for event in history(user, 10, rng, first_job=1000 * (n + 1)):
+            event.update(account="proj-a", gpus=[{"index": 0, "uuid": f"GPU-{user}"}])
             detector.observe(event)
-    found = detector.observe(usage("newcomer", 1, busy_h=10, start=DAY.replace(hour=9)))
-    assert found and found[0].basis == "partition gpu"
+    big = {"busy_h": 10, "start": DAY.replace(hour=9)}
+    in_account = detector.observe(usage("new1", 1, account="proj-a", gpu="GPU-x", **big))
+    assert in_account and in_account[0].basis == "account proj-a"
+    on_gpu = detector.observe(usage("new2", 2, account="proj-b", gpu="GPU-u2", **big))
+    assert on_gpu and on_gpu[0].basis == "gpu gpu01 GPU-u2"
+    elsewhere = detector.observe(usage("new3", 3, account="proj-c", gpu="GPU-y", **big))
+    assert elsewhere and elsewhere[0].basis == "partition gpu"
+    # An ordinary first job of a newcomer is not flagged by any of them.
+    assert detector.observe(usage("new4", 4, account="proj-a", busy_h=2,
+                                  start=DAY.replace(hour=10))) == []
+    # With ten jobs of their own, the user's own baseline decides.
+    for event in history("new5", 10, rng, first_job=9000):
+        detector.observe(dict(event, account="proj-a"))
+    own = detector.observe(usage("new5", 9999, account="proj-a", **big))
+    assert own and own[0].basis == "user new5"
 
 
 def test_off_peak_share_follows_the_peak_windows() -> None:

@@ -251,6 +251,75 @@ def test_revocation_ends_sessions_and_is_published_to_nodes(site: Site) -> None:
     assert info.value.code == "not_enrolled"
 
 
+def test_a_node_holds_a_user_until_an_admin_releases_them(site: Site) -> None:
+    """A node's telemetry rule (hold_user) stops the user's GPU jobs at the gate
+    and at the grant; only an admin's release with a reason ends it."""
+    enroll_nobody(site)
+    site.login("nobody")
+    gate = site.cert_client("controller", "slurmctld")
+    node = site.cert_client("node", "gpu01")
+    assert gate.request("POST", "/v1/gate", job())["allow"] is True
+    hold = {"user": "nobody", "job_id": "41", "rule": "foreign_process",
+            "reason": "pid 77 on GPU 0, held by job 41 of root"}
+    first = node.request("POST", "/v1/hold", hold)
+    assert first["new"] is True
+    again = node.request("POST", "/v1/hold", {**hold, "job_id": "43"})
+    assert (again["hold"], again["new"]) == (first["hold"], False)
+    decision = gate.request("POST", "/v1/gate", job())
+    assert (decision["allow"], decision["code"]) == (False, "user_held")
+    assert "foreign_process on gpu01 (job 41)" in decision["reason"], decision
+    with pytest.raises(AuthdRefused) as info:
+        node.request("POST", "/v1/grant", {**job(), "node": "gpu01", "gpus": GPUS})
+    assert info.value.code == "user_held"
+    status = site.user_client().request(
+        "POST", "/v1/status", {"credential": site.authd.credential_as("nobody", STATUS)})
+    assert "foreign_process on gpu01" in status["user_hold"]
+
+    # Only node certificates may hold; bad fields are refused and hold no one.
+    for role, name in (("controller", "slurmctld"), ("service", "gpu01"),
+                       ("auditor", "audit1")):
+        with pytest.raises(AuthdRefused) as info:
+            site.cert_client(role, name).request("POST", "/v1/hold", {**hold, "user": "root"})
+        assert info.value.status == 403, (role, info.value)
+    for bad in ({**hold, "user": "No Such"}, {**hold, "job_id": "4; rm"},
+                {**hold, "rule": ""}, {**hold, "reason": 7}, {**hold, "user": "nosuchuser9"}):
+        with pytest.raises(AuthdRefused) as info:
+            node.request("POST", "/v1/hold", bad)
+        assert info.value.status == 400, (bad, info.value)
+    # A node holds at most node_holds_per_hour (5) distinct users an hour.
+    other = site.cert_client("node", "gpu02")
+    for user in ("daemon", "bin", "sys", "games", "man"):
+        other.request("POST", "/v1/hold", {**hold, "user": user})
+    with pytest.raises(AuthdRefused) as info:
+        other.request("POST", "/v1/hold", {**hold, "user": "lp"})
+    assert info.value.code == "too_many_holds"
+    assert other.request("POST", "/v1/hold", {**hold, "user": "man"})["new"] is False
+
+    site.login(None)
+    listed = site.admin("/v1/admin/holds")["holds"]
+    assert {h["user"] for h in listed} == {"nobody", "daemon", "bin", "sys", "games", "man"}
+    with pytest.raises(AuthdRefused) as info:  # a researcher cannot release
+        site.user_client().request("POST", "/v1/admin/holds/release", {
+            "credential": site.authd.credential_as("nobody", ADMIN), "user": "nobody",
+            "reason": "mine"})
+    assert info.value.code == "not_admin"
+    with pytest.raises(AuthdRefused) as info:
+        site.admin("/v1/admin/holds/release", user="nobody", reason=" ")
+    assert info.value.status == 400
+    assert site.admin("/v1/admin/holds/release", user="nobody",
+                      reason="a debugger of root's")["released"] == [first["hold"]]
+    with pytest.raises(AuthdRefused) as info:
+        site.admin("/v1/admin/holds/release", user="nobody", reason="again")
+    assert "not held" in str(info.value)
+    assert gate.request("POST", "/v1/gate", job())["allow"] is True
+    held = _authd_events(site, "auth.user_held")
+    assert [(e["user"], e["outcome"]) for e in held][:1] == [("nobody", "held")]
+    assert ("lp", "refused") in [(e["user"], e["outcome"]) for e in held]
+    released = _authd_events(site, "auth.hold_released")
+    assert [(e["user"], e["by"], e["reason"]) for e in released] == [
+        ("nobody", "root", "a debugger of root's")]
+
+
 def test_key_rotation_keeps_old_grants_valid(site: Site) -> None:
     import pwd
 

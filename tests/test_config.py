@@ -280,6 +280,13 @@ BAD: list[tuple[str, str, str]] = [
     ("gpu:\n  backend: simulated\n", "gpu", "at least one entry under 'simulated'"),
     ("gpu:\n  backend: fake\n", "gpu.backend", "'simulated'"),
     ("gpu:\n  simulated:\n    index: 0\n", "gpu.simulated", "list"),
+    ("telemetry:\n  responses:\n    xid: reboot\n", "telemetry.responses.xid", "'hold_user'"),
+    ("telemetry:\n  responses:\n    xid: []\n", "telemetry.responses", "at least once"),
+    ("telemetry:\n  responses:\n    xid: [drain, drain]\n", "telemetry.responses",
+     "none twice"),
+    # Holding a user is authd's to do: a node without authd cannot.
+    ("telemetry:\n  responses:\n    foreign_process: [end_process, hold_user]\n", "",
+     "foreign_process hold the user at authd (hold_user), which needs auth.authd_url"),
 ]
 
 

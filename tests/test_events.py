@@ -102,11 +102,13 @@ def test_the_documented_codes_and_required_fields() -> None:
         "audit.chain_broken", "audit.rejected", "audit.refused", "auth.enrolled",
         "auth.login", "auth.locked", "auth.decision", "auth.grant", "auth.released",
         "auth.revoked", "auth.jit", "auth.keys_rotated", "auth.policy_loaded", "auth.refused",
-        "auth.start", "auth.stop", "auth.bound",
+        "auth.start", "auth.stop", "auth.bound", "auth.user_held", "auth.hold_released",
         "ssh.login", "ssh.denied", "ssh.session", "ssh.escaped", "ssh.mfa",
         "gpu.wipe", "gpu.wipe_failed", "gpu.state", "gpu.unhealthy",
-        "gpu.misuse", "gpu.xid", "gpu.usage", "anomaly.usage",
+        "gpu.misuse", "gpu.xid", "gpu.hold", "gpu.usage", "anomaly.usage",
     }  # fmt: skip
+    assert REGISTRY["auth.user_held"].severity is Severity.CRITICAL
+    assert REGISTRY["gpu.hold"].required == {"user", "job_id", "rule", "outcome", "reason"}
     assert REGISTRY["gpu.misuse"].severity is Severity.CRITICAL
     assert REGISTRY["gpu.misuse"].required == {"gpus", "rule", "response", "outcome", "reason"}
     assert REGISTRY["ssh.escaped"].severity is Severity.CRITICAL

@@ -13,11 +13,11 @@ def test_a_grants_partition_clock_and_ecc_counts_are_kept(tmp_path: Path) -> Non
     store = StateStore(path)
     store.put(JobRecord(job_id="7", uid=1000, gid=1000, user="alice", minors=(0, 2),
                         granted_at="2026-01-01T00:00:00+00:00", partition="gpu",
-                        granted_us=123456789, ecc_at_grant=((0, 2), (2, 0))))
+                        account="proj-a", granted_us=123456789, ecc_at_grant=((0, 2), (2, 0))))
     store.close()
     record = StateStore(path).all()["7"]
-    assert (record.partition, record.granted_us, record.ecc_at_grant) == (
-        "gpu", 123456789, ((0, 2), (2, 0)))
+    assert (record.partition, record.account, record.granted_us, record.ecc_at_grant) == (
+        "gpu", "proj-a", 123456789, ((0, 2), (2, 0)))
     assert record.minors == (0, 2)
 
 
@@ -32,7 +32,8 @@ def test_a_state_file_from_before_the_grant_details_still_opens(tmp_path: Path) 
     record = store.all()["9"]
     assert (record.user, record.minors) == ("bob", (1,))
     # Nothing known from the grant: no partition, Xid from boot on, no ECC counts.
-    assert (record.partition, record.granted_us, record.ecc_at_grant) == (None, 0, ())
+    assert (record.partition, record.account, record.granted_us,
+            record.ecc_at_grant) == (None, None, 0, ())
     store.delete("9")
     assert store.all() == {}
 

@@ -8,7 +8,11 @@ authd's signed grant, and a revocation takes a running job's GPUs away
 
 from __future__ import annotations
 
+import json
+import pwd
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,8 +44,15 @@ default: deny
 
 
 @pytest.fixture(scope="module")
-def site() -> Iterator[MfaCluster]:
-    with mfa_cluster(policy=POLICY) as made:
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MfaCluster]:
+    # Scripted telemetry (empty: idle GPUs) for the hold_user test; a process
+    # on another job's GPU is ended and its owner held at authd.
+    script = tmp_path_factory.mktemp("mfa-telemetry") / "telemetry.json"
+    script.write_text("{}")
+    agent = {"telemetry": {"interval_s": 0.5,
+                           "responses": {"foreign_process": ["end_process", "hold_user"]}},
+             "gpu": {"simulated_telemetry": str(script)}}
+    with mfa_cluster(policy=POLICY, sections=agent) as made:
         made.enroll("ztalice")
         yield made
 
@@ -142,3 +153,95 @@ def test_the_gate_believes_no_caller_about_whose_job_it_is(site: MfaCluster) -> 
     # Nothing happened to the job: no hold, no cancel.
     assert cluster.job_state(job)["JobState"] == "RUNNING"
     cluster.slurm(["scancel", job], check=False)
+
+
+def test_a_process_on_another_users_gpu_holds_its_owner_at_authd_until_released(
+        site: MfaCluster) -> None:
+    """Response [end_process, hold_user]: the agent ends ztbob's process on
+    ztcarol's GPU and asks authd to hold ztbob; the gate then holds ztbob's
+    next GPU job with the reason, and only an admin's release lets it go on
+    (to the policy, which ends it: ztbob has no GPU project)."""
+    cluster = site.suite.cluster
+    script = Path(site.suite.config["gpu"]["simulated_telemetry"])
+    site.enroll("ztcarol")
+    assert site.login("ztcarol").returncode == 0
+    job = cluster.sbatch("ztcarol", "#!/bin/sh\nsleep 120\n", gpus=1)
+    cluster.wait_job(job, ["RUNNING"], timeout=60)
+    site.suite.wait_event("isolation.verified", job)
+    minor = int(site.suite.wait_event("job.grant", job)["gpus"][0]["minor"])
+    uuid = next(g["uuid"] for g in site.suite.config["gpu"]["simulated"] if g["minor"] == minor)
+    bob = pwd.getpwnam("ztbob")
+    intruder = subprocess.Popen(["setpriv", f"--reuid={bob.pw_uid}", f"--regid={bob.pw_gid}",
+                                 "--clear-groups", "sleep", "300"])
+    held_job = None
+    try:
+        script.write_text(json.dumps({uuid: {"util_pct": 90, "memory_used_bytes": 8 << 30,
+                                             "pids": [intruder.pid]}}))
+        found: list[dict[str, Any]] = []
+
+        def misuse() -> bool:
+            found[:] = [e for e in site.suite.events("gpu.misuse")
+                        if e["rule"] == "foreign_process" and e.get("job_id") == job]
+            return bool(found)
+
+        wait_for(misuse, 30, "the foreign process to be found")
+        event = found[0]
+        assert (event["response"], event["outcome"]) == ("end_process+hold_user", "ended+held")
+        assert "ztbob held at authd" in event["reason"], event["reason"]
+        assert intruder.wait(timeout=10) < 0  # ended by a signal
+
+        held_job = cluster.sbatch("ztbob", "#!/bin/sh\nsleep 1\n", gpus=1)
+
+        def held() -> bool:
+            reason, comment = held_reason(cluster, held_job)
+            return reason == "JobHeldAdmin" and "foreign_process" in comment
+
+        wait_for(held, 60, "ztbob's job to be held by the user hold")
+        _, comment = held_reason(cluster, held_job)
+        assert cluster.node in comment and f"job {job}" in comment, comment
+        listed = site.admin("hold", "list")
+        assert listed.returncode == 0 and "ztbob: held since" in listed.stdout, listed
+        status = site.ztgpu_as("ztbob", "status")
+        assert "ztbob's GPU jobs are held" in status.stdout, status
+        # ztcarol's own job was not touched by the finding.
+        assert cluster.job_state(job)["JobState"] == "RUNNING"
+        bad = site.admin("hold", "release", "--user", "ztalice", "--reason", "x")
+        assert bad.returncode != 0 and "not held" in bad.stderr, bad
+
+        released = site.admin("hold", "release", "--user", "ztbob", "--reason", "cleared")
+        assert released.returncode == 0, released.stderr
+        state = cluster.wait_job(held_job, ["CANCELLED"], timeout=90)
+        assert state["JobState"] == "CANCELLED"
+        assert "no GPU project" in held_reason(cluster, held_job)[1]
+        assert "ztbob: held" not in site.admin("hold", "list").stdout
+    finally:
+        script.write_text("{}")
+        if intruder.poll() is None:
+            intruder.kill()
+            intruder.wait()
+        cluster.cancel_all()
+
+
+def test_the_revocation_drill_shows_a_running_job_lose_its_gpus_and_end(
+        site: MfaCluster) -> None:
+    """`ztgpu drill --scenario revoked` on the node, by root (admin, fresh MFA
+    login): authd revokes the job's user, the agent takes the GPUs back and
+    ends the job, and the drill shows it with the time and the trail entry."""
+    cluster = site.suite.cluster
+    site.enroll("ztalice")  # also root's fresh login: the drill's admin request
+    assert site.login("ztalice").returncode == 0
+    job = cluster.sbatch("ztalice", "#!/bin/sh\nsleep 120\n", gpus=1)
+    cluster.wait_job(job, ["RUNNING"], timeout=60)
+    site.suite.wait_event("isolation.verified", job)
+    res = site.suite.ztgpu("drill", "--scenario", "revoked", check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"revoking ztalice, whose job {job} runs" in res.stdout, res.stdout
+    assert "action=revoke outcome=access_removed" in res.stdout, res.stdout
+    assert "audit trail: seq" in res.stdout
+    event = next(e for e in site.suite.events("job.action", job) if e["action"] == "revoke")
+    assert f"seq {event['seq']} hash {event['hash'][:16]}" in res.stdout
+    assert cluster.wait_job(job, ["CANCELLED"], timeout=30)["JobState"] == "CANCELLED"
+    assert site.login("ztalice").returncode != 0  # the enrolment ended with it
+    # Nothing left to drill: said so, not an error.
+    again = site.suite.ztgpu("drill", "--scenario", "revoked", check=False)
+    assert again.returncode == 0 and "skipped: no running job" in again.stdout, again

@@ -274,7 +274,9 @@ class WipeConfig(_Strict):
     libcuda: str = "libcuda.so.1"
 
 
-Response = Literal["record", "alert", "end_process", "end_job", "drain"]
+Response = Literal["record", "alert", "end_process", "end_job", "drain", "hold_user"]
+#: One response, or several carried out in order (e.g. [end_process, hold_user]).
+Responses = Response | list[Response]
 _HOURS = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0-5][0-9])")
 
 
@@ -292,18 +294,34 @@ class TelemetryResponses(_Strict):
     event), ``alert`` (also logged as critical and counted in
     ``ztgpu_alerts_total``), ``end_process`` (SIGKILL the processes that
     should not be there, never root's), ``end_job`` (cancel the job holding
-    the GPU), ``drain`` (drain the node)."""
+    the GPU), ``drain`` (drain the node), ``hold_user`` (authd refuses the
+    user's GPU jobs until an admin runs `ztgpu admin hold release`: the
+    owner of the processes, else the job's user; needs auth.authd_url), or a
+    list of them, carried out in order."""
 
     #: A process on a GPU that is not in the cgroup of the job holding it.
-    foreign_process: Response = "end_process"
+    foreign_process: Responses = "end_process"
     #: Processes or memory in use on a GPU that no job holds.
-    unallocated_use: Response = "end_process"
+    unallocated_use: Responses = "end_process"
     #: A GPU busy while no process of the job holding it is left.
-    busy_without_job: Response = "end_process"
+    busy_without_job: Responses = "end_process"
     #: Use outside ``telemetry.allowed_hours``.
-    off_hours: Response = "record"
+    off_hours: Responses = "record"
     #: An Xid event of the GPU in the kernel log.
-    xid: Response = "record"
+    xid: Responses = "record"
+
+    @model_validator(mode="after")
+    def _check_lists(self) -> TelemetryResponses:
+        for rule, chosen in self:
+            if isinstance(chosen, list) and (not chosen or len(set(chosen)) != len(chosen)):
+                raise ValueError(f"{rule}: a list of responses must name each at least once "
+                                 "and none twice")
+        return self
+
+    def uses(self, response: str) -> list[str]:
+        """The rules whose responses include *response*."""
+        return [rule for rule, chosen in self
+                if response in ([chosen] if isinstance(chosen, str) else chosen)]
 
 
 class TelemetryConfig(_Strict):
@@ -548,6 +566,9 @@ class AuthdConfig(_Strict):
     #: Logins and status calls waiting for or on their own workers; beyond it
     #: a login is refused at once (503). Grants and the gate never wait for them.
     login_max_pending: int = Field(default=32, ge=1, le=10_000)
+    #: Distinct users one node may hold (telemetry response ``hold_user``)
+    #: per hour; more are refused and recorded.
+    node_holds_per_hour: int = Field(default=5, ge=1, le=1000)
     #: An admin action needs an MFA login at most this old.
     admin_mfa_max_age_s: float = Field(default=900.0, ge=30, le=86400)
     #: A grant lives at least the job's time limit; jobs without one get this.
@@ -618,6 +639,14 @@ class Config(_Strict):
     @property
     def node_name(self) -> str:
         return self.node.name or socket.gethostname().split(".")[0]
+
+    @model_validator(mode="after")
+    def _check_hold_has_authd(self) -> Config:
+        rules = self.telemetry.responses.uses("hold_user")
+        if rules and self.auth.authd_url is None:
+            raise ValueError(f"telemetry.responses: {', '.join(rules)} hold the user at "
+                             "authd (hold_user), which needs auth.authd_url")
+        return self
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:

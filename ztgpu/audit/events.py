@@ -137,6 +137,8 @@ EVENT_TYPES: tuple[EventType, ...] = (
        "use outside the allowed hours); the evidence and the response taken."),
     _t("gpu.xid", _CRIT, "gpus xids response outcome reason",
        "An Xid event of a GPU appeared in the kernel log while the agent watched."),
+    _t("gpu.hold", _CRIT, "user job_id rule outcome reason",
+       "authd answered a hold (response hold_user) the agent had to ask again for."),
     _t("gpu.usage", _INFO, "job_id gpus samples outcome",
        "What a job did with one GPU, summed over its run (samples, mean and peak "
        "utilisation, peak memory, energy, busy time): what the collector's baselines "
@@ -219,6 +221,10 @@ EVENT_TYPES: tuple[EventType, ...] = (
     _t("auth.revoked", _CRIT, "user reason by", "A user's access was revoked."),
     _t("auth.jit", _WARN, "user target_node approver reason expires",
        "Just-in-time admin access to a node was granted."),
+    _t("auth.user_held", _CRIT, "user target_node job_id rule reason outcome",
+       "A node's telemetry rule asked to hold a user's GPU jobs (or was refused: too many)."),
+    _t("auth.hold_released", _WARN, "user holds by reason",
+       "An admin released a user's hold; their held jobs went back to the gate."),
     _t("auth.keys_rotated", _WARN, "kid by", "The grant-signing key was rotated."),
     _t("auth.policy_loaded", _INFO, "policy_hash source",
        "A new version of the policy was loaded."),

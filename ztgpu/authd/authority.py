@@ -39,6 +39,9 @@ BIND = b"ztgpu-bind-v1"
 
 _MAX_GRANT_S = 30 * 86400.0
 _MFA_CODES = ("mfa_required", "mfa_too_old")
+#: Decisions whose job waits in Slurm (held) rather than being ended: the
+#: user can cure MFA by logging in, an admin a user hold by releasing it.
+_HOLD_CODES = (*_MFA_CODES, "user_held")
 
 
 def _session_time(text: str) -> datetime:
@@ -135,6 +138,19 @@ class JobRequest:
     time_limit_s: float | None = None
     #: The job's array id (SLURM_ARRAY_JOB_ID): a binding of the array counts.
     array_job_id: str | None = None
+
+
+def _refusal(code: str, reason: str) -> Any:
+    """A denial decided by authd itself, not by a policy rule."""
+    from ztgpu.policy import Decision
+
+    return Decision(allow=False, rule="", reason=reason, code=code, mfa_max_age_s=0.0,
+                    max_gpus_per_job=0, max_gpus_per_user_per_node=0, trace=())
+
+
+def _hold_words(hold: Mapping[str, Any]) -> str:
+    return (f"{hold['user']}'s GPU jobs are held since {hold['held_at']}: "
+            f"{hold['rule']} on {hold['node']} (job {hold['job_id']})")
 
 
 def bind_message(user: str, job_id: str) -> bytes:
@@ -405,8 +421,10 @@ class Authority:
         """The caller's MFA session expiry and jobs waiting for MFA."""
         caller = self.identify(credential, STATUS)
         session = self.store.current_session(caller.user, self._ts())
+        hold = self.store.active_user_hold(caller.user)
         return {"user": caller.user,
                 "session_expires": session.expires if session is not None else None,
+                "user_hold": None if hold is None else _hold_words(hold),
                 "held_jobs": [{"job_id": j, "reason": r, "since": s}
                               for j, r, s in self.store.held_jobs(caller.user)]}
 
@@ -422,6 +440,10 @@ class Authority:
 
         if self.users.uid_of(job.user) != job.uid:
             raise AuthDenied(f"uid {job.uid} is not user {job.user!r}", "uid_mismatch")
+        hold = self.store.active_user_hold(job.user)
+        if hold is not None:
+            return _refusal("user_held", f"{_hold_words(hold)}; an admin must release it "
+                            "(ztgpu admin hold release)")
         now = self.now()
         if session is None and not bound_only:
             session = self.store.current_session(job.user, self._ts(now))
@@ -448,11 +470,7 @@ class Authority:
             # (job_user_mismatch is authd's own code, not one of the policy's.)
             self.events.append("auth.decision", job_id=job.job_id, uid=job.uid, user=job.user,
                                outcome="deny", reason=owner, rule="", stage="gate")
-            from ztgpu.policy import Decision
-
-            return Decision(allow=False, rule="", reason=owner, code="job_user_mismatch",
-                            mfa_max_age_s=0.0, max_gpus_per_job=0,
-                            max_gpus_per_user_per_node=0, trace=())
+            return _refusal("job_user_mismatch", owner)
         if job.time_limit_s:
             self.store.note_time_limit(job.job_id, job.time_limit_s, self._ts())
         if self.config.mfa_binding == "login_session":
@@ -467,7 +485,7 @@ class Authority:
         self.events.append("auth.decision", job_id=job.job_id, uid=job.uid, user=job.user,
                            outcome="allow" if decision.allow else "deny",
                            reason=decision.reason, rule=decision.rule, stage="gate")
-        if not decision.allow and decision.code in _MFA_CODES:
+        if not decision.allow and decision.code in _HOLD_CODES:
             reason = f"ztgpu: {decision.reason}"
             self.store.hold(job.job_id, job.user, reason, self._ts())
             if self.holder is not None:
@@ -593,6 +611,41 @@ class Authority:
         self.events.append("auth.revoked", user=user, reason=reason, by=by,
                            outcome="revoked")
         return revocation
+
+    def hold_user(self, node: str, user: str, job_id: str, rule: str, reason: str
+                  ) -> dict[str, Any]:
+        """A node's telemetry rule fired on *user*'s process: refuse their GPU
+        jobs (the gate holds them in Slurm, grants are refused) until an admin
+        releases the hold. Jobs already running are the node's to answer (and
+        a revocation's). A node may hold at most ``node_holds_per_hour``
+        distinct users an hour: a compromised node cannot hold everyone."""
+        if self.users.uid_of(user) is None:
+            raise InputRejected(f"no such user {user!r}")
+        now = self.now()
+        recent = self.store.users_held_by(node, self._ts(now - timedelta(hours=1)))
+        limit = self.config.node_holds_per_hour
+        if user not in recent and len(recent) >= limit:
+            self.events.append("auth.user_held", user=user, target_node=node, job_id=job_id,
+                               rule=rule, reason=reason, outcome="refused")
+            raise AuthDenied(f"node {node} held {len(recent)} users in the last hour "
+                             f"(authd.node_holds_per_hour {limit}): not {user}",
+                             "too_many_holds")
+        hold_id, new = self.store.add_user_hold(user, node, job_id, rule, reason,
+                                                self._ts(now))
+        if new:
+            self.events.append("auth.user_held", user=user, target_node=node, job_id=job_id,
+                               rule=rule, reason=reason, outcome="held")
+        return {"hold": hold_id, "user": user, "new": new}
+
+    def release_user_hold(self, user: str, reason: str, *, by: str) -> list[int]:
+        """An admin ends *user*'s hold; their jobs held by it go back to the gate."""
+        ids = self.store.release_user_hold(user, self._ts(), by, reason)
+        if not ids:
+            raise InputRejected(f"{user} is not held")
+        self.events.append("auth.hold_released", user=user, holds=ids, by=by, reason=reason,
+                           outcome="released")
+        self._release_held(user)
+        return ids
 
     def rotate_keys(self, *, by: str) -> str:
         kid = self._new_signing_key()

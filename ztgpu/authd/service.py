@@ -6,13 +6,14 @@ Who may call what:
   ``POST /v1/login``, ``POST /v1/status``, ``POST /v1/bind`` (a job to the
   login session that submitted it: its binding key signs the request);
 * admins, with no certificate (munge + a fresh MFA login + a policy role):
-  ``POST /v1/admin/enroll|revoke|keys/rotate|jit``;
+  ``POST /v1/admin/enroll|revoke|keys/rotate|jit|holds|holds/release``;
 * the controller, with a ``controller`` certificate (no other role, not even
   authd's or the collector's ``service`` one): ``POST /v1/gate``; or, on
   the controller host itself, over ``authd.gate_socket`` (a unix socket,
   only that route) as root, authd's own uid or a ``gate_socket_users`` uid;
 * nodes, with a ``node`` certificate: ``POST /v1/grant`` (for their own
-  name only), ``GET /v1/revocations``, ``GET /v1/jit``;
+  name only), ``POST /v1/hold`` (a telemetry rule's ``hold_user``),
+  ``GET /v1/revocations``, ``GET /v1/jit``;
 * any certificate of the site CA: ``GET /v1/jwks``.
 
 Refused TLS handshakes and requests are logged and recorded at most 10 per
@@ -134,6 +135,7 @@ class AuthService:
             web.post("/v1/bind", self.bind),
             web.post("/v1/gate", self.gate),
             web.post("/v1/grant", self.grant),
+            web.post("/v1/hold", self.hold),
             web.get("/v1/jwks", self.jwks),
             web.get("/v1/revocations", self.revocations),
             web.get("/v1/jit", self.jit_list),
@@ -141,6 +143,8 @@ class AuthService:
             web.post("/v1/admin/revoke", self.revoke),
             web.post("/v1/admin/keys/rotate", self.rotate_keys),
             web.post("/v1/admin/jit", self.jit_grant),
+            web.post("/v1/admin/holds", self.list_holds),
+            web.post("/v1/admin/holds/release", self.release_hold),
         ])
 
     async def get_metrics(self, request: web.Request) -> web.Response:
@@ -310,6 +314,21 @@ class AuthService:
         token, expires = await self._run(self.authority.grant, node, job, gpus, held)
         return web.json_response({"token": token, "expires": expires})
 
+    async def hold(self, request: web.Request) -> web.Response:
+        """A node asks authd to hold a user its telemetry caught (``hold_user``)."""
+        identity = self._identity(request, "node")
+        assert identity is not None
+        body = await self._json(request)
+        user = _field(body, "user", str, _USER)
+        job_id = body.get("job_id") or ""
+        if not isinstance(job_id, str) or (job_id and not _JOB_ID.fullmatch(job_id)):
+            raise HttpRefusal(400, "'job_id' must be a job id or empty", "bad_request")
+        rule = _field(body, "rule", str, _WORD)
+        reason = _field(body, "reason", str)[:500]
+        result = await self._run(self.authority.hold_user, identity[1], user, job_id, rule,
+                                 reason)
+        return web.json_response(result)
+
     async def jwks(self, request: web.Request) -> web.Response:
         self._identity(request, None)
         if peer_certificate(request) is None:
@@ -354,6 +373,20 @@ class AuthService:
             raise HttpRefusal(400, "a reason (1-500 characters) is required", "bad_request")
         rid = await self._run(lambda: self.authority.revoke(user, reason, by=caller.user))
         return web.json_response({"revocation": rid, "user": user})
+
+    async def list_holds(self, request: web.Request) -> web.Response:
+        await self._admin(request, "revoke")
+        return web.json_response({"holds": await self._run(self.authority.store.user_holds)})
+
+    async def release_hold(self, request: web.Request) -> web.Response:
+        caller, body = await self._admin(request, "revoke")
+        user = _field(body, "user", str, _USER)
+        reason = _field(body, "reason", str)
+        if not reason.strip() or len(reason) > 500:
+            raise HttpRefusal(400, "a reason (1-500 characters) is required", "bad_request")
+        ids = await self._run(lambda: self.authority.release_user_hold(user, reason,
+                                                                       by=caller.user))
+        return web.json_response({"user": user, "released": ids})
 
     async def rotate_keys(self, request: web.Request) -> web.Response:
         caller, _ = await self._admin(request, "keys")

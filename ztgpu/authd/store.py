@@ -48,6 +48,12 @@ CREATE TABLE IF NOT EXISTS held_jobs (
     job_id TEXT PRIMARY KEY, username TEXT NOT NULL, reason TEXT NOT NULL,
     held_at TEXT NOT NULL, released_at TEXT
 );
+CREATE TABLE IF NOT EXISTS user_holds (
+    id {id_column}, username TEXT NOT NULL, node TEXT NOT NULL, job_id TEXT NOT NULL,
+    rule TEXT NOT NULL, reason TEXT NOT NULL, held_at TEXT NOT NULL, released_at TEXT,
+    released_by TEXT, release_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS user_holds_user ON user_holds (username, released_at);
 CREATE TABLE IF NOT EXISTS jit (
     id TEXT PRIMARY KEY, username TEXT NOT NULL, node TEXT NOT NULL, approver TEXT NOT NULL,
     reason TEXT NOT NULL, created TEXT NOT NULL, expires TEXT NOT NULL
@@ -282,6 +288,46 @@ class AuthStore:
         for job_id in job_ids:
             self.db.execute("UPDATE held_jobs SET released_at = ? WHERE job_id = ?",
                             (at, job_id))
+
+    # -- users held after a node's telemetry rule ---------------------------
+    def add_user_hold(self, username: str, node: str, job_id: str, rule: str, reason: str,
+                      at: str) -> tuple[int, bool]:
+        """Hold *username* (id, True); when already held: (that hold's id, False)."""
+        with self.db.transaction():
+            active = self.active_user_hold(username)
+            if active is not None:
+                return int(active["id"]), False
+            self.db.execute("INSERT INTO user_holds (username, node, job_id, rule, reason, "
+                            "held_at) VALUES (?, ?, ?, ?, ?, ?)",
+                            (username, node, job_id, rule, reason, at))
+            rows = self.db.execute("SELECT max(id) FROM user_holds")
+        return int(rows[0][0]), True
+
+    def active_user_hold(self, username: str) -> dict[str, Any] | None:
+        holds = self.user_holds(username)
+        return holds[0] if holds else None
+
+    def user_holds(self, username: str | None = None) -> list[dict[str, Any]]:
+        """Holds not yet released (of *username*, or of everyone), oldest first."""
+        query = ("SELECT id, username, node, job_id, rule, reason, held_at FROM user_holds "
+                 "WHERE released_at IS NULL AND (? = '' OR username = ?) ORDER BY id")
+        rows = self.db.execute(query, (username or "", username or ""))
+        return [{"id": int(i), "user": u, "node": n, "job_id": j, "rule": r, "reason": why,
+                 "held_at": h} for i, u, n, j, r, why, h in rows]
+
+    def users_held_by(self, node: str, since: str) -> set[str]:
+        rows = self.db.execute("SELECT DISTINCT username FROM user_holds WHERE node = ? AND "
+                               "held_at >= ?", (node, since))
+        return {str(r[0]) for r in rows}
+
+    def release_user_hold(self, username: str, at: str, by: str, reason: str) -> list[int]:
+        """End *username*'s holds; returns their ids (none: it was not held)."""
+        with self.db.transaction():
+            ids = [h["id"] for h in self.user_holds(username)]
+            for hold_id in ids:
+                self.db.execute("UPDATE user_holds SET released_at = ?, released_by = ?, "
+                                "release_reason = ? WHERE id = ?", (at, by, reason, hold_id))
+        return ids
 
     def add_jit(self, jit_id: str, username: str, node: str, approver: str, reason: str,
                 created: str, expires: str) -> None:

@@ -132,8 +132,10 @@ def mfa_status(args: argparse.Namespace) -> int:
         print(f"{reply['user']}: MFA session valid until {expires}")
     else:
         print(f"{reply['user']}: no MFA session; run `ztgpu login`")
+    if reply.get("user_hold"):
+        print(f"  {reply['user_hold']}; ask the site's admins to release it")
     for job in reply.get("held_jobs", []):
-        print(f"  job {job['job_id']} waits for MFA since {job['since']}: {job['reason']}")
+        print(f"  job {job['job_id']} held since {job['since']}: {job['reason']}")
     return 0
 
 
@@ -178,6 +180,24 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
                                                       "reason": args.reason})
     print(f"revoked {reply['user']} (revocation {reply['revocation']}); nodes end the "
           "user's jobs within seconds")
+    return 0
+
+
+def _cmd_holds(args: argparse.Namespace) -> int:
+    holds = _admin_request(args, "/v1/admin/holds", {})["holds"]
+    if not holds:
+        print("no user is held")
+    for hold in holds:
+        print(f"{hold['user']}: held since {hold['held_at']} by node {hold['node']} "
+              f"({hold['rule']}, job {hold['job_id'] or '-'}): {hold['reason']}")
+    return 0
+
+
+def _cmd_hold_release(args: argparse.Namespace) -> int:
+    reply = _admin_request(args, "/v1/admin/holds/release", {"user": args.user,
+                                                            "reason": args.reason})
+    print(f"released {reply['user']} (hold {', '.join(map(str, reply['released']))}); "
+          "their held jobs go back to the job gate")
     return 0
 
 
@@ -293,6 +313,15 @@ def add_auth_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     revoke.add_argument("--user", required=True)
     revoke.add_argument("--reason", required=True)
     revoke.set_defaults(func=_cmd_revoke)
+    hold = asub.add_parser("hold", help="users whose GPU jobs a node's telemetry rule held "
+                           "(response hold_user)").add_subparsers(dest="hold_command",
+                                                                  required=True)
+    hold.add_parser("list", help="users held now, by which node and why").set_defaults(
+        func=_cmd_holds)
+    release = hold.add_parser("release", help="let a held user's GPU jobs start again")
+    release.add_argument("--user", required=True)
+    release.add_argument("--reason", required=True)
+    release.set_defaults(func=_cmd_hold_release)
     keys = asub.add_parser("keys", help="grant-signing keys").add_subparsers(
         dest="keys_command", required=True)
     keys.add_parser("rotate", help="start signing grants with a new key").set_defaults(

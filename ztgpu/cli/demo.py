@@ -329,8 +329,11 @@ def _run_mfa(check: Callable[[bool, str], None]) -> None:
             return [e for e in site.suite.events("isolation.verified", running)
                     if e["seq"] > revoke_seq[0]]
 
-        revoke_seq = [max(e["seq"] for e in site.suite.events("job.action", running)
-                          if e["action"] == "revoke")]
+        revoke_event = max((e for e in site.suite.events("job.action", running)
+                            if e["action"] == "revoke"), key=lambda e: int(e["seq"]))
+        revoke_seq = [revoke_event["seq"]]
+        _say(f"  audit trail: job.action action=revoke outcome={revoke_event['outcome']} "
+             f"seq {revoke_event['seq']} hash {str(revoke_event['hash'])[:16]}…")
         wait_for(lambda: bool(after_revoke()), 10, "the probe after the revocation")
         last = after_revoke()[-1]["probe"].get("user", {})
         _say(f"  the agent took the GPU back {took:.1f} s after the revoke; its probe from "

@@ -12,12 +12,17 @@ shows detection, the response and the evidence, with the time to detect:
     another user's process on the GPU of a running job (needs one);
 ``off_hours``
     a running job's GPU busy outside ``telemetry.allowed_hours`` (drilled
-    only where those hours exclude now).
+    only where those hours exclude now);
+``revoked``
+    a job that keeps running after its user's access is revoked: the drill
+    revokes the user of a running job at authd (as ``ztgpu admin revoke``:
+    the caller needs the ``revoke`` role and a fresh MFA login) and shows the
+    agent taking the job's GPUs back and ending it. It ends the user's
+    sessions and enrolment, so it is run only when named (``--scenario
+    revoked``), never by ``all``.
 
 Drills never touch real GPUs: they refuse to run unless the agent's GPUs are
 simulated and ``gpu.simulated_telemetry`` is set (the demo cluster).
-Revocation of a running job is drilled by the demo's MFA part and
-tests/test_slurm_mfa.py through authd.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import pwd
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -47,7 +53,9 @@ class Outcome:
 def add_parser(sub: Any) -> None:
     drill = sub.add_parser("drill", help="run simulated breaches (simulated GPUs only) and "
                            "show detection, response and audit trail")
-    drill.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all")
+    drill.add_argument("--scenario", choices=(*SCENARIOS, "revoked", "all"), default="all",
+                       help="'all' is every scenario but revoked (which ends a user's "
+                       "enrolment)")
     drill.add_argument("--user", default="nobody",
                        help="the account the intruding process runs as (not root)")
     drill.add_argument("--timeout", type=float, default=30.0,
@@ -72,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
     except KeyError:
         print(f"ztgpu drill: no user {args.user!r}", file=sys.stderr)
         return 2
+    if args.scenario == "revoked":
+        outcome = Drill(config, status, Path(script), intruder, args.timeout).revoked()
+        for line in outcome.lines:
+            print(line)
+        return 0 if outcome.ok else 1
     if intruder.pw_uid in config.telemetry.spared_uids:
         print(f"ztgpu drill: {args.user} is in telemetry.spared_uids: its processes are never "
               f"ended; choose another --user", file=sys.stderr)
@@ -127,6 +140,50 @@ class Drill:
         return self._inject(name, gpus[index], job, "off_hours",
                             {"util_pct": 80, "power_w": 450}, with_process=False)
 
+    def revoked(self) -> Outcome:
+        """Revoke the user of a running job at authd; show the node answer it."""
+        from ztgpu.audit.spool import Spool
+        from ztgpu.auth_client import AuthdError, AuthdRefused, credential, user_client
+        from ztgpu.authd.authority import ADMIN
+
+        title = "drill revoked:"
+        if self.config.auth.authd_url is None:
+            return Outcome("revoked", True, [f"{title} skipped: no authd (auth.authd_url)"])
+        jobs = self.status["jobs"]
+        if not jobs:
+            return Outcome("revoked", True, [f"{title} skipped: no running job on this node "
+                                             "(submit one and drill again)"])
+        job = jobs[0]
+        lines = [f"{title} revoking {job['user']}, whose job {job['job_id']} runs on GPU(s) "
+                 f"{', '.join(map(str, job['gpus']))}"]
+        spool_path = self.config.paths.spool_dir / "events.db"
+        with Spool.open(spool_path, self.config.node_name) as spool:
+            head = spool.head()[0]
+        began = time.time()
+        try:
+            with user_client(self.config) as client:
+                client.request("POST", "/v1/admin/revoke", {
+                    "credential": credential(self.config, ADMIN), "user": job["user"],
+                    "reason": "ztgpu drill: revocation of a running job"})
+        except (AuthdRefused, AuthdError) as exc:
+            lines.append(f"  authd did not revoke: {exc} (the drill needs an admin with the "
+                         "revoke role and a fresh `ztgpu login`)")
+            return Outcome("revoked", False, lines)
+        lines.append(f"  revoked at {datetime.fromtimestamp(began).astimezone():%H:%M:%S}")
+        event = self._wait_for(spool_path, head, "job.action",
+                               lambda e: e.get("job_id") == job["job_id"]
+                               and e.get("action") == "revoke")
+        if event is None:
+            lines.append(f"  NOT ACTED ON within {self.timeout_s:g} s")
+            return Outcome("revoked", False, lines)
+        at = datetime.fromisoformat(str(event["ts"]).replace("Z", "+00:00")).timestamp()
+        lines.append(f"  detected after {max(0.0, at - began):.1f} s: job.action "
+                     f"action=revoke outcome={event['outcome']}")
+        lines.append(f"  response: GPUs taken back, job ended: {event['reason']}")
+        lines.append(f"  audit trail: seq {event['seq']} hash {str(event['hash'])[:16]}… "
+                     f"(ztgpu audit trail --job {job['job_id']})")
+        return Outcome("revoked", event["outcome"] == "access_removed", lines)
+
     def _inject(self, name: str, gpu: dict[str, Any], job: dict[str, Any] | None,
                 rule: str, sample: dict[str, Any], *, with_process: bool) -> Outcome:
         from ztgpu.audit.spool import Spool
@@ -162,7 +219,7 @@ class Drill:
             lines.append(f"  audit trail: seq {event['seq']} hash {str(event['hash'])[:16]}… "
                          f"(ztgpu audit trail --code {event['code']})")
             ok = True
-            if proc is not None and event["response"] == "end_process":
+            if proc is not None and "end_process" in str(event["response"]).split("+"):
                 try:
                     code = proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
@@ -185,13 +242,19 @@ class Drill:
 
     # ---- helpers ---------------------------------------------------------
     def _wait(self, spool_path: Path, head: int, rule: str, minor: int) -> dict[str, Any] | None:
+        return self._wait_for(spool_path, head, "gpu.misuse",
+                              lambda e: e.get("rule") == rule
+                              and e["gpus"][0]["minor"] == minor)
+
+    def _wait_for(self, spool_path: Path, head: int, code: str,
+                  wanted: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
         from ztgpu.audit.spool import Spool
 
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             with Spool.open(spool_path, self.config.node_name) as spool:
-                for event in spool.read(after_seq=head, limit=10_000, code="gpu.misuse"):
-                    if event.get("rule") == rule and event["gpus"][0]["minor"] == minor:
+                for event in spool.read(after_seq=head, limit=10_000, code=code):
+                    if wanted(event):
                         return event
             time.sleep(0.1)
         return None

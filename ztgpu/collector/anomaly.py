@@ -23,9 +23,12 @@ the median (``min_relative_scale``) or the floor, for the same reason, and
 off-peak time is judged on the scale of the user's job sizes (a fifth of
 the usual busy time at least: long jobs run into the night now and then).
 
-**False-positive control.** Nothing is judged before ``min_history`` past
-summaries exist for the user (default 10); until then the user's partition
-baseline is used if it has the history, else the summary is only learned.
+**False-positive control.** Nothing is judged against a baseline with
+fewer than ``min_history`` past summaries (default 10). A user with less
+history is judged against the first of these that has it: their Slurm
+account's (the project's), the GPU's (the same node and GPU: a GPU kept for
+one service has its own normal), their partition's; with none, the summary
+is only learned.
 A robust z of 5 would flag about 3 in 10^7 values of a normal figure; real
 usage has heavier tails, which is what the floors and the relative scales
 absorb. The default was chosen on the generated labelled set of
@@ -123,33 +126,50 @@ def offpeak_share(first: datetime, last: datetime, peak_hours: Sequence[str]) ->
     return outside / steps
 
 
+#: The baselines a summary is judged against, in order: the first with
+#: ``min_history`` past summaries decides.
+LEVELS = ("user", "account", "gpu", "partition")
+
+
+def _keys(event: dict[str, Any]) -> dict[str, str | None]:
+    """The summary's baseline key at each level (None: it has none there)."""
+    gpu = (event.get("gpus") or [{}])[0]
+    gpu_id = gpu.get("uuid") or gpu.get("index") if isinstance(gpu, dict) else None
+    account, user = event.get("account"), event.get("user")
+    return {"user": user if isinstance(user, str) else None,
+            "account": account if isinstance(account, str) and account else None,
+            "gpu": f"{event.get('node') or '-'} {gpu_id}" if gpu_id is not None else None,
+            "partition": str(event.get("partition") or "-")}
+
+
 class Detector:
-    """Per-user (and per-partition) baselines over ``gpu.usage`` summaries."""
+    """Per-user, per-account, per-GPU and per-partition baselines over
+    ``gpu.usage`` summaries."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.users: dict[str, Baseline] = {}
-        self.partitions: dict[str, Baseline] = {}
+        self.baselines: dict[str, dict[str, Baseline]] = {level: {} for level in LEVELS}
+
+    @property
+    def users(self) -> dict[str, Baseline]:
+        return self.baselines["user"]
 
     def observe(self, event: dict[str, Any], *, judge: bool = True) -> list[Finding]:
         """Judge one summary against its baselines, then learn it unless flagged."""
         found = figures(event, self.settings.peak_hours)
-        user = event.get("user")
-        if found is None or not isinstance(user, str):
+        keys = _keys(event)
+        if found is None or keys["user"] is None:
             return []
-        partition = str(event.get("partition") or "")
-        mine = self.users.setdefault(user, Baseline())
-        theirs = self.partitions.setdefault(partition, Baseline())
+        mine = [(f"{level} {key}", self.baselines[level].setdefault(key, Baseline()))
+                for level, key in keys.items() if key is not None]
         findings: list[Finding] = []
         if judge:
-            basis, baseline = ((f"user {user}", mine)
-                               if mine.count() >= self.settings.min_history
-                               else (f"partition {partition or '-'}", theirs))
-            if baseline.count() >= self.settings.min_history:
-                findings = self._judge(found, baseline, basis)
+            ready = [(basis, b) for basis, b in mine if b.count() >= self.settings.min_history]
+            if ready:
+                findings = self._judge(found, ready[0][1], ready[0][0])
         if not findings:
-            mine.add(found)
-            theirs.add(found)
+            for _, baseline in mine:
+                baseline.add(found)
         return findings
 
     def _judge(self, found: dict[str, float], baseline: Baseline, basis: str

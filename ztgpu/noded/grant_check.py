@@ -156,6 +156,17 @@ class GrantChecker:
         return claims
 
 
+    def hold(self, user: str, job_id: str, rule: str, reason: str) -> dict[str, Any]:
+        """Ask authd to hold *user* (a telemetry rule's ``hold_user``). On a
+        connection of its own: a slow authd delays no grant. Raises
+        AuthdRefused or AuthdError."""
+        from ztgpu.auth_client import AuthdClient
+
+        with AuthdClient(self.url, self.context(), timeout_s=min(self.timeout_s, 5.0)) as c:
+            reply = c.request("POST", "/v1/hold", {"user": user, "job_id": job_id,
+                                                   "rule": rule, "reason": reason})
+        return dict(reply)
+
     def jit(self, user: str) -> list[dict[str, Any]]:
         """*user*'s active just-in-time admin grants for this node (authd decides
         what is active: not expired, not revoked). Raises when authd cannot say."""

@@ -75,6 +75,7 @@ class Lifecycle(AgentCore):
                            minors=tuple(g.minor for g in gpus),
                            granted_at=self.clock().isoformat(),
                            partition=parse_word(job.get("partition")),
+                           account=parse_word(job.get("account")),
                            granted_us=boot_clock_us(), ecc_at_grant=self.ecc_counts(gpus))
         with self.lock:
             held = self._check_held([g.minor for g in gpus])

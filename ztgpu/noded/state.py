@@ -29,6 +29,8 @@ class JobRecord:
     granted_at: str
     #: The job's Slurm partition, as its Prolog said (its wipe mode).
     partition: str | None = None
+    #: The job's Slurm account (the project: the collector's baselines).
+    account: str | None = None
     #: When the grant was made, on the kernel log's clock (µs since boot):
     #: Xid events from then on are the job's (grants do not outlive a boot).
     granted_us: int = 0
@@ -85,6 +87,7 @@ class StateStore:
                 self._db.execute(
                     "INSERT OR REPLACE INTO job_meta VALUES (?, ?)",
                     (job.job_id, json.dumps({"partition": job.partition,
+                                             "account": job.account,
                                              "granted_us": job.granted_us,
                                              "ecc_at_grant": list(job.ecc_at_grant)})))
             except sqlite3.Error as exc:
@@ -190,10 +193,11 @@ def _meta(text: str | None) -> dict[str, Any]:
         meta = {}
     if not isinstance(meta, dict):
         meta = {}
-    partition, granted_us, ecc = (meta.get("partition"), meta.get("granted_us"),
-                                  meta.get("ecc_at_grant"))
+    partition, account, granted_us, ecc = (meta.get("partition"), meta.get("account"),
+                                           meta.get("granted_us"), meta.get("ecc_at_grant"))
     pairs = tuple((int(p[0]), int(p[1])) for p in ecc if isinstance(p, list) and len(p) == 2
                   and all(isinstance(v, int) for v in p)) if isinstance(ecc, list) else ()
     return {"partition": partition if isinstance(partition, str) else None,
+            "account": account if isinstance(account, str) else None,
             "granted_us": granted_us if isinstance(granted_us, int) else 0,
             "ecc_at_grant": pairs}

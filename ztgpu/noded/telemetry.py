@@ -26,7 +26,10 @@ Each finding is one critical audit event (``gpu.misuse``, ``gpu.xid``)
 with the evidence (the sample, the process: pid, uid, command, its job),
 recorded once while it lasts, after the response ``telemetry.responses``
 names: ``record``, ``alert``, ``end_process`` (never a process of
-``spared_uids``), ``end_job`` or ``drain``.
+``spared_uids``), ``end_job``, ``drain`` or ``hold_user`` (authd refuses
+the user's GPU jobs until an admin releases them), or several of them in
+order. A hold authd could not be told of is asked again every round until
+it answers (``gpu.hold`` records the late answer).
 
 What each job did with each GPU is summed as it runs (samples, mean and
 peak utilisation, peak memory, energy, busy time) and recorded at its
@@ -144,6 +147,8 @@ class Telemetry(AgentCore):
         self._sample_errors: set[int] = set()
         #: Findings whose response was ``alert`` (``ztgpu_alerts_total``).
         self.alerts = 0
+        #: Holds authd has not answered yet: user -> (job id, rule, reason).
+        self.pending_holds: dict[str, tuple[str, str, str]] = {}
 
     # ---- the loop ------------------------------------------------------
     def run_telemetry(self) -> None:
@@ -226,7 +231,8 @@ class Telemetry(AgentCore):
                     detail=f"GPU {gpu.index} is in use ({_figures(sample)}) but no job "
                            f"holds it"))
         findings += self._xid_findings(holding, samples)
-        events = self._act(findings)
+        events = self._retry_holds()
+        events += self._act(findings)
         self.sample_cpu_s += time.process_time() - cpu_before
         self.sample_rounds += 1
         return events
@@ -265,8 +271,12 @@ class Telemetry(AgentCore):
 
     def _respond(self, finding: Finding) -> dict[str, Any]:
         cfg = self.config.telemetry
-        response = str(getattr(cfg.responses, finding.rule))
-        outcome, note = self._carry_out(response, finding)
+        chosen = getattr(cfg.responses, finding.rule)
+        steps = [chosen] if isinstance(chosen, str) else list(chosen)
+        done = [self._carry_out(str(step), finding) for step in steps]
+        response = "+".join(steps)
+        outcome = "+".join(o for o, _ in done)
+        note = "; ".join(n for _, n in done)
         job = finding.job
         sample = finding.sample
         fields: dict[str, Any] = {
@@ -295,6 +305,8 @@ class Telemetry(AgentCore):
         if response == "drain":
             self._drain(f"{finding.rule}: {finding.detail}")
             return "drained", "node drained"
+        if response == "hold_user":
+            return self._hold_users(finding)
         if response == "end_job":
             if finding.job is None:
                 return "recorded", "no job holds the GPU: nothing to cancel"
@@ -314,6 +326,70 @@ class Telemetry(AgentCore):
         outcome = ("survived" if any(r.endswith("survived") for r in results)
                    else "spared" if all("spared" in r for r in results) else "ended")
         return outcome, "; ".join(results)
+
+    # ---- holds at authd -------------------------------------------------
+    def _hold_targets(self, finding: Finding) -> list[str]:
+        """Whom a finding holds: the owners of its processes (never a spared
+        uid), else the user of the job whose GPU it is."""
+        import pwd
+
+        spared = set(self.config.telemetry.spared_uids)
+        names: list[str] = []
+        for proc in finding.procs:
+            if proc.uid in spared:
+                continue
+            try:
+                name = pwd.getpwuid(proc.uid).pw_name
+            except KeyError:
+                continue  # no account to hold at authd
+            if name not in names:
+                names.append(name)
+        if not names and not finding.procs and finding.job is not None \
+                and finding.job.uid not in spared:
+            names.append(finding.job.user)
+        return names
+
+    def _hold_users(self, finding: Finding) -> tuple[str, str]:
+        if self.grant_checker is None:
+            return "recorded", "hold_user: no authd configured (auth.authd_url)"
+        users = self._hold_targets(finding)
+        if not users:
+            return "recorded", "hold_user: no user to hold"
+        job_id = finding.job.job_id if finding.job is not None else ""
+        outcomes, notes = [], []
+        for user in users:
+            outcome, note = self._ask_hold(user, job_id, finding.rule, finding.detail)
+            outcomes.append(outcome)
+            notes.append(note)
+        worst = next((o for o in ("failed", "refused") if o in outcomes), "held")
+        return worst, "; ".join(notes)
+
+    def _ask_hold(self, user: str, job_id: str, rule: str, reason: str) -> tuple[str, str]:
+        """(outcome, note) of one hold request; an unanswered one is kept to retry."""
+        from ztgpu.auth_client import AuthdError, AuthdRefused
+
+        assert self.grant_checker is not None
+        try:
+            reply = self.grant_checker.hold(user, job_id, rule, reason[:500])
+        except AuthdRefused as exc:
+            self.pending_holds.pop(user, None)
+            return "refused", f"authd refused to hold {user}: {exc} ({exc.code})"
+        except (AuthdError, KeyError, TypeError, ValueError) as exc:
+            self.pending_holds[user] = (job_id, rule, reason)
+            log.error("cannot ask authd to hold %s (retrying every round): %s", user, exc)
+            return "failed", f"hold of {user} not delivered ({exc}); asked again every round"
+        self.pending_holds.pop(user, None)
+        return "held", (f"{user} held at authd (hold {reply.get('hold')})"
+                        + ("" if reply.get("new", True) else ", already held"))
+
+    def _retry_holds(self) -> list[dict[str, Any]]:
+        events = []
+        for user, (job_id, rule, reason) in list(self.pending_holds.items()):
+            outcome, note = self._ask_hold(user, job_id, rule, reason)
+            if outcome != "failed":
+                events.append(self.spool.append("gpu.hold", user=user, job_id=job_id,
+                                                rule=rule, outcome=outcome, reason=note))
+        return events
 
     # ---- processes and jobs --------------------------------------------
     def _proc(self, pid: int) -> Proc | None:
@@ -383,7 +459,8 @@ class Telemetry(AgentCore):
                 continue
             self.spool.append("gpu.usage", job_id=job.job_id, uid=job.uid, user=job.user,
                               gpus=gpu_fields([self.by_minor[minor]]),
-                              partition=job.partition, outcome="summarised", **usage.fields())
+                              partition=job.partition, account=job.account,
+                              outcome="summarised", **usage.fields())
 
 
 def _figures(sample: GpuSample) -> str:

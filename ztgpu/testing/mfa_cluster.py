@@ -93,7 +93,8 @@ def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
                 policy: str = DEFAULT_POLICY, audit: bool = False,
                 gate_socket: bool = True,
                 authd: dict[str, Any] | None = None,
-                cli_filter: bool = False) -> Iterator[MfaCluster]:
+                cli_filter: bool = False,
+                sections: dict[str, dict[str, Any]] | None = None) -> Iterator[MfaCluster]:
     """A running cluster where GPUs need MFA; everything is removed afterwards.
 
     With ``audit`` the node agent also forwards its spool to a private
@@ -102,7 +103,7 @@ def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
     host) unless ``gate_socket`` is false, when it uses mutual TLS. ``authd``
     adds settings to authd's own config section. ``cli_filter`` installs the
     submit-side binding (`ztgpu install --cli-filter`) with the users' login
-    config.
+    config. ``sections`` adds settings to the agent's config sections.
     """
     base = Path(tempfile.mkdtemp(prefix="ztgpu-mfa-"))
     base.chmod(0o755)
@@ -126,13 +127,18 @@ def mfa_cluster(spec: ClusterSpec | None = None, *, gate: bool = True,
             holder["authd"] = authd_process.start()
             holder["root"] = secret_from_uri(uri.group(0))
             cert, key = pki.issue("node", cluster.node)
-            sections: dict[str, Any] = {
+            agent: dict[str, Any] = {
                 "auth": {"authd_url": authd_process.url, "revocation_poll_s": 0.5},
-                "tls": {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)}}
+                "tls": {"ca_cert": str(pki.ca_cert), "cert": str(cert), "key": str(key)},
+                # The node's admin tools (`ztgpu drill --scenario revoked`) prove
+                # their caller with the site's munge.
+                "authd": {"munge_socket": str(munge.socket)}}
             if audit:
                 holder["collector"] = CollectorProcess(base / "collector", pki).start()
-                sections["audit"] = {"collector_url": holder["collector"].url}
-            return sections
+                agent["audit"] = {"collector_url": holder["collector"].url}
+            for name, values in (sections or {}).items():
+                agent.setdefault(name, {}).update(values)
+            return agent
 
         def installed(suite: SuiteCluster) -> None:
             if gate:

@@ -53,20 +53,22 @@ def generate(seed: int = 7, users: int = 40, train_jobs: int = 40, test_jobs: in
         night = rng.random() < 0.1
         first_hour = rng.choice((21, 22, 23)) if night else rng.randint(7, 11)
         partition = "gpu-long" if pattern == "training" else "gpu"
+        account = f"proj{number % 6}"
         events = []
         day = START
         for _ in range(train_jobs + test_jobs):
             day += timedelta(hours=rng.uniform(4, 40))
             job += 1
             events.append(_job(rng, user, job, pattern, partition,
-                               _at(day, first_hour + rng.uniform(0, 3))))
+                               _at(day, first_hour + rng.uniform(0, 3)), account))
         train += events[:train_jobs]
         victims = rng.random() < misuse_users
         injected = set(rng.sample(range(test_jobs), k=2)) if victims else set()
         for index, event in enumerate(events[train_jobs:]):
             if index in injected:
                 job += 1
-                test.append((_misuse(rng, user, job, pattern, partition, event), True))
+                test.append((_misuse(rng, user, job, pattern, partition, event, account),
+                             True))
             test.append((event, False))
     return Trace(train=train, test=test)
 
@@ -77,15 +79,15 @@ def _at(day: datetime, hour: float) -> datetime:
 
 
 def _job(rng: random.Random, user: str, job: int, pattern: str, partition: str,
-         start: datetime) -> dict[str, Any]:
+         start: datetime, account: str | None = None) -> dict[str, Any]:
     (busy_lo, busy_hi), (util_lo, util_hi), (kw_lo, kw_hi) = PATTERNS[pattern]
     busy = rng.uniform(busy_lo, busy_hi)
     return summary(user, job, partition, start, busy, rng.uniform(util_lo, util_hi),
-                   busy * rng.uniform(kw_lo, kw_hi))
+                   busy * rng.uniform(kw_lo, kw_hi), account=account)
 
 
 def _misuse(rng: random.Random, user: str, job: int, pattern: str, partition: str,
-            normal: dict[str, Any]) -> dict[str, Any]:
+            normal: dict[str, Any], account: str | None = None) -> dict[str, Any]:
     (busy_lo, busy_hi), _, _ = PATTERNS[pattern]
     usual = (busy_lo + busy_hi) / 2
     # At night, after the day of an ordinary job: "usage 200% above the
@@ -94,16 +96,19 @@ def _misuse(rng: random.Random, user: str, job: int, pattern: str, partition: st
     start = _at(datetime.fromisoformat(normal["first_sample"]), rng.uniform(22.0, 25.0))
     busy = max(3.0, usual * rng.uniform(3.0, 4.0))
     if rng.random() < 0.5:  # a miner: full utilisation and power
-        return summary(user, job, partition, start, busy, 100.0, busy * 0.69)
-    return summary(user, job, partition, start, busy, rng.uniform(85, 100), busy * 0.55)
+        return summary(user, job, partition, start, busy, 100.0, busy * 0.69, account=account)
+    return summary(user, job, partition, start, busy, rng.uniform(85, 100), busy * 0.55,
+                   account=account)
 
 
 def summary(user: str, job: int, partition: str, start: datetime, busy_h: float,
-            util: float, kwh: float) -> dict[str, Any]:
+            util: float, kwh: float, *, account: str | None = None,
+            gpu: int = 0) -> dict[str, Any]:
     held = busy_h / max(0.3, util / 100.0) if util < 100 else busy_h
     end = start + timedelta(hours=max(held, busy_h))
     return {"code": "gpu.usage", "node": "gpu01", "job_id": str(job), "user": user,
-            "partition": partition, "gpus": [{"index": 0, "minor": 0}],
+            "partition": partition, "account": account,
+            "gpus": [{"index": gpu, "minor": gpu, "uuid": f"GPU-{gpu:08x}-sim"}],
             "util_mean_pct": round(util, 2), "busy_s": round(busy_h * 3600, 1),
             "energy_j": round(kwh * 3.6e6, 1), "first_sample": start.isoformat(),
             "last_sample": end.isoformat(), "samples": int(held * 720) + 1}
