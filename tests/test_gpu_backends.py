@@ -565,6 +565,13 @@ def test_nvml_device_state_reads_settings_health_and_mig_devices(
     assert state.compute_mode == "exclusive_process"
     assert (state.app_clocks, state.default_app_clocks) == ((2619, 1980), (2619, 1980))
     assert state.ecc_uncorrected == 4 and state.retired_pages_pending is None
+    # A grant reads the ECC count alone, with the same arguments (uncorrected, volatile).
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(mod, "nvmlDeviceGetTotalEccErrors",
+                        lambda _, error, counter: asked.append((error, counter)) or 6)
+    assert nvml_backend.ecc_uncorrected(gpu) == 6 and asked == [(1, 0)]
+    monkeypatch.setattr(mod, "nvmlDeviceGetTotalEccErrors", not_supported)
+    assert nvml_backend.ecc_uncorrected(gpu) is None
     assert (state.remapped_rows_pending, state.remap_failure) == (True, False)
     assert (state.persistence, state.accounting) == (True, False)
     assert state.mig_devices == ("MIG-aaaaaaaa-0000-4000-8000-000000000000",

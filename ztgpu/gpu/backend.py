@@ -79,6 +79,15 @@ class GpuBackend(Protocol):
         """
         ...
 
+    def ecc_uncorrected(self, gpu: GpuInfo) -> int | None:
+        """The GPU's volatile uncorrectable ECC count alone (None: not
+        supported): what a grant reads, on the Prolog's path.
+
+        Raises:
+            GpuError: it could not be read.
+        """
+        ...
+
     def restore(self, gpu: GpuInfo, setting: str, value: object) -> None:
         """Put one setting of the GPU back to *value* (``app_clocks``: defaults).
 

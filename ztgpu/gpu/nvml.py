@@ -228,6 +228,17 @@ class NvmlBackend:
                 return None
             raise
 
+    def ecc_uncorrected(self, gpu: GpuInfo) -> int | None:
+        """One NVML call (a grant's ECC baseline), not the whole device state.
+
+        Raises:
+            GpuError: NVML failed or overran its deadline, or the backend is closed.
+        """
+        with self._device(gpu) as (nvml, handle):
+            ecc = self._maybe(nvml, "nvmlDeviceGetTotalEccErrors", handle,
+                              _ERROR_UNCORRECTED, _VOLATILE_ECC)
+        return None if ecc is None else int(ecc)
+
     def device_state(self, gpu: GpuInfo) -> DeviceState:
         """Settings and health of *gpu* (None where not supported).
 

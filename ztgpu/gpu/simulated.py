@@ -102,6 +102,14 @@ class SimulatedBackend:
                                   for k, v in entry.items() if k in known}
         return DeviceState(**values)
 
+    def ecc_uncorrected(self, gpu: GpuInfo) -> int | None:
+        """The declared count (``ecc_uncorrected`` in the state file).
+
+        Raises:
+            GpuError: the declared file cannot be read.
+        """
+        return self.device_state(gpu).ecc_uncorrected
+
     def restore(self, gpu: GpuInfo, setting: str, value: object) -> None:
         """Set *setting* of *gpu* in the declared file (``app_clocks``: to
         its defaults)."""

@@ -235,7 +235,7 @@ class Hygiene(AgentCore):
         counts = []
         for gpu in gpus:
             try:
-                count = self.backend.device_state(gpu).ecc_uncorrected
+                count = self.backend.ecc_uncorrected(gpu)
             except GpuError as exc:
                 log.warning("cannot read the ECC count of GPU %s at the grant: %s",
                             gpu.index, exc)
