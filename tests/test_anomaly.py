@@ -29,11 +29,13 @@ DAY = datetime(2026, 11, 2, tzinfo=UTC).astimezone()  # a Monday, local time
 
 def usage(user: str, job: int, *, busy_h: float, start: datetime, util: float = 60.0,
           kwh: float | None = None, partition: str = "gpu", account: str | None = None,
-          gpu: str = "GPU-0a0a0a0a-0000-4000-8000-000000000000") -> dict[str, Any]:
-    """The fields of one gpu.usage summary (as the node agent records them)."""
+          gpu: str = "GPU-0a0a0a0a-0000-4000-8000-000000000000",
+          node: str | None = None) -> dict[str, Any]:
+    """The fields of one gpu.usage summary (as the node agent records them;
+    *node* is the envelope's, which the collector sets from the node's cert)."""
     end = start + timedelta(hours=max(busy_h, 0.01))
     return {"job_id": str(job), "uid": 1000, "user": user, "partition": partition,
-            "account": account, "node": "gpu01",
+            "account": account, **({"node": node} if node else {}),
             "gpus": [{"index": 0, "uuid": gpu, "minor": 0}],
             "outcome": "summarised", "samples": 100, "util_mean_pct": util,
             "util_max_pct": 100.0, "memory_max_bytes": 1 << 30,
@@ -96,12 +98,14 @@ def test_a_new_user_is_judged_against_their_account_the_gpu_or_the_partition() -
     rng = random.Random(3)
     for n, user in enumerate(("u1", "u2", "u3")):
         for event in history(user, 10, rng, first_job=1000 * (n + 1)):
-            event.update(account="proj-a", gpus=[{"index": 0, "uuid": f"GPU-{user}"}])
+            event.update(account="proj-a", node="gpu01",
+                         gpus=[{"index": 0, "uuid": f"GPU-{user}"}])
             detector.observe(event)
     big = {"busy_h": 10, "start": DAY.replace(hour=9)}
     in_account = detector.observe(usage("new1", 1, account="proj-a", gpu="GPU-x", **big))
     assert in_account and in_account[0].basis == "account proj-a"
-    on_gpu = detector.observe(usage("new2", 2, account="proj-b", gpu="GPU-u2", **big))
+    on_gpu = detector.observe(usage("new2", 2, account="proj-b", gpu="GPU-u2", node="gpu01",
+                                   **big))
     assert on_gpu and on_gpu[0].basis == "gpu gpu01 GPU-u2"
     elsewhere = detector.observe(usage("new3", 3, account="proj-c", gpu="GPU-y", **big))
     assert elsewhere and elsewhere[0].basis == "partition gpu"

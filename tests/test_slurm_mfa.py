@@ -69,7 +69,8 @@ def test_job_without_mfa_is_held_with_a_reason_and_released_by_login(site: MfaCl
     assert cluster.node_state() in ("idle", "mixed", "allocated")  # never drained
     assert not site.suite.events("job.grant", job)
     status = site.ztgpu_as("ztalice", "status")
-    assert status.returncode == 0 and f"job {job} waits for MFA" in status.stdout
+    assert status.returncode == 0 and f"job {job} held since" in status.stdout
+    assert "MFA session required" in status.stdout, status.stdout
 
     res = site.login("ztalice")
     assert res.returncode == 0, res.stderr

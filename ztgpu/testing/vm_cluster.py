@@ -71,7 +71,9 @@ def agent_config() -> dict[str, Any]:
                                "pci_bus_id": f"00000000:{0x17 + m * 0x10:02X}:00.0"}
                               for m in range(4)]},
         "slurm": {"gres_conf": "/etc/slurm/gres.conf", "bin_dir": "/usr/bin"},
-        "isolation": {"sweep_interval_s": 0.2},
+        # A probe forks a helper into the job's cgroup; under software
+        # emulation that alone can take seconds, beyond the 5 s default.
+        "isolation": {"sweep_interval_s": 0.2, "probe_timeout_s": 20},
         "wipe": {"mode": "off"},  # no libcuda in the VM
         # Under software emulation the sampling thread's rounds compete with
         # the isolation probes' 5 s budget; the VM tests are about cgroup v2.
