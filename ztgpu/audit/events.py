@@ -128,6 +128,9 @@ EVENT_TYPES: tuple[EventType, ...] = (
     _t("node.recover", _WARN, "node_name outcome resumed reason",
        "An admin's `ztgpu node recover`: grants of ended jobs released, the node checked "
        "and, if safe, resumed in Slurm."),
+    _t("node.assessed", _INFO, "counts findings outcome reason",
+       "`ztgpu assess` judged the node's zero-trust posture (rule ids, severities, "
+       "evidence)."),
     _t("node.unsafe", _CRIT, "check reason",
        "A start-up check failed: the agent grants no GPU on this node until it is fixed."),
     _t("hook.error", _WARN, "hook reason", "A Slurm hook or PAM client failed."),

@@ -429,8 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     nrecover.add_argument("--json", action="store_true")
     nrecover.set_defaults(func=_cmd_node_recover)
 
-    from ztgpu.cli import drill
+    from ztgpu.cli import assess, drill
 
+    assess.add_parser(sub)
     drill.add_parser(sub)
 
     demo = sub.add_parser("demo", help="run the local demonstration cluster")

@@ -203,6 +203,10 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
             if op == "ssh_open":
                 return agent.ssh_open(req, peer.pid)
             return agent.ssh_close(req, peer.pid)
+        if op == "assessed":
+            if peer.uid != 0:
+                raise Denied("only root may record an assessment")
+            return agent.record_assessment(req.get("findings"), req.get("facts_sha256"))
         if op == "recover":
             if peer.uid != 0:
                 raise Denied("only root may recover the node")
@@ -265,7 +269,7 @@ def serve(config: Config, ready: threading.Event | None = None) -> int:
 #: anything else counts as ``unknown``, so a client cannot grow the series).
 KNOWN_OPS = frozenset({"ping", "prolog", "epilog", "refused", "status", "verify", "drift",
                        "ssh_account", "ssh_open", "ssh_close", "ssh_auth", "ssh_mfa",
-                       "recover"})
+                       "recover", "assessed"})
 
 
 def _serve_metrics(config: Config, metrics: Any) -> Any:

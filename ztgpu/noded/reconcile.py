@@ -8,12 +8,13 @@ driver with ``NVreg_ModifyDeviceFiles=1``), recording each change.
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
 from ztgpu import __version__
 from ztgpu.cgroups.device_files import apply_state, read_state
-from ztgpu.errors import DeviceError, SlurmError
+from ztgpu.errors import DeviceError, InputRejected, SlurmError
 from ztgpu.noded import checks
 from ztgpu.noded.core import AgentCore, LiveJob, boot_id, gpu_fields, log
 
@@ -103,6 +104,33 @@ class Reconcile(AgentCore):
                                 f"{state or 'no longer listed'})")
             released.append(job_id)
         return released
+
+    def record_assessment(self, findings: Any, facts_sha256: Any) -> dict[str, Any]:
+        """Record what `ztgpu assess` found (``node.assessed``): the collector
+        then has every node's last assessment (`ztgpu assess --cluster`)."""
+        from ztgpu.assess.rules import RULES, SEVERITIES
+
+        if not isinstance(findings, list) or len(findings) > 200:
+            raise InputRejected("'findings' must be a list of at most 200 findings")
+        if not isinstance(facts_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", facts_sha256):
+            raise InputRejected("'facts_sha256' must be a SHA-256 in hex")
+        kept = []
+        for item in findings:
+            if not isinstance(item, dict) or item.get("rule") not in RULES \
+                    or not isinstance(item.get("evidence"), str):
+                raise InputRejected("each finding must be {rule: a known rule id, evidence}")
+            rule = RULES[item["rule"]]
+            kept.append({"rule": rule.id, "severity": rule.severity,
+                         "evidence": item["evidence"][:300]})
+        counts = {sev: sum(1 for f in kept if f["severity"] == sev)
+                  for sev in reversed(SEVERITIES)}
+        words = ", ".join(f"{n} {sev}" for sev, n in counts.items() if n) or "no findings"
+        ids = ", ".join(sorted({f["rule"] for f in kept}))
+        event = self.spool.append("node.assessed", counts=counts, findings=kept,
+                                  facts_sha256=facts_sha256,
+                                  outcome="findings" if kept else "clean",
+                                  reason=(f"{words}: {ids}" if ids else words)[:500])
+        return {"seq": event["seq"], "hash": event["hash"]}
 
     def recover(self, release_held: bool = True) -> dict[str, Any]:
         """Bring the node back after a crash, if it is safe: one command for an admin.

@@ -292,6 +292,24 @@ def _logical_lines(lines: Sequence[_Physical]) -> list[_Logical]:
     return result
 
 
+#: Lines that describe nodes, partitions and the like, not global settings.
+_ENTITY_KEYS = frozenset({"nodename", "partitionname", "nodeset", "downnodes", "frontendname",
+                          "switchname"})
+
+
+def settings(text: str) -> dict[str, str]:
+    """The global ``Key=Value`` settings of a slurm.conf-style text (slurm.conf,
+    cgroup.conf), keys lower-cased, the last value of a key winning as in
+    Slurm; node and partition lines and ``Include`` lines are left out."""
+    found: dict[str, str] = {}
+    for line in _logical_lines(_split_lines(text)):
+        if line.include or not line.pairs or line.pairs[0][0].lower() in _ENTITY_KEYS:
+            continue
+        for key, _, value in line.pairs:
+            found[key.lower()] = value
+    return found
+
+
 def _mentions(body: str, key: str) -> bool:
     pattern = r"(?<![A-Za-z0-9_.])" + re.escape(key) + r"\s*[-*+/]?="
     return re.search(pattern, body, re.IGNORECASE) is not None

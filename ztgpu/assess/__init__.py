@@ -1,0 +1,1 @@
+"""``ztgpu assess``: a node's zero-trust posture (facts, rules, checks, reports)."""
