@@ -24,7 +24,8 @@ PIP := $(PY) -m pip
 DEB_PACKAGES := slurm-wlm munge libslurm-dev python3 python3-venv python3-dev passwd util-linux \
 	postgresql rsyslog rsyslog-gnutls rsyslog-openssl openssl systemd \
 	debootstrap e2fsprogs mount qemu-utils qemu-system-x86 openssh-client bpftool \
-	openssh-server libpam-python libpam-slurm-adopt pamtester gcc libpam0g-dev prometheus
+	openssh-server libpam-python libpam-slurm-adopt pamtester gcc libpam0g-dev prometheus \
+	docker.io docker-compose
 STAMP_DEB := $(VENV)/.deb-installed
 STAMP_PIP := $(VENV)/.pip-installed
 TYPECHECK_TREE := build/typecheck

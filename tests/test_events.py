@@ -96,7 +96,7 @@ def test_the_documented_codes_and_required_fields() -> None:
         "agent.start", "agent.stop", "agent.recovered", "job.grant", "job.release",
         "job.refused", "job.action", "isolation.verified", "isolation.violated",
         "enforcement.failed", "device.drift", "device.holder", "device.held",
-        "device.freed", "node.drain", "node.recover", "node.unsafe", "hook.error",
+        "device.freed", "node.drain", "node.recover", "node.unsafe", "node.assessed", "hook.error",
         "request.rejected",
         "spool.full", "spool.drained", "collector.start", "collector.stop", "audit.gap",
         "audit.chain_broken", "audit.rejected", "audit.refused", "auth.enrolled",

@@ -91,6 +91,13 @@ PREREQUISITES: dict[str, Prerequisite] = {p.name: p for p in [
                "tests' sanitizer builds", "gcc"),
     Prerequisite("pam_modules.h", "libpam0g-dev", "building the compiled PAM module",
                  pattern="/usr/include/security/pam_modules.h"),
+    Prerequisite("dockerd", "docker.io", "the private docker daemon that builds and runs the "
+                 "central services' containers (ztgpu.testing.containers)",
+                 pattern="/usr/sbin/dockerd"),
+    Prerequisite("docker", "docker.io", "the docker client matching that daemon",
+                 pattern="/usr/bin/docker"),
+    *_programs("docker-compose", "starting containers/compose.yaml "
+               "(ztgpu.testing.containers)", "docker-compose"),
     *_programs("prometheus", "the private Prometheus server that scrapes the suite's "
                "/metrics (ztgpu.testing.prometheus) and checks the shipped alerting rules",
                "prometheus", "promtool"),
