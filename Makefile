@@ -30,7 +30,7 @@ STAMP_DEB := $(VENV)/.deb-installed
 STAMP_PIP := $(VENV)/.pip-installed
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: setup install demo test lint typecheck unit bench clean reachable mutation
+.PHONY: setup install demo test test-deploy lint typecheck unit bench clean reachable mutation
 
 setup: $(STAMP_PIP)
 
@@ -80,7 +80,13 @@ reachable:
 	  fi; d=$$(dirname "$$d"); done
 
 test: install lint typecheck reachable
-	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=25 tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=25 -m "not deploy" tests
+
+# The Ansible roles run over ssh against a VM (tests/test_ansible.py): two
+# full plays take about 20 minutes under software emulation, so they are
+# kept out of `make test`.
+test-deploy: install reachable
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m deploy tests
 
 demo: install
 	$(VENV)/bin/ztgpu demo
