@@ -220,8 +220,8 @@ def _c_number(text: str) -> int:
 @check
 def _cgroups(facts: dict[str, Any]) -> Iterator[Finding]:
     if facts.get("cgroup_mode") == "unknown":
-        yield _f("ZT301", "/sys/fs/cgroup has neither cgroup.controllers nor a devices "
-                 "controller")
+        yield _f("ZT301", str(facts.get("cgroup_detail") or "/sys/fs/cgroup has neither "
+                              "cgroup.controllers nor a devices controller"))
 
 
 # ---- PAM and sshd ------------------------------------------------------------------------

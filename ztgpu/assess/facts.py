@@ -53,7 +53,7 @@ def gather(config: Config, *, root: Path = Path("/"), slurm_conf: Path | None = 
         "devices": _devices(root),
         "nvidia_params": _text(root, Path("/proc/driver/nvidia/params")),
         "modprobe": _modprobe(root),
-        "cgroup_mode": _cgroup_mode(root),
+        **_cgroup_mode(root, config),
         "pam_sshd": _text(root, Path("/etc/pam.d/sshd")),
         "sshd": _sshd(root, live),
         "munge_key": _stat(root, Path("/etc/munge/munge.key")),
@@ -146,13 +146,24 @@ def _modprobe(root: Path) -> dict[str, str]:
     return out
 
 
-def _cgroup_mode(root: Path) -> str:
+def _cgroup_mode(root: Path, config: Config) -> dict[str, str]:
+    """``cgroup_mode`` (v1, v2, hybrid or unknown) and why. On the node itself,
+    the agent's own detection (``cgroups.mode``, ``cgroups.root``): what it
+    enforces through; under another root, what the hierarchy there shows."""
+    if root == Path("/"):
+        from ztgpu.noded.cgroup_layer import detect
+
+        layer = detect(config.cgroups)
+        return {"cgroup_mode": "unknown" if layer.mode == "none" else layer.mode,
+                "cgroup_detail": layer.detail}
     base = _under(root, Path("/sys/fs/cgroup"))
     if (base / "cgroup.controllers").exists():
-        return "v2"
-    if (base / "devices").is_dir():
-        return "hybrid" if (base / "unified").is_dir() else "v1"
-    return "unknown"
+        mode = "v2"
+    elif (base / "devices").is_dir():
+        mode = "hybrid" if (base / "unified").is_dir() else "v1"
+    else:
+        mode = "unknown"
+    return {"cgroup_mode": mode, "cgroup_detail": f"{base}: {mode}"}
 
 
 # ---- sshd --------------------------------------------------------------------------

@@ -8,7 +8,13 @@ from typing import Any
 
 from ztgpu import __version__
 from ztgpu.assess.checks import Finding
-from ztgpu.assess.rules import PRINCIPLES, RULES, SARIF_LEVEL, SEVERITIES
+from ztgpu.assess.rules import (
+    PRINCIPLES,
+    RULES,
+    SARIF_LEVEL,
+    count_severities,
+    describe_counts,
+)
 
 #: SARIF ``security-severity`` (0-10) by severity, as code scanners rank them.
 SECURITY_SEVERITY = {"info": "0.0", "low": "3.0", "medium": "5.5", "high": "8.0",
@@ -17,13 +23,12 @@ SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 
 
 def counts(findings: Sequence[Finding]) -> dict[str, int]:
-    return {sev: sum(1 for f in findings if f.severity == sev) for sev in reversed(SEVERITIES)}
+    return count_severities(f.severity for f in findings)
 
 
 def table(node: str, findings: Sequence[Finding], width: int = 100) -> str:
     """Findings, most severe first: id, severity, what was seen, the fix."""
-    lines = [f"ztgpu assess: node {node}: " + (", ".join(
-        f"{n} {sev}" for sev, n in counts(findings).items() if n) or "no findings")]
+    lines = [f"ztgpu assess: node {node}: {describe_counts(counts(findings))}"]
     for finding in findings:
         rule = finding.rule
         where = (f" [{finding.path}{f':{finding.line}' if finding.line else ''}]"

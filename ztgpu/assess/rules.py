@@ -8,6 +8,7 @@ tailors), and the fix.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: The six principles the suite is built on, each in a word and in a line.
@@ -178,6 +179,17 @@ RULES: dict[str, Rule] = {rule.id: rule for rule in (
 
 def rule(rule_id: str) -> Rule:
     return RULES[rule_id]
+
+
+def count_severities(severities: Iterable[str]) -> dict[str, int]:
+    """How many of each severity, most severe first (every severity listed)."""
+    seen = list(severities)
+    return {sev: seen.count(sev) for sev in reversed(SEVERITIES)}
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    """``1 critical, 4 high`` (only those present), or ``no findings``."""
+    return ", ".join(f"{n} {sev}" for sev, n in counts.items() if n) or "no findings"
 
 
 def at_least(severity: str, floor: str) -> bool:

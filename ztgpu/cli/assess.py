@@ -115,7 +115,7 @@ def _cluster(args: argparse.Namespace) -> int:
     against ``--fail-on`` (the findings are the rules' own, by id)."""
     from ztgpu.assess import report
     from ztgpu.assess.checks import Finding
-    from ztgpu.assess.rules import RULES, at_least
+    from ztgpu.assess.rules import RULES, at_least, describe_counts
     from ztgpu.audit.client import EventQuery, open_client
     from ztgpu.cli.audit import _collector_settings
 
@@ -142,10 +142,9 @@ def _cluster(args: argparse.Namespace) -> int:
     else:
         lines = [f"{'node':<16} {'assessed':<28} findings"]
         for node, found in nodes.items():
-            counts = ", ".join(f"{n} {sev}" for sev, n in report.counts(found).items() if n)
             ids = " ".join(sorted({f.rule.id for f in found}))
             lines.append(f"{node:<16} {latest[node].get('ts', ''):<28} "
-                         f"{counts or 'none'}{'  ' + ids if ids else ''}")
+                         f"{describe_counts(report.counts(found))}{'  ' + ids if ids else ''}")
         if not nodes:
             lines.append(f"(no node.assessed event at the collector since {args.since})")
         text = "\n".join(lines)

@@ -108,7 +108,7 @@ class Reconcile(AgentCore):
     def record_assessment(self, findings: Any, facts_sha256: Any) -> dict[str, Any]:
         """Record what `ztgpu assess` found (``node.assessed``): the collector
         then has every node's last assessment (`ztgpu assess --cluster`)."""
-        from ztgpu.assess.rules import RULES, SEVERITIES
+        from ztgpu.assess.rules import RULES, count_severities, describe_counts
 
         if not isinstance(findings, list) or len(findings) > 200:
             raise InputRejected("'findings' must be a list of at most 200 findings")
@@ -122,9 +122,8 @@ class Reconcile(AgentCore):
             rule = RULES[item["rule"]]
             kept.append({"rule": rule.id, "severity": rule.severity,
                          "evidence": item["evidence"][:300]})
-        counts = {sev: sum(1 for f in kept if f["severity"] == sev)
-                  for sev in reversed(SEVERITIES)}
-        words = ", ".join(f"{n} {sev}" for sev, n in counts.items() if n) or "no findings"
+        counts = count_severities(f["severity"] for f in kept)
+        words = describe_counts(counts)
         ids = ", ".join(sorted({f["rule"] for f in kept}))
         event = self.spool.append("node.assessed", counts=counts, findings=kept,
                                   facts_sha256=facts_sha256,
