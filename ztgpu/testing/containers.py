@@ -124,11 +124,11 @@ def _mounts_under(path: Path) -> list[str]:
 
 
 def _owned_secret(path: Path, data: bytes, uid: int) -> Path:
+    """A new 0600 file owned by a container's user (whose uid has no name here)."""
+    from ztgpu.trust.private_files import create_exclusive
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chown(path, uid, uid)
+    create_exclusive(path, data, (uid, uid), ClusterError)
     return path
 
 
