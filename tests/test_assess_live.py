@@ -85,3 +85,17 @@ def test_assess_before_and_after_install_and_from_the_collector(tmp_path: Path) 
             assert "known rule id" in str(exc)
         else:
             raise AssertionError("an unknown rule id was recorded")
+        # Only root records an assessment: a user cannot plant a clean one.
+        import subprocess
+        import sys
+
+        code = ("import sys; from ztgpu.node_client import call; "
+                "call(sys.argv[1], 'assessed', facts_sha256='0' * 64, findings=[])")
+        planted = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-c", code,
+                                  str(suite.config["paths"]["socket"])],
+                                 capture_output=True, text=True, timeout=60, check=False,
+                                 cwd="/")
+        # (Here the socket itself admits only root and SlurmUser, which is root.)
+        assert planted.returncode != 0, planted
+        assert ("only root may record an assessment" in planted.stderr
+                or "only root and the Slurm user may talk" in planted.stderr), planted.stderr
