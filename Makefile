@@ -82,9 +82,10 @@ reachable:
 test: install lint typecheck reachable
 	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=25 -m "not deploy" tests
 
-# The Ansible roles run over ssh against a VM (tests/test_ansible.py): two
-# full plays take about 20 minutes under software emulation, so they are
-# kept out of `make test`.
+# The Ansible roles run over ssh against the pure cgroup-v2 VM
+# (tests/test_ansible_vm.py): under software emulation that takes about 15
+# minutes, so it is kept out of `make test` (which runs the same roles
+# against container hosts, tests/test_ansible.py).
 test-deploy: install reachable
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m deploy tests
 

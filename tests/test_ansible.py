@@ -1,180 +1,276 @@
-"""The Ansible roles (deploy/ansible) install the suite on a real host over ssh.
+"""The Ansible roles (deploy/ansible) install the suite on real hosts over ssh.
 
-Real parts: ansible-playbook (ansible-core), a Debian 12 VM with Slurm from
-its packages (ztgpu.testing.vm_cluster: systemd, munge, slurmctld, slurmd,
-cgroup v2, four fake GPUs) reached over ssh, the site PKI made here. The VM
-is both the service host (authd, the collector) and the GPU node. The play
-is run twice (the second changes nothing), then against a node with a
-critical weakness, which fails it with the finding, and with a bad variable.
+Real parts: ansible-playbook (ansible-core) against two Debian 12 hosts
+(ztgpu.testing.systemd_hosts: containers booting systemd, reached over
+their own sshd) with Debian's munge and Slurm 22.05 running from their
+packaged units: ``ztsvc``, the Slurm controller and the service host
+(ztgpu_services: authd and the collector), and ``ztgpu01``, a GPU node
+(ztgpu_node; four fake GPU device files). The site PKI and the wheelhouse
+(containers/build's) are made here, on the "controller". The play is run
+twice (the second changes nothing), the node's events reach the collector
+on the other host over mTLS, a changed variable reaches the node and
+restarts only its agent, a node with a critical weakness fails the play with
+the finding, and a bad variable stops it before anything changes.
+
+tests/test_ansible_vm.py (``make test-deploy``) runs the same play against
+the pure cgroup-v2 VM, which these hosts (read-only cgroups) cannot stand
+in for.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import subprocess
-import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import HAVE_ROOT
+from conftest import needs_root
 
+from ztgpu.testing.ansible_play import Controller, total
 from ztgpu.testing.authd_process import DEFAULT_POLICY
-from ztgpu.testing.collector_process import SitePki
-from ztgpu.testing.vm_cluster import NODE, VENV, VmCluster, agent_config, vm_cluster
+from ztgpu.testing.collector_process import CollectorClient, SitePki, free_port
+from ztgpu.testing.slurm_cluster import wait_for
+from ztgpu.testing.systemd_hosts import SystemdHost, systemd_hosts
+from ztgpu.testing.vm_cluster import agent_config
 
-# Two full runs of the play take about 20 minutes under software emulation:
-# outside `make test`, run by `make test-deploy`.
-pytestmark = [pytest.mark.skipif(not HAVE_ROOT, reason="needs root (qemu image build)"),
-              pytest.mark.deploy]
+pytestmark = needs_root
 CHECKOUT = Path(__file__).resolve().parent.parent
 PLAYBOOK = CHECKOUT / "deploy" / "ansible" / "site.yml"
-ANSIBLE = Path(sys.executable).with_name("ansible-playbook")
-AUTHD, COLLECTOR = "https://127.0.0.1:8443", "https://127.0.0.1:8444"
+SVC, NODE = "ztsvc", "ztgpu01"
+VENV = "/opt/ztgpu/venv"
 
 
-class Controller:
-    """What the admin's machine holds: inventory, PKI, wheelhouse, variables."""
+def slurm_conf(ctld_port: int, slurmd_port: int) -> str:
+    return "\n".join([
+        "ClusterName=ansible", f"SlurmctldHost={SVC}", f"SlurmctldPort={ctld_port}",
+        f"SlurmdPort={slurmd_port}", "AuthType=auth/munge", "SlurmUser=slurm",
+        "StateSaveLocation=/var/lib/slurm/slurmctld", "SlurmdSpoolDir=/var/lib/slurm/slurmd",
+        "SlurmctldPidFile=/run/slurmctld.pid", "SlurmdPidFile=/run/slurmd.pid",
+        # The hosts' cgroups are read-only: Slurm tracks processes without them.
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+        "SelectType=select/cons_tres", "GresTypes=gpu", "ReturnToService=2",
+        "JobAcctGatherType=jobacct_gather/none",
+        "SlurmctldLogFile=/var/log/slurm/slurmctld.log",
+        "SlurmdLogFile=/var/log/slurm/slurmd.log",
+        f"NodeName={NODE} CPUs=2 RealMemory=500 Gres=gpu:4 State=UNKNOWN",
+        f"PartitionName=gpu Nodes={NODE} Default=YES MaxTime=INFINITE State=UP"]) + "\n"
 
-    def __init__(self, base: Path, c: VmCluster) -> None:
-        self.base, self.c = base, c
-        pki = SitePki(base / "pki")
-        wheels = base / "wheels"
-        wheels.mkdir()
-        for wheel in c.vm.share.glob("ztgpu-*.whl"):
-            shutil.copy2(wheel, wheels)
-        authd = pki.issue("service", "authd", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
-        collector = pki.issue("service", "collector", dns_names=["localhost"],
-                              ip_addresses=["127.0.0.1"])
-        node = pki.issue("node", NODE)
-        policy = base / "policy.yaml"
-        policy.write_text(DEFAULT_POLICY)
-        node_config = agent_config()
-        node_config["auth"] = {"authd_url": AUTHD}
-        node_config["audit"] = {"collector_url": COLLECTOR}
-        self.variables: dict[str, Any] = {
-            "ztgpu_wheelhouse": str(wheels),
-            "ztgpu_tls_ca": str(pki.ca_cert),
-            # the node
-            "ztgpu_config": node_config, "ztgpu_tls_cert": str(node[0]),
-            "ztgpu_tls_key": str(node[1]), "ztgpu_pam_module": "exec",
-            "ztgpu_restart_slurmctld": True,  # the VM is its own controller
-            # No NVIDIA driver in the VM and so no wipe (high): judged at critical.
-            "ztgpu_assess_fail_on": "critical",
-            # the services
-            "ztgpu_authd_policy": str(policy),
-            "ztgpu_authd_cert": str(authd[0]), "ztgpu_authd_key": str(authd[1]),
-            "ztgpu_collector_cert": str(collector[0]), "ztgpu_collector_key": str(collector[1]),
-            "ztgpu_authd_config": {
-                "auth": {"authd_url": AUTHD}, "audit": {"collector_url": COLLECTOR},
-                "paths": {"spool_dir": "/var/lib/ztgpu-authd/spool"},
-                "slurm": {"bin_dir": "/usr/bin", "conf": "/etc/slurm/slurm.conf"},
-                "authd": {"listen_host": "127.0.0.1", "listen_port": 8443, "name": "authd"}},
-            "ztgpu_collector_config": {
-                "collector": {"listen_host": "127.0.0.1", "listen_port": 8444}},
-        }
-        key = base / "vm.key"
-        shutil.copy2(c.vm.image.key, key)
-        key.chmod(0o600)
-        ssh_args = ("-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-                    f"-o ControlMaster=auto -o ControlPath={base}/cm.sock -o ControlPersist=600")
-        (base / "inventory.ini").write_text(
-            "[ztgpu_services]\nvm\n[ztgpu_nodes]\nvm\n[all:vars]\n"
-            f"ansible_host=127.0.0.1\nansible_port={c.vm.port}\nansible_user=root\n"
-            f"ansible_ssh_private_key_file={key}\nansible_ssh_common_args='{ssh_args}'\n"
-            "ansible_python_interpreter=/usr/bin/python3\n"
-            # Already root; the VM has no sudo for the play's become.
-            "ansible_become=false\n")
 
-    def play(self, *args: str, **overrides: Any
-             ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-        """Run site.yml (with *args*); returns the run and the VM's recap (ok,
-        changed, failed...)."""
-        extra = self.base / "vars.json"
-        extra.write_text(json.dumps({**self.variables, **overrides}))
-        env = {**os.environ, "ANSIBLE_HOST_KEY_CHECKING": "False", "ANSIBLE_NOCOLOR": "1",
-               "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_RETRY_FILES_ENABLED": "0",
-               "ANSIBLE_LOCAL_TEMP": str(self.base / "ansible-tmp"),
-               "ANSIBLE_HOME": str(self.base / "ansible-home"),
-               "ANSIBLE_PIPELINING": "True"}
-        res = subprocess.run([str(ANSIBLE), "-i", str(self.base / "inventory.ini"),
-                              "-e", f"@{extra}", *args, str(PLAYBOOK)], capture_output=True,
-                             text=True, timeout=1200, env=env, check=False)
-        recap = re.search(r"^vm\s+:\s+(.*)$", res.stdout, re.MULTILINE)
-        counts = dict(re.findall(r"(\w+)=(\d+)", recap.group(1))) if recap else {}
-        return res, {k: int(v) for k, v in counts.items()}
+def provision(svc: SystemdHost, node: SystemdHost) -> None:
+    """Slurm alone, from its packaged units: the controller on svc, slurmd on
+    the node (the hosts share munge's key: one image)."""
+    conf = slurm_conf(free_port(), free_port())
+    for host in (svc, node):
+        host.sh("mkdir -p /etc/slurm /var/lib/slurm/slurmctld /var/lib/slurm/slurmd "
+                "/var/log/slurm && chown slurm:slurm /var/lib/slurm/slurmctld /var/log/slurm")
+        host.write("/etc/slurm/slurm.conf", conf)
+    node.write("/etc/slurm/gres.conf", "Name=gpu File=/dev/nvidia[0-3]\n")
+    node.sh("for m in 0 1 2 3; do mknod -m 0666 /dev/nvidia$m c 195 $m; done; "
+            "mknod -m 0666 /dev/nvidiactl c 195 255")
+    svc.sh("systemctl start munge slurmctld", timeout=120)
+    node.sh("systemctl start munge slurmd", timeout=120)
+    wait_for(lambda: svc.sh("sinfo -h -N -o %T", check=False).stdout.strip()
+             in ("idle", "mixed"), 60, f"{NODE} idle in Slurm", interval=1)
+
+
+@dataclass
+class Site:
+    controller: Controller
+    svc: SystemdHost
+    node: SystemdHost
+    pki: SitePki
+    collector_url: str
+
+
+def site_variables(base: Path, pki: SitePki, wheels: Path) -> tuple[dict[str, Any], str]:
+    """The variables an admin writes for this site; returns them and the
+    collector's URL."""
+    authd_port, collector_port = free_port(), free_port()
+    authd_url = f"https://{SVC}:{authd_port}"
+    collector_url = f"https://{SVC}:{collector_port}"
+    authd = pki.issue("service", "authd", dns_names=[SVC], ip_addresses=["127.0.0.1"])
+    collector = pki.issue("service", "collector", dns_names=[SVC], ip_addresses=["127.0.0.1"])
+    node = pki.issue("node", NODE)
+    policy = base / "policy.yaml"
+    policy.write_text(DEFAULT_POLICY)
+    node_config = agent_config()
+    node_config["node"] = {"name": NODE}
+    node_config["isolation"] = {}
+    node_config["auth"] = {"authd_url": authd_url}
+    node_config["audit"] = {"collector_url": collector_url}
+    return {
+        "ztgpu_wheelhouse": str(wheels),
+        "ztgpu_tls_ca": str(pki.ca_cert),
+        # the node
+        "ztgpu_config": node_config, "ztgpu_tls_cert": str(node[0]),
+        "ztgpu_tls_key": str(node[1]), "ztgpu_pam_module": "exec",
+        # No NVIDIA driver and so no wipe (high): judged at critical.
+        "ztgpu_assess_fail_on": "critical",
+        # the services
+        "ztgpu_authd_policy": str(policy),
+        "ztgpu_authd_cert": str(authd[0]), "ztgpu_authd_key": str(authd[1]),
+        "ztgpu_collector_cert": str(collector[0]), "ztgpu_collector_key": str(collector[1]),
+        "ztgpu_authd_config": {
+            "auth": {"authd_url": authd_url}, "audit": {"collector_url": collector_url},
+            "paths": {"spool_dir": "/var/lib/ztgpu-authd/spool"},
+            "slurm": {"bin_dir": "/usr/bin", "conf": "/etc/slurm/slurm.conf"},
+            "authd": {"listen_host": "127.0.0.1", "listen_port": authd_port,
+                      "name": "authd"}},
+        "ztgpu_collector_config": {
+            "collector": {"listen_host": "127.0.0.1", "listen_port": collector_port}},
+    }, collector_url.replace(SVC, "127.0.0.1")
 
 
 @pytest.fixture(scope="module")
-def controller() -> Iterator[Controller]:
+def site() -> Iterator[Site]:
     base = Path(tempfile.mkdtemp(prefix="ztgpu-ansible-"))
     try:
-        with vm_cluster("bookworm", CHECKOUT) as c:
-            yield Controller(base, c)
+        key, public = base / "id_root", base / "id_root.pub"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True, timeout=30)
+        public.chmod(0o644)
+        wheels = base / "wheels"
+        with systemd_hosts(CHECKOUT / "containers", [SVC, NODE], public, wheels) as hosts:
+            provision(hosts[SVC], hosts[NODE])
+            pki = SitePki(base / "pki")
+            variables, collector_url = site_variables(base, pki, wheels)
+            controller = Controller(
+                base, PLAYBOOK, key, {name: h.port for name, h in hosts.items()},
+                {"ztgpu_services": [SVC], "ztgpu_nodes": [NODE]}, variables)
+            yield Site(controller, hosts[SVC], hosts[NODE], pki, collector_url)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_the_play_installs_node_and_services_and_a_second_run_changes_nothing(
-        controller: Controller) -> None:
-    c = controller.c
-    first, recap = controller.play()
-    assert first.returncode == 0 and recap.get("failed") == 0, first.stdout[-6000:]
-    assert recap["changed"] > 0
-    # What the play left: running services, the hooks in slurm.conf, the
-    # suite's PAM lines, the driver options, keys 0600 owned by their users.
-    for unit in ("ztgpu-noded", "ztgpu-authd", "ztgpu-collectord"):
-        assert c.sh(f"systemctl is-active {unit}", check=False).stdout.strip() == "active", \
-            c.sh(f"journalctl -u {unit} -n 30 --no-pager", check=False).stdout
-    assert "Prolog=" in c.sh("grep -E '^(Prolog|PrologFlags)=' /etc/slurm/slurm.conf").stdout
-    assert "ztgpu" in c.sh("cat /etc/pam.d/sshd").stdout
-    assert "NVreg_DeviceFileMode=0600" in c.sh("cat /etc/modprobe.d/ztgpu-nvidia.conf").stdout
-    modes = c.sh("stat -c '%n %a %U' /etc/ztgpu/tls/node.key /etc/ztgpu/pki/authd.key "
-                 "/etc/ztgpu/pki/collector.key /etc/ztgpu/authd/kek").stdout
-    assert modes.split("\n")[:4] == [
-        "/etc/ztgpu/tls/node.key 600 root", "/etc/ztgpu/pki/authd.key 600 slurm",
-        "/etc/ztgpu/pki/collector.key 600 ztgpu-collector", "/etc/ztgpu/authd/kek 600 slurm"]
-    installed = yaml.safe_load(c.sh("cat /etc/ztgpu/ztgpu.yaml").stdout)
-    assert installed["tls"]["key"] == "/etc/ztgpu/tls/node.key"
-    assert installed["auth"]["authd_url"] == AUTHD
-    # The node was judged at the end of the play: the agent recorded it.
-    assert c.events("node.assessed"), "no node.assessed event"
-    # Judged live on this pure cgroup-v2 node: its cgroup mode, hooks, PAM
-    # and munge are right; what it lacks (no GPU driver, so no wipe) is named.
-    judged = json.loads(c.sh(f"{VENV}/bin/ztgpu assess --format json --fail-on critical "
-                             "--no-event").stdout)
-    rules = {f["rule"] for f in judged["findings"]}
-    assert not rules & {"ZT101", "ZT102", "ZT103", "ZT301", "ZT401", "ZT501", "ZT601"}, judged
-    assert "ZT606" in rules, judged
-    assert c.agent_call("ping") == {"pong": True}
-
-    second, recap = controller.play()
-    assert second.returncode == 0, second.stdout[-6000:]
-    assert recap.get("changed") == 0 and recap.get("failed") == 0, second.stdout[-6000:]
+def active(host: SystemdHost, unit: str) -> str:
+    return host.sh(f"systemctl is-active {unit}", check=False).stdout.strip()
 
 
-def test_the_play_fails_on_a_critical_finding_and_names_it(controller: Controller) -> None:
-    c = controller.c
-    c.sh("chmod 0644 /etc/munge/munge.key")
+def main_pid(host: SystemdHost, unit: str) -> str:
+    return host.sh(f"systemctl show -p MainPID --value {unit}").stdout.strip()
+
+
+def assessed_events(site: Site) -> list[dict[str, Any]]:
+    auditor = CollectorClient(site.collector_url, site.pki.context("auditor", "carol"))
     try:
-        # Only the assessment (tag assess; a full run takes minutes under
-        # emulation and the first test showed it changes nothing).
-        res, recap = controller.play("--tags", "assess")
+        status, body = auditor.get("/v1/events", node=NODE, code="node.assessed", limit=100)
     finally:
-        c.sh("chmod 0400 /etc/munge/munge.key")
-    assert res.returncode != 0 and recap.get("failed") == 1, res.stdout[-6000:]
+        auditor.close()
+    assert status == 200, body
+    events: list[dict[str, Any]] = body["events"]
+    return events
+
+
+def test_the_play_installs_services_and_node_on_their_hosts_and_a_second_run_changes_nothing(
+        site: Site) -> None:
+    svc, node = site.svc, site.node
+    first, recaps = site.controller.play()
+    assert first.returncode == 0 and total(recaps, "failed") == 0, first.stdout[-6000:]
+    assert recaps[SVC]["changed"] > 0 and recaps[NODE]["changed"] > 0, recaps
+    # Each host got its part and only that.
+    for unit in ("ztgpu-authd", "ztgpu-collectord"):
+        assert active(svc, unit) == "active", svc.sh(
+            f"journalctl -u {unit} -n 30 --no-pager", check=False).stdout
+        assert active(node, unit) != "active"
+    assert active(node, "ztgpu-noded") == "active", node.sh(
+        "journalctl -u ztgpu-noded -n 30 --no-pager", check=False).stdout
+    assert active(svc, "ztgpu-noded") != "active"
+    # The node: hooks in slurm.conf, the suite's PAM line, the driver options,
+    # its key 0600 root's; the services' keys 0600 each its service user's.
+    conf = node.sh("cat /etc/slurm/slurm.conf").stdout
+    assert "PrologFlags=Alloc,Contain" in conf and "Prolog=/usr/libexec/ztgpu/prolog" in conf
+    assert node.sh("stat -L -c '%U %a' /usr/libexec/ztgpu/prolog").stdout.split() == [
+        "root", "755"]
+    assert "ztgpu" in node.sh("cat /etc/pam.d/sshd").stdout
+    assert "NVreg_DeviceFileMode=0600" in node.sh("cat /etc/modprobe.d/ztgpu-nvidia.conf").stdout
+    assert node.sh("stat -c '%a %U' /etc/ztgpu/tls/node.key").stdout.split() == ["600", "root"]
+    modes = svc.sh("stat -c '%n %a %U' /etc/ztgpu/pki/authd.key /etc/ztgpu/pki/collector.key "
+                   "/etc/ztgpu/authd/kek").stdout.splitlines()
+    assert modes == ["/etc/ztgpu/pki/authd.key 600 slurm",
+                     "/etc/ztgpu/pki/collector.key 600 ztgpu-collector",
+                     "/etc/ztgpu/authd/kek 600 slurm"]
+    installed = yaml.safe_load(node.sh("cat /etc/ztgpu/ztgpu.yaml").stdout)
+    assert installed["tls"] == {"ca_cert": "/etc/ztgpu/tls/ca.crt",
+                                "cert": "/etc/ztgpu/tls/node.crt",
+                                "key": "/etc/ztgpu/tls/node.key"}
+    # Slurm took the hooks: slurmd was restarted with them and the node is up.
+    assert "idle" in svc.sh("sinfo -h -N -o %T").stdout
+    # The node judged itself at the end of the play, and its agent forwarded
+    # that to the collector on the other host over mTLS.
+    wait_for(lambda: bool(assessed_events(site)), 60, "node.assessed at the collector",
+             interval=1)
+    judged = json.loads(node.sh(f"{VENV}/bin/ztgpu assess --format json --fail-on critical "
+                                "--no-event").stdout)
+    rules = {f["rule"] for f in judged["findings"]}
+    assert not rules & {"ZT101", "ZT102", "ZT401", "ZT404", "ZT501", "ZT601", "ZT605",
+                        "ZT701", "ZT702"}, judged
+    # What these hosts lack is named: Slurm without cgroups, no wipe.
+    assert {"ZT105", "ZT606"} <= rules, judged
+
+    second, recaps = site.controller.play()
+    assert second.returncode == 0, second.stdout[-6000:]
+    assert total(recaps, "changed") == 0 and total(recaps, "failed") == 0, (
+        recaps, second.stdout[-6000:])
+
+
+def test_a_changed_variable_reaches_the_node_and_restarts_only_its_agent(site: Site) -> None:
+    node, svc = site.node, site.svc
+    before = {(h.name, u): main_pid(h, u) for h, u in (
+        (node, "ztgpu-noded"), (node, "slurmd"), (svc, "ztgpu-authd"))}
+    config = json.loads(json.dumps(site.controller.variables["ztgpu_config"]))
+    config["isolation"] = {"sweep_interval_s": 3.0}
+    res, recaps = site.controller.play(ztgpu_config=config)
+    assert res.returncode == 0, res.stdout[-6000:]
+    # The config file, then its handler: the agent restarted, Slurm left alone.
+    assert recaps[NODE]["changed"] == 2 and recaps[SVC]["changed"] == 0, (
+        recaps, res.stdout[-6000:])
+    assert "RUNNING HANDLER [ztgpu_node : Restart ztgpu-noded]" in res.stdout
+    assert "Restart slurmd" not in res.stdout
+    installed = yaml.safe_load(node.sh("cat /etc/ztgpu/ztgpu.yaml").stdout)
+    assert installed["isolation"] == {"sweep_interval_s": 3.0}
+    after = {(h.name, u): main_pid(h, u) for h, u in (
+        (node, "ztgpu-noded"), (node, "slurmd"), (svc, "ztgpu-authd"))}
+    assert after[(NODE, "ztgpu-noded")] != before[(NODE, "ztgpu-noded")]
+    assert after[(NODE, "slurmd")] == before[(NODE, "slurmd")]
+    assert after[(SVC, "ztgpu-authd")] == before[(SVC, "ztgpu-authd")]
+    site.controller.variables["ztgpu_config"] = config
+
+
+def test_a_config_the_agent_rejects_is_not_installed(site: Site) -> None:
+    node = site.node
+    before = node.sh("cat /etc/ztgpu/ztgpu.yaml").stdout
+    pid = main_pid(node, "ztgpu-noded")
+    config = json.loads(json.dumps(site.controller.variables["ztgpu_config"]))
+    config["isolation"] = {"sweep_interval_s": "often"}
+    res, recaps = site.controller.play("--limit", NODE, ztgpu_config=config)
+    assert res.returncode != 0 and recaps[NODE]["failed"] == 1, res.stdout[-6000:]
+    assert "sweep_interval_s" in res.stdout, res.stdout[-6000:]
+    # The file and the running agent are the ones before.
+    assert node.sh("cat /etc/ztgpu/ztgpu.yaml").stdout == before
+    time.sleep(1)
+    assert main_pid(node, "ztgpu-noded") == pid and active(node, "ztgpu-noded") == "active"
+
+
+def test_the_play_fails_on_a_critical_finding_and_names_it(site: Site) -> None:
+    node = site.node
+    node.sh("chmod 0644 /etc/munge/munge.key")
+    try:
+        res, recaps = site.controller.play("--tags", "assess")
+    finally:
+        node.sh("chmod 0400 /etc/munge/munge.key")
+    assert res.returncode != 0 and recaps[NODE]["failed"] == 1, res.stdout[-6000:]
     assert "ZT501 critical munge-key-exposed" in res.stdout, res.stdout[-6000:]
-    assert recap.get("changed") == 0  # judged, not changed
+    assert total(recaps, "changed") == 0  # judged, not changed
 
 
-def test_bad_variables_stop_the_play_before_anything_is_changed(
-        controller: Controller) -> None:
-    res, recap = controller.play("--tags", "assess", ztgpu_pam_module="pam_nonsense")
-    assert res.returncode != 0 and recap.get("changed") == 0, res.stdout[-6000:]
+def test_bad_variables_stop_the_play_before_anything_is_changed(site: Site) -> None:
+    res, recaps = site.controller.play("--limit", NODE, ztgpu_pam_module="pam_nonsense")
+    assert res.returncode != 0 and total(recaps, "changed") == 0, res.stdout[-6000:]
     assert "ztgpu_pam_module one of compiled/python/exec" in res.stdout, res.stdout[-6000:]

@@ -88,10 +88,14 @@ class DockerDaemon:
             raise ClusterError(f"docker {' '.join(args)}: {res.stderr.strip()[-2000:]}")
         return res
 
-    def build_images(self, containers: Path, timeout: float = 1200) -> str:
-        """Run *containers*/build against this daemon; returns its output."""
+    def build_images(self, containers: Path, timeout: float = 1200,
+                     wheelhouse: Path | None = None) -> str:
+        """Run *containers*/build against this daemon (keeping its wheels in
+        *wheelhouse*, if given); returns its output."""
+        keep = ["--wheelhouse", str(wheelhouse)] if wheelhouse is not None else []
         res = subprocess.run([sys.executable, str(containers / "build"),
-                              "--base-cache", str(CACHE / "base"), "--docker", self.docker],
+                              "--base-cache", str(CACHE / "base"), "--docker", self.docker,
+                              *keep],
                              env=self.env, capture_output=True, text=True, timeout=timeout,
                              check=False)
         if res.returncode != 0:
