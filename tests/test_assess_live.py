@@ -95,7 +95,8 @@ def test_assess_before_and_after_install_and_from_the_collector(tmp_path: Path) 
                                   str(suite.config["paths"]["socket"])],
                                  capture_output=True, text=True, timeout=60, check=False,
                                  cwd="/")
-        # (Here the socket itself admits only root and SlurmUser, which is root.)
+        # (Here the socket itself admits only root and SlurmUser, which is root;
+        # test_node_agent.py shows a non-root SlurmdUser admitted and refused this.)
         assert planted.returncode != 0, planted
         assert ("only root may record an assessment" in planted.stderr
                 or "only root and the Slurm user may talk" in planted.stderr), planted.stderr

@@ -471,6 +471,50 @@ def test_by_default_only_root_may_ask_the_agent_to_grant(tmp_path):
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _call_as(user: str, sock: str, request: dict[str, Any]) -> dict[str, Any]:
+    code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+            "s.sendall(sys.argv[2].encode()+b'\\n'); s.shutdown(1); d=b''\n"
+            "while (c := s.recv(9999)): d += c\n"
+            "print(d.decode())")
+    res = subprocess.run(["runuser", "-u", user, "--", sys.executable, "-c", code, sock,
+                          json.dumps(request)], capture_output=True, text=True, timeout=30,
+                         check=False, cwd="/")
+    assert res.returncode == 0, res.stderr
+    answer: dict[str, Any] = json.loads(res.stdout)
+    return answer
+
+
+def test_a_non_root_slurmd_user_reaches_the_socket_but_not_roots_operations():
+    """Where slurmd runs as a SlurmdUser other than root (slurm.user), that
+    user may drive the hooks' operations but not what only root may: record
+    an assessment (a planted clean one would hide a weak node), recover the
+    node, answer for sshd's PAM stack."""
+    import shutil
+    import tempfile
+
+    from ztgpu.testing.agent_process import standalone_agent
+
+    base = Path(tempfile.mkdtemp(prefix="ztgpu-agent-"))
+    try:
+        with standalone_agent(base, slurm={"user": "slurm"}) as running:
+            os.chmod(Path(running.socket).parent, 0o755)
+            assert _call_as("slurm", running.socket, {"op": "ping"})["result"] == {"pong": True}
+            clean = {"op": "assessed", "facts_sha256": "0" * 64, "findings": []}
+            for request, why in (
+                    (clean, "only root may record an assessment"),
+                    ({"op": "recover"}, "only root may recover the node"),
+                    ({"op": "ssh_account", "user": "nobody"}, "only root (sshd's PAM stack)")):
+                answer = _call_as("slurm", running.socket, request)
+                assert answer["ok"] is False and answer["kind"] == "denied", answer
+                assert why in answer["error"], answer
+            assert running.events("node.assessed") == []
+            # Root records one through the same socket.
+            assert running.call("assessed", facts_sha256="0" * 64, findings=[])
+            assert len(running.events("node.assessed")) == 1
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.mark.parametrize("field", ["SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT"])
 def test_a_partition_or_account_cannot_rewrite_the_prologs_request(agent, field):
     """The hook writes these into its JSON request by hand: only checked words may
