@@ -3,14 +3,18 @@
 Real parts: ansible-playbook (ansible-core) against two Debian 12 hosts
 (ztgpu.testing.systemd_hosts: containers booting systemd, reached over
 their own sshd) with Debian's munge and Slurm 22.05 running from their
-packaged units: ``ztsvc``, the Slurm controller and the service host
-(ztgpu_services: authd and the collector), and ``ztgpu01``, a GPU node
-(ztgpu_node; four fake GPU device files). The site PKI and the wheelhouse
-(containers/build's) are made here, on the "controller". The play is run
-twice (the second changes nothing), the node's events reach the collector
-on the other host over mTLS, a changed variable reaches the node and
-restarts only its agent, a node with a critical weakness fails the play with
-the finding, and a bad variable stops it before anything changes.
+packaged units and one slurm.conf shared between them (/etc/slurm mounted
+in both, as NFS would): ``ztsvc``, the Slurm controller and the service
+host (ztgpu_services: authd and the collector; ztgpu_controller: the
+suite's lines in slurm.conf and the job gate), and ``ztgpu01``, a GPU node
+(ztgpu_node, with its hooks alone; four fake GPU device files). The site
+PKI and the wheelhouse (containers/build's) are made here, on the
+"controller". The play is run twice (the second changes nothing); the
+node's events reach the collector on the other host over mTLS and a GPU job
+without MFA is held by the gate with its reason; a changed variable reaches
+the node and restarts only its agent, a config the agent rejects is not
+installed, a node with a critical weakness fails the play with the finding,
+and a bad variable stops it before anything changes.
 
 tests/test_ansible_vm.py (``make test-deploy``) runs the same play against
 the pure cgroup-v2 VM, which these hosts (read-only cgroups) cannot stand
@@ -45,6 +49,8 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 PLAYBOOK = CHECKOUT / "deploy" / "ansible" / "site.yml"
 SVC, NODE = "ztsvc", "ztgpu01"
 VENV = "/opt/ztgpu/venv"
+GATE_SOCKET = "/run/ztgpu-authd/gate.sock"
+USER, USER_UID = "ztalice", 2101
 
 
 def slurm_conf(ctld_port: int, slurmd_port: int) -> str:
@@ -65,13 +71,14 @@ def slurm_conf(ctld_port: int, slurmd_port: int) -> str:
 
 def provision(svc: SystemdHost, node: SystemdHost) -> None:
     """Slurm alone, from its packaged units: the controller on svc, slurmd on
-    the node (the hosts share munge's key: one image)."""
-    conf = slurm_conf(free_port(), free_port())
+    the node, one slurm.conf (the hosts share munge's key: one image); a
+    user on both."""
     for host in (svc, node):
-        host.sh("mkdir -p /etc/slurm /var/lib/slurm/slurmctld /var/lib/slurm/slurmd "
-                "/var/log/slurm && chown slurm:slurm /var/lib/slurm/slurmctld /var/log/slurm")
-        host.write("/etc/slurm/slurm.conf", conf)
-    node.write("/etc/slurm/gres.conf", "Name=gpu File=/dev/nvidia[0-3]\n")
+        host.sh("mkdir -p /var/lib/slurm/slurmctld /var/lib/slurm/slurmd /var/log/slurm "
+                "&& chown slurm:slurm /var/lib/slurm/slurmctld /var/log/slurm && "
+                f"useradd -m -u {USER_UID} -s /bin/sh {USER}")
+    svc.write("/etc/slurm/slurm.conf", slurm_conf(free_port(), free_port()))
+    svc.write("/etc/slurm/gres.conf", "Name=gpu File=/dev/nvidia[0-3]\n")
     node.sh("for m in 0 1 2 3; do mknod -m 0666 /dev/nvidia$m c 195 $m; done; "
             "mknod -m 0666 /dev/nvidiactl c 195 255")
     svc.sh("systemctl start munge slurmctld", timeout=120)
@@ -105,12 +112,19 @@ def site_variables(base: Path, pki: SitePki, wheels: Path) -> tuple[dict[str, An
     node_config["isolation"] = {}
     node_config["auth"] = {"authd_url": authd_url}
     node_config["audit"] = {"collector_url": collector_url}
+    # slurm.conf is shared: the node gets its hooks alone, the controller
+    # the lines and the gate (over authd's socket on that host).
     return {
         "ztgpu_wheelhouse": str(wheels),
         "ztgpu_tls_ca": str(pki.ca_cert),
         # the node
         "ztgpu_config": node_config, "ztgpu_tls_cert": str(node[0]),
         "ztgpu_tls_key": str(node[1]), "ztgpu_pam_module": "exec",
+        "ztgpu_slurm_conf": "",
+        # the controller
+        "ztgpu_gate": True,
+        "ztgpu_controller_config": {"authd": {"gate_socket": GATE_SOCKET},
+                                    "slurm": {"bin_dir": "/usr/bin"}},
         # No NVIDIA driver and so no wipe (high): judged at critical.
         "ztgpu_assess_fail_on": "critical",
         # the services
@@ -122,7 +136,7 @@ def site_variables(base: Path, pki: SitePki, wheels: Path) -> tuple[dict[str, An
             "paths": {"spool_dir": "/var/lib/ztgpu-authd/spool"},
             "slurm": {"bin_dir": "/usr/bin", "conf": "/etc/slurm/slurm.conf"},
             "authd": {"listen_host": "127.0.0.1", "listen_port": authd_port,
-                      "name": "authd"}},
+                      "name": "authd", "gate_socket": GATE_SOCKET}},
         "ztgpu_collector_config": {
             "collector": {"listen_host": "127.0.0.1", "listen_port": collector_port}},
     }, collector_url.replace(SVC, "127.0.0.1")
@@ -136,14 +150,17 @@ def site() -> Iterator[Site]:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
                        check=True, timeout=30)
         public.chmod(0o644)
-        wheels = base / "wheels"
-        with systemd_hosts(CHECKOUT / "containers", [SVC, NODE], public, wheels) as hosts:
+        wheels, etc_slurm = base / "wheels", base / "etc-slurm"
+        etc_slurm.mkdir(mode=0o755)
+        with systemd_hosts(CHECKOUT / "containers", [SVC, NODE], public, wheels,
+                           shared=[(etc_slurm, "/etc/slurm")]) as hosts:
             provision(hosts[SVC], hosts[NODE])
             pki = SitePki(base / "pki")
             variables, collector_url = site_variables(base, pki, wheels)
             controller = Controller(
                 base, PLAYBOOK, key, {name: h.port for name, h in hosts.items()},
-                {"ztgpu_services": [SVC], "ztgpu_nodes": [NODE]}, variables)
+                {"ztgpu_services": [SVC], "ztgpu_controllers": [SVC], "ztgpu_nodes": [NODE]},
+                variables)
             yield Site(controller, hosts[SVC], hosts[NODE], pki, collector_url)
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -182,12 +199,18 @@ def test_the_play_installs_services_and_node_on_their_hosts_and_a_second_run_cha
     assert active(node, "ztgpu-noded") == "active", node.sh(
         "journalctl -u ztgpu-noded -n 30 --no-pager", check=False).stdout
     assert active(svc, "ztgpu-noded") != "active"
-    # The node: hooks in slurm.conf, the suite's PAM line, the driver options,
-    # its key 0600 root's; the services' keys 0600 each its service user's.
+    # The shared slurm.conf has the suite's lines and the gate (written on
+    # the controller); the node has its hooks, the suite's PAM line, the
+    # driver options, its key 0600 root's; the services' keys are 0600, each
+    # its service user's.
     conf = node.sh("cat /etc/slurm/slurm.conf").stdout
     assert "PrologFlags=Alloc,Contain" in conf and "Prolog=/usr/libexec/ztgpu/prolog" in conf
-    assert node.sh("stat -L -c '%U %a' /usr/libexec/ztgpu/prolog").stdout.split() == [
+    assert "PrologSlurmctld=/usr/libexec/ztgpu/prolog_slurmctld" in conf, conf
+    assert svc.sh("stat -c '%U %a' /usr/libexec/ztgpu/prolog_slurmctld").stdout.split() == [
         "root", "755"]
+    for hook in ("prolog", "epilog", "task_prolog"):
+        assert node.sh(f"stat -c '%U %a' /usr/libexec/ztgpu/{hook}").stdout.split() == [
+            "root", "755"]
     assert "ztgpu" in node.sh("cat /etc/pam.d/sshd").stdout
     assert "NVreg_DeviceFileMode=0600" in node.sh("cat /etc/modprobe.d/ztgpu-nvidia.conf").stdout
     assert node.sh("stat -c '%a %U' /etc/ztgpu/tls/node.key").stdout.split() == ["600", "root"]
@@ -200,8 +223,15 @@ def test_the_play_installs_services_and_node_on_their_hosts_and_a_second_run_cha
     assert installed["tls"] == {"ca_cert": "/etc/ztgpu/tls/ca.crt",
                                 "cert": "/etc/ztgpu/tls/node.crt",
                                 "key": "/etc/ztgpu/tls/node.key"}
-    # Slurm took the hooks: slurmd was restarted with them and the node is up.
-    assert "idle" in svc.sh("sinfo -h -N -o %T").stdout
+    # Slurm took them: the node is up, and a GPU job without MFA is held by
+    # the gate with its reason (authd, over its socket on the controller).
+    wait_for(lambda: svc.sh("sinfo -h -N -o %T").stdout.strip() in ("idle", "mixed"), 60,
+             f"{NODE} idle after the restarts", interval=1)
+    job = svc.sh(f"runuser -u {USER} -- sbatch --parsable --gres=gpu:1 -o /dev/null "
+                 "--wrap true").stdout.strip()
+    wait_for(lambda: "MFA session required" in svc.sh(f"scontrol show job {job}").stdout, 60,
+             f"job {job} held for MFA", interval=1)
+    svc.sh(f"scancel {job}")
     # The node judged itself at the end of the play, and its agent forwarded
     # that to the collector on the other host over mTLS.
     wait_for(lambda: bool(assessed_events(site)), 60, "node.assessed at the collector",

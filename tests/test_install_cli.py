@@ -77,3 +77,26 @@ def test_install_writes_no_hook_when_slurm_conf_is_unusable(tmp_path):
     assert "line 1" in res.stderr
     assert not (tmp_path / "libexec").exists()
     assert conf.read_text() == "NodeName=n1 Prolog=/x CPUs=4\n"
+
+
+def test_hooks_only_writes_the_hooks_and_leaves_slurm_conf_alone(tmp_path):
+    """A node whose slurm.conf is shared or configless gets its hooks alone."""
+    config = tmp_path / "ztgpu.yaml"
+    config.write_text(yaml.safe_dump({"paths": {"hooks_dir": str(tmp_path / "libexec"),
+                                                "socket": str(tmp_path / "noded.sock"),
+                                                "task_socket": str(tmp_path / "task.sock")}}))
+    first = run("install", "--hooks-only", config=config)
+    assert first.returncode == 0, first.stderr
+    for hook in ("prolog", "epilog", "task_prolog"):
+        assert f"wrote: {tmp_path / 'libexec' / hook}" in first.stdout
+        assert (tmp_path / "libexec" / hook).stat().st_mode & 0o777 == 0o755
+    assert list(tmp_path.glob("*slurm.conf*")) == []
+    again = run("install", "--hooks-only", config=config)
+    assert again.returncode == 0 and "wrote" not in again.stdout, again.stdout
+    assert again.stdout.count("unchanged: ") == 3
+    # Combined with what it leaves to other runs: a usage error, nothing written.
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(SITE_CONF)
+    mixed = run("install", "--hooks-only", "--slurm-conf", str(conf), config=config)
+    assert mixed.returncode == 2 and "--hooks-only writes this node's hooks alone" in mixed.stderr
+    assert conf.read_text() == SITE_CONF

@@ -142,12 +142,34 @@ def _cmd_install_pam(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_install_hooks_only(args: argparse.Namespace) -> int:
+    """The hooks alone: for a node whose slurm.conf is shared or served by
+    slurmctld (configless), which `ztgpu install --slurm-conf` updates on the
+    controller."""
+    if args.slurm_conf or args.pam or args.gate or args.cli_filter:
+        raise UsageError("--hooks-only writes this node's hooks alone: drop --slurm-conf, "
+                         "--pam, --gate and --cli-filter (run those separately)")
+    from ztgpu.config import load_config
+    from ztgpu.slurm.hooks_install import write_hooks
+    from ztgpu.trust.safe_paths import require_trusted
+
+    config = load_config(args.config)
+    require_trusted(config.paths.hooks_dir, "paths.hooks_dir")
+    for path, changed in write_hooks(config, dry_run=args.dry_run):
+        verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
+        print(f"{verb}: {path}")
+    return 0
+
+
 def _cmd_install(args: argparse.Namespace) -> int:
     if args.check:
         return _cmd_install_check(args)
+    if args.hooks_only:
+        return _cmd_install_hooks_only(args)
     if args.slurm_conf is None and args.pam is None:
-        raise UsageError("install needs --slurm-conf (the Slurm hooks) and/or --pam SERVICE "
-                         "(the PAM module)")
+        raise UsageError("install needs --slurm-conf (the Slurm hooks), --hooks-only (the "
+                         "hooks, slurm.conf kept elsewhere) and/or --pam SERVICE (the PAM "
+                         "module)")
     if args.pam is not None:
         status = _cmd_install_pam(args)
         if args.slurm_conf is None or status != 0:
@@ -380,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --pam: a module option for the stack lines (break_glass=, "
                       "action_no_agent=, action_no_job=, action_adopt_failure=, "
                       "action_error=, timeout=, log=); repeatable")
+    inst.add_argument("--hooks-only", action="store_true",
+                      help="write this node's hooks and nothing else: where slurm.conf is "
+                      "shared or served by slurmctld (configless), updated on the controller "
+                      "with --slurm-conf")
     inst.add_argument("--dry-run", action="store_true", help="show the diff, change nothing")
     inst.add_argument("--gate", action="store_true",
                       help="also install the job gate (PrologSlurmctld asking authd before a "

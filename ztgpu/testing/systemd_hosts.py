@@ -76,17 +76,18 @@ class SystemdHost:
 
 
 def _start(daemon: DockerDaemon, base: Path, name: str, names: Sequence[str],
-           public_key: Path) -> SystemdHost:
+           public_key: Path, shared: Sequence[tuple[Path, str]]) -> SystemdHost:
     port = free_port()
     sshd = base / f"{name}-sshd.conf"
     sshd.write_text(f"Port {port}\nListenAddress 127.0.0.1\n"
                     "PermitRootLogin prohibit-password\nPasswordAuthentication no\n")
     sshd.chmod(0o644)
     hosts = [arg for other in names for arg in ("--add-host", f"{other}:127.0.0.1")]
+    mounts = [arg for path, at in shared for arg in ("-v", f"{path}:{at}")]
     container = f"ztgpu-testhost-{name}-{port}"
     daemon.run("run", "--detach", "--name", container, "--hostname", name,
                "--cap-add", "SYS_ADMIN", "--cgroupns", "private", "--network", "host",
-               "--tmpfs", "/run", "--tmpfs", "/run/lock", *hosts,
+               "--tmpfs", "/run", "--tmpfs", "/run/lock", *hosts, *mounts,
                "-v", f"{sshd}:/etc/ssh/sshd_config.d/10-tests.conf:ro",
                "-v", f"{public_key}:/root/.ssh/authorized_keys:ro", IMAGE, timeout=120)
     host = SystemdHost(name=name, port=port, container=container, daemon=daemon)
@@ -101,10 +102,12 @@ def _start(daemon: DockerDaemon, base: Path, name: str, names: Sequence[str],
 
 @contextlib.contextmanager
 def systemd_hosts(containers: Path, names: Sequence[str], public_key: Path,
-                  wheelhouse: Path) -> Iterator[dict[str, SystemdHost]]:
+                  wheelhouse: Path, shared: Sequence[tuple[Path, str]] = ()
+                  ) -> Iterator[dict[str, SystemdHost]]:
     """Build the suite's images (keeping their wheels in *wheelhouse*: what
     the role installs from) and the hosts' image, start one host per name
-    (root's ssh key: *public_key*); remove them all afterwards."""
+    (root's ssh key: *public_key*; each (directory, path) of *shared* mounted
+    in all of them, as NFS would); remove them all afterwards."""
     base = Path(tempfile.mkdtemp(prefix="ztgpu-hosts-"))
     base.chmod(0o755)
     daemon = DockerDaemon(base / "docker")
@@ -118,7 +121,7 @@ def systemd_hosts(containers: Path, names: Sequence[str], public_key: Path,
         daemon.run("build", "-q", "--network", "host", "-t", IMAGE, str(context),
                    timeout=900)
         for name in names:
-            started.append(_start(daemon, base, name, names, public_key))
+            started.append(_start(daemon, base, name, names, public_key, shared))
         yield {host.name: host for host in started}
     finally:
         for host in started:
