@@ -4,8 +4,10 @@ units, the suite installed as the README says. First Slurm alone, with the
 same probes, for the side-by-side table; then the suite, with
 ConstrainDevices=yes and =no: two users' jobs on different GPUs in every
 step, the no-job shell, device-mode drift, the agent's probe, and no device
-program left behind; the agent's Slurm client against this Slurm, the hooks
-under PrologFlags=RunInJob (24.11); last authd on the node with the job gate:
+program left behind; `ztgpu assess` judging the node live (the agent's own
+cgroup mode) and the agent recording it; the agent's Slurm client against
+this Slurm, the hooks under PrologFlags=RunInJob (24.11); last authd on the
+node with the job gate:
 a job without MFA held with its reason (and an srun told it), a login
 starting it, a revocation ending a running job.
 
@@ -242,6 +244,24 @@ slurm.cancel(waiting, "ended by the Slurm client check")
 seen["cancelled"] = slurm.job_state(waiting)
 print(json.dumps(seen))
 """
+
+
+def test_assess_judges_this_pure_v2_node_live_and_the_agent_records_it(suite):
+    """`ztgpu assess` on the node itself: the cgroup mode is the one the agent
+    detects (v2), the hooks and Slurm's cgroup plugins are right; what the
+    VM lacks (no GPU driver, so no wipe) is named; the agent records it."""
+    c = suite
+    res = c.sh(f"{VENV}/bin/ztgpu assess --format json --fail-on critical "
+               "--record /root/assess-facts.json", timeout=300, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rules = {f["rule"] for f in json.loads(res.stdout)["findings"]}
+    facts = json.loads(c.sh("cat /root/assess-facts.json").stdout)
+    assert facts["cgroup_mode"] == "v2", facts.get("cgroup_detail")
+    assert not rules & {"ZT101", "ZT102", "ZT103", "ZT105", "ZT106", "ZT108",
+                        "ZT301", "ZT501", "ZT601"}, rules
+    assert "ZT606" in rules, rules
+    recorded = c.events("node.assessed")
+    assert recorded and {f["rule"] for f in recorded[-1]["findings"]} == rules, recorded
 
 
 def test_the_agents_slurm_client_reads_and_drives_this_slurm(suite):
