@@ -456,8 +456,14 @@ class SshAccess(Confinement):
                 job_cgroups.devices_cgroup_of(entry.pid)
             outcome, reason = "moved_back", "put back into its job, with its processes"
             try:
-                for member in _tree(entry.pid):
-                    if not self._in_job(member, live):
+                # Walked again until none is left outside: a process forked
+                # while its parent was being moved back stays where the
+                # parent was, and the next round sees only the parent.
+                for _ in range(5):
+                    strays = [m for m in _tree(entry.pid) if not self._in_job(m, live)]
+                    if not strays:
+                        break
+                    for member in strays:
                         self._adopt(live, member)
             except (CgroupError, Fault) as exc:
                 outcome, reason = "ended", f"could not be put back ({exc}); ended"
