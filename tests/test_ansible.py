@@ -37,8 +37,7 @@ import pytest
 import yaml
 from conftest import needs_root
 
-from ztgpu.testing.ansible_play import Controller, total
-from ztgpu.testing.authd_process import DEFAULT_POLICY
+from ztgpu.testing.ansible_play import Controller, site_variables, total
 from ztgpu.testing.collector_process import CollectorClient, SitePki, free_port
 from ztgpu.testing.slurm_cluster import wait_for
 from ztgpu.testing.systemd_hosts import SystemdHost, systemd_hosts
@@ -96,50 +95,21 @@ class Site:
     collector_url: str
 
 
-def site_variables(base: Path, pki: SitePki, wheels: Path) -> tuple[dict[str, Any], str]:
-    """The variables an admin writes for this site; returns them and the
-    collector's URL."""
+def variables_for(base: Path, pki: SitePki, wheels: Path) -> tuple[dict[str, Any], str]:
+    """This site's variables; returns them and the collector's URL from here."""
     authd_port, collector_port = free_port(), free_port()
-    authd_url = f"https://{SVC}:{authd_port}"
-    collector_url = f"https://{SVC}:{collector_port}"
-    authd = pki.issue("service", "authd", dns_names=[SVC], ip_addresses=["127.0.0.1"])
-    collector = pki.issue("service", "collector", dns_names=[SVC], ip_addresses=["127.0.0.1"])
-    node = pki.issue("node", NODE)
-    policy = base / "policy.yaml"
-    policy.write_text(DEFAULT_POLICY)
-    node_config = agent_config()
-    node_config["node"] = {"name": NODE}
-    node_config["isolation"] = {}
-    node_config["auth"] = {"authd_url": authd_url}
-    node_config["audit"] = {"collector_url": collector_url}
+    node_config = {**agent_config(), "node": {"name": NODE}, "isolation": {}}
+    variables = site_variables(base, pki, wheels, node_config, node=NODE, url_host=SVC,
+                               dns_name=SVC, authd_port=authd_port,
+                               collector_port=collector_port,
+                               authd_extra={"gate_socket": GATE_SOCKET})
     # slurm.conf is shared: the node gets its hooks alone, the controller
     # the lines and the gate (over authd's socket on that host).
-    return {
-        "ztgpu_wheelhouse": str(wheels),
-        "ztgpu_tls_ca": str(pki.ca_cert),
-        # the node
-        "ztgpu_config": node_config, "ztgpu_tls_cert": str(node[0]),
-        "ztgpu_tls_key": str(node[1]), "ztgpu_pam_module": "exec",
-        "ztgpu_slurm_conf": "",
-        # the controller
-        "ztgpu_gate": True,
+    variables.update({
+        "ztgpu_slurm_conf": "", "ztgpu_gate": True,
         "ztgpu_controller_config": {"authd": {"gate_socket": GATE_SOCKET},
-                                    "slurm": {"bin_dir": "/usr/bin"}},
-        # No NVIDIA driver and so no wipe (high): judged at critical.
-        "ztgpu_assess_fail_on": "critical",
-        # the services
-        "ztgpu_authd_policy": str(policy),
-        "ztgpu_authd_cert": str(authd[0]), "ztgpu_authd_key": str(authd[1]),
-        "ztgpu_collector_cert": str(collector[0]), "ztgpu_collector_key": str(collector[1]),
-        "ztgpu_authd_config": {
-            "auth": {"authd_url": authd_url}, "audit": {"collector_url": collector_url},
-            "paths": {"spool_dir": "/var/lib/ztgpu-authd/spool"},
-            "slurm": {"bin_dir": "/usr/bin", "conf": "/etc/slurm/slurm.conf"},
-            "authd": {"listen_host": "127.0.0.1", "listen_port": authd_port,
-                      "name": "authd", "gate_socket": GATE_SOCKET}},
-        "ztgpu_collector_config": {
-            "collector": {"listen_host": "127.0.0.1", "listen_port": collector_port}},
-    }, collector_url.replace(SVC, "127.0.0.1")
+                                    "slurm": {"bin_dir": "/usr/bin"}}})
+    return variables, f"https://127.0.0.1:{collector_port}"
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +126,7 @@ def site() -> Iterator[Site]:
                            shared=[(etc_slurm, "/etc/slurm")]) as hosts:
             provision(hosts[SVC], hosts[NODE])
             pki = SitePki(base / "pki")
-            variables, collector_url = site_variables(base, pki, wheels)
+            variables, collector_url = variables_for(base, pki, wheels)
             controller = Controller(
                 base, PLAYBOOK, key, {name: h.port for name, h in hosts.items()},
                 {"ztgpu_services": [SVC], "ztgpu_controllers": [SVC], "ztgpu_nodes": [NODE]},

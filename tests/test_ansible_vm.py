@@ -25,8 +25,7 @@ import pytest
 import yaml
 from conftest import HAVE_ROOT
 
-from ztgpu.testing.ansible_play import Controller
-from ztgpu.testing.authd_process import DEFAULT_POLICY
+from ztgpu.testing.ansible_play import Controller, site_variables
 from ztgpu.testing.collector_process import SitePki
 from ztgpu.testing.vm_cluster import NODE, VENV, VmCluster, agent_config, vm_cluster
 
@@ -36,46 +35,21 @@ pytestmark = [pytest.mark.skipif(not HAVE_ROOT, reason="needs root (qemu image b
               pytest.mark.deploy]
 CHECKOUT = Path(__file__).resolve().parent.parent
 PLAYBOOK = CHECKOUT / "deploy" / "ansible" / "site.yml"
-AUTHD, COLLECTOR = "https://127.0.0.1:8443", "https://127.0.0.1:8444"
+AUTHD_PORT, COLLECTOR_PORT = 8443, 8444
+AUTHD = f"https://127.0.0.1:{AUTHD_PORT}"
 
 
-def site_variables(base: Path, c: VmCluster) -> dict[str, Any]:
+def variables_for(base: Path, c: VmCluster) -> dict[str, Any]:
     """What the admin's machine holds for this site: PKI, wheelhouse, variables."""
-    pki = SitePki(base / "pki")
     wheels = base / "wheels"
     wheels.mkdir()
     for wheel in c.vm.share.glob("ztgpu-*.whl"):
         shutil.copy2(wheel, wheels)
-    authd = pki.issue("service", "authd", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
-    collector = pki.issue("service", "collector", dns_names=["localhost"],
-                          ip_addresses=["127.0.0.1"])
-    node = pki.issue("node", NODE)
-    policy = base / "policy.yaml"
-    policy.write_text(DEFAULT_POLICY)
-    node_config = agent_config()
-    node_config["auth"] = {"authd_url": AUTHD}
-    node_config["audit"] = {"collector_url": COLLECTOR}
-    return {
-        "ztgpu_wheelhouse": str(wheels),
-        "ztgpu_tls_ca": str(pki.ca_cert),
-        # the node
-        "ztgpu_config": node_config, "ztgpu_tls_cert": str(node[0]),
-        "ztgpu_tls_key": str(node[1]), "ztgpu_pam_module": "exec",
-        "ztgpu_restart_slurmctld": True,  # the VM is its own controller
-        # No NVIDIA driver in the VM and so no wipe (high): judged at critical.
-        "ztgpu_assess_fail_on": "critical",
-        # the services
-        "ztgpu_authd_policy": str(policy),
-        "ztgpu_authd_cert": str(authd[0]), "ztgpu_authd_key": str(authd[1]),
-        "ztgpu_collector_cert": str(collector[0]), "ztgpu_collector_key": str(collector[1]),
-        "ztgpu_authd_config": {
-            "auth": {"authd_url": AUTHD}, "audit": {"collector_url": COLLECTOR},
-            "paths": {"spool_dir": "/var/lib/ztgpu-authd/spool"},
-            "slurm": {"bin_dir": "/usr/bin", "conf": "/etc/slurm/slurm.conf"},
-            "authd": {"listen_host": "127.0.0.1", "listen_port": 8443, "name": "authd"}},
-        "ztgpu_collector_config": {
-            "collector": {"listen_host": "127.0.0.1", "listen_port": 8444}},
-    }
+    variables = site_variables(base, SitePki(base / "pki"), wheels, agent_config(), node=NODE,
+                               url_host="127.0.0.1", dns_name="localhost",
+                               authd_port=AUTHD_PORT, collector_port=COLLECTOR_PORT)
+    variables["ztgpu_restart_slurmctld"] = True  # the VM is its own controller
+    return variables
 
 
 class VmController(Controller):
@@ -85,7 +59,7 @@ class VmController(Controller):
         key.chmod(0o600)
         super().__init__(base, PLAYBOOK, key, {"vm": c.vm.port},
                          {"ztgpu_services": ["vm"], "ztgpu_nodes": ["vm"]},
-                         site_variables(base, c))
+                         variables_for(base, c))
         self.c = c
 
     def play_vm(self, *args: str, **overrides: Any

@@ -70,3 +70,47 @@ class Controller:
 def total(recaps: Mapping[str, Mapping[str, int]], what: str) -> int:
     """*what* (changed, failed...) summed over the hosts' recaps."""
     return sum(recap.get(what, 0) for recap in recaps.values())
+
+
+def site_variables(base: Path, pki: Any, wheels: Path, node_config: Mapping[str, Any], *,
+                   node: str, url_host: str, dns_name: str, authd_port: int,
+                   collector_port: int, authd_extra: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """The variables an admin writes for a site: authd and the collector on
+    ports *authd_port*/*collector_port* of a host reached as *url_host*
+    (certificates for *dns_name* and 127.0.0.1, from *pki*, a
+    :class:`~ztgpu.testing.collector_process.SitePki`), the test policy, and
+    GPU node *node* running *node_config* pointed at them. The node's PAM
+    module is the exec form and, with no NVIDIA driver (so no wipe, high),
+    the play fails at critical. *authd_extra* adds to authd's ``authd:``."""
+    from ztgpu.testing.authd_process import DEFAULT_POLICY
+
+    authd_url = f"https://{url_host}:{authd_port}"
+    collector_url = f"https://{url_host}:{collector_port}"
+    authd = pki.issue("service", "authd", dns_names=[dns_name], ip_addresses=["127.0.0.1"])
+    collector = pki.issue("service", "collector", dns_names=[dns_name],
+                          ip_addresses=["127.0.0.1"])
+    node_cert, node_key = pki.issue("node", node)
+    policy = base / "policy.yaml"
+    policy.write_text(DEFAULT_POLICY)
+    return {
+        "ztgpu_wheelhouse": str(wheels),
+        "ztgpu_tls_ca": str(pki.ca_cert),
+        # the node
+        "ztgpu_config": {**node_config, "auth": {"authd_url": authd_url},
+                         "audit": {"collector_url": collector_url}},
+        "ztgpu_tls_cert": str(node_cert), "ztgpu_tls_key": str(node_key),
+        "ztgpu_pam_module": "exec", "ztgpu_assess_fail_on": "critical",
+        # the services
+        "ztgpu_authd_policy": str(policy),
+        "ztgpu_authd_cert": str(authd[0]), "ztgpu_authd_key": str(authd[1]),
+        "ztgpu_collector_cert": str(collector[0]), "ztgpu_collector_key": str(collector[1]),
+        "ztgpu_authd_config": {
+            "auth": {"authd_url": authd_url}, "audit": {"collector_url": collector_url},
+            "paths": {"spool_dir": "/var/lib/ztgpu-authd/spool"},
+            "slurm": {"bin_dir": "/usr/bin", "conf": "/etc/slurm/slurm.conf"},
+            "authd": {"listen_host": "127.0.0.1", "listen_port": authd_port, "name": "authd",
+                      **(authd_extra or {})}},
+        "ztgpu_collector_config": {
+            "collector": {"listen_host": "127.0.0.1", "listen_port": collector_port}},
+    }
