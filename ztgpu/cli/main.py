@@ -125,8 +125,7 @@ def _cmd_install_pam(args: argparse.Namespace) -> int:
                                       dry_run=args.dry_run, mode=0o644)
         else:
             changed = pam_install.build_compiled(program, dry_run=args.dry_run)
-        verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
-        print(f"{verb}: {program}")
+        _say_written(program, changed, args.dry_run)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if not result.changed:
@@ -140,6 +139,12 @@ def _cmd_install_pam(args: argparse.Namespace) -> int:
     print(f"updated: {result.path} (backup: {backup})")
     print("new logins use it at once; keep a root shell open until a test login works")
     return 0
+
+
+def _say_written(path: Path, changed: bool, dry_run: bool) -> None:
+    """One file `ztgpu install` wrote (the role's changed_when reads these words)."""
+    verb = ("would write" if dry_run else "wrote") if changed else "unchanged"
+    print(f"{verb}: {path}")
 
 
 def _cmd_install_hooks_only(args: argparse.Namespace) -> int:
@@ -156,8 +161,7 @@ def _cmd_install_hooks_only(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     require_trusted(config.paths.hooks_dir, "paths.hooks_dir")
     for path, changed in write_hooks(config, dry_run=args.dry_run):
-        verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
-        print(f"{verb}: {path}")
+        _say_written(path, changed, args.dry_run)
     return 0
 
 
@@ -207,8 +211,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
         written.append(write_cli_filter(Path(args.slurm_conf), args.cli_filter_config,
                                         dry_run=args.dry_run))
     for path, changed in written:
-        verb = ("would write" if args.dry_run else "wrote") if changed else "unchanged"
-        print(f"{verb}: {path}")
+        _say_written(path, changed, args.dry_run)
     if not args.dry_run:
         result = install(Path(args.slurm_conf), changes, dry_run=False)
     for warning in result.warnings:
